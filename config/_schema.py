@@ -1,0 +1,504 @@
+"""The site file schema: hardware ratings, wiring, tariff, and the tunable parameters bounded by them."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, time
+from enum import StrEnum
+from typing import Annotated, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "Band",
+    "BatteryRating",
+    "BatteryTuning",
+    "BusProtocol",
+    "ChargerRating",
+    "ControlConfig",
+    "DeviceConfig",
+    "DeviceKind",
+    "GridRating",
+    "GridTuning",
+    "MqttConfig",
+    "Parity",
+    "PvRating",
+    "SafeState",
+    "SerialBusConfig",
+    "SiteConfig",
+    "SiteIdentity",
+    "StorageConfig",
+    "Tariff",
+    "TariffPeriod",
+    "TariffSeason",
+    "TlsConfig",
+    "Tuning",
+]
+
+
+class _Model(BaseModel):
+    # Unknown keys are refused: a typo in a site file must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveKw = Annotated[float, Field(gt=0.0, le=100_000.0)]
+NonNegativeKw = Annotated[float, Field(ge=0.0, le=100_000.0)]
+Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,39}$")]
+
+
+class SiteIdentity(_Model):
+    id: Name = Field(description="Short identifier used in MQTT topics and file names")
+    name: str = Field(min_length=1, max_length=200)
+    timezone: str = Field(default="Asia/Shanghai", description="IANA zone name")
+    latitude_deg: float = Field(ge=-90, le=90, description="For the clear-sky PV forecast")
+    longitude_deg: float = Field(ge=-180, le=180)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as err:
+            raise ValueError(f"unknown IANA time zone {value!r}") from err
+        return value
+
+
+class BusProtocol(StrEnum):
+    MODBUS_RTU = "modbus_rtu"
+    DLT645 = "dlt645"
+
+
+class Parity(StrEnum):
+    NONE = "N"
+    EVEN = "E"
+    ODD = "O"
+
+
+class DeviceKind(StrEnum):
+    GRID_METER = "grid_meter"
+    PV_METER = "pv_meter"
+    BATTERY_INVERTER = "battery_inverter"
+    PV_INVERTER = "pv_inverter"
+    EV_CHARGER = "ev_charger"
+
+
+class DeviceConfig(_Model):
+    name: Name
+    kind: DeviceKind
+    model: str = Field(
+        pattern=r"^[a-z0-9_]+$", description="Register map name, e.g. eastron_sdm630 (see firmware_bridge/maps)"
+    )
+    address: int | str = Field(
+        description="Modbus unit id 1..247, or the 12-digit DL/T 645 meter address",
+    )
+    poll_period_s: float = Field(default=1.0, gt=0.0, le=3600.0)
+
+
+class SerialBusConfig(_Model):
+    name: Name
+    port: str = Field(min_length=1, description="Device path, e.g. /dev/ttyUSB0; ignored when simulated")
+    simulated: bool = Field(default=False, description="Serve this bus from simulated meters on a pty pair")
+    protocol: BusProtocol
+    baud_rate: Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200] = 9600
+    parity: Parity = Parity.NONE
+    stop_bits: Literal[1, 2] = 1
+    # DL/T 645 meters may take up to 500 ms before replying (Td); Modbus meters usually < 100 ms.
+    response_timeout_s: float = Field(default=0.5, gt=0.0, le=10.0)
+    retries: int = Field(default=1, ge=0, le=5)
+    adapter_echo: bool = Field(default=False, description="The RS-485 adapter echoes what we transmit")
+    devices: list[DeviceConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _addresses_fit_protocol(self) -> Self:
+        seen: set[str] = set()
+        for index, device in enumerate(self.devices):
+            where = f"devices.{index}.address"
+            if self.protocol is BusProtocol.MODBUS_RTU:
+                if not isinstance(device.address, int) or not 1 <= device.address <= 247:
+                    raise ValueError(f"{where}: a Modbus unit id is an integer 1..247, got {device.address!r}")
+            elif not isinstance(device.address, str) or not re.fullmatch(r"[0-9]{12}", device.address):
+                raise ValueError(f"{where}: a DL/T 645 address is a 12-digit string, got {device.address!r}")
+            key = str(device.address)
+            if key in seen:
+                raise ValueError(f"{where}: address {key} is used twice on bus {self.name}")
+            seen.add(key)
+        return self
+
+
+class BatteryRating(_Model):
+    """Nameplate of the battery system; never changed remotely."""
+
+    capacity_kwh: Annotated[float, Field(gt=0.0, le=100_000.0)]
+    max_charge_kw: PositiveKw
+    max_discharge_kw: PositiveKw
+    charge_efficiency: Annotated[float, Field(gt=0.5, le=1.0)] = 0.95
+    discharge_efficiency: Annotated[float, Field(gt=0.5, le=1.0)] = 0.95
+    soc_min: Fraction = Field(default=0.05, description="BMS lower bound, fraction of capacity")
+    soc_max: Fraction = Field(default=1.0, description="BMS upper bound, fraction of capacity")
+    ramp_kw_per_s: PositiveKw = Field(default=50.0, description="Fastest setpoint change the inverter accepts")
+
+    @model_validator(mode="after")
+    def _soc_order(self) -> Self:
+        if self.soc_min >= self.soc_max:
+            raise ValueError(f"soc_min ({self.soc_min}) must be below soc_max ({self.soc_max})")
+        return self
+
+
+class PvRating(_Model):
+    peak_kw: PositiveKw
+    curtailable: bool = Field(description="The PV inverter accepts an active-power limit")
+
+
+class ChargerRating(_Model):
+    name: Name
+    device: Name = Field(description="Name of the ev_charger device that drives this charger")
+    phases: Literal[1, 3] = 3
+    voltage_v: float = Field(default=230.0, gt=100.0, le=400.0, description="Phase-to-neutral voltage")
+    min_current_a: float = Field(default=6.0, ge=0.0, le=80.0, description="IEC 61851 minimum is 6 A")
+    max_current_a: float = Field(default=32.0, gt=0.0, le=80.0)
+
+    @model_validator(mode="after")
+    def _current_order(self) -> Self:
+        if self.min_current_a > self.max_current_a:
+            raise ValueError(
+                f"min_current_a ({self.min_current_a}) must not exceed max_current_a ({self.max_current_a})"
+            )
+        return self
+
+    @property
+    def min_kw(self) -> float:
+        return self.phases * self.voltage_v * self.min_current_a / 1000.0
+
+    @property
+    def max_kw(self) -> float:
+        return self.phases * self.voltage_v * self.max_current_a / 1000.0
+
+
+class GridRating(_Model):
+    """What the grid connection and the utility agreement allow; tuning may only tighten it."""
+
+    import_limit_kw: PositiveKw
+    export_limit_kw: NonNegativeKw = Field(description="0 means zero export")
+
+
+class Band(StrEnum):
+    VALLEY = "valley"
+    FLAT = "flat"
+    PEAK = "peak"
+    CRITICAL_PEAK = "critical_peak"
+
+
+def _parse_clock(value: object) -> object:
+    if isinstance(value, str) and value == "24:00":
+        return time.max
+    return value
+
+
+class TariffPeriod(_Model):
+    start: time
+    end: time = Field(description='Exclusive; "24:00" for midnight at the end of the day')
+    band: Band
+
+    _end_24 = field_validator("end", mode="before")(_parse_clock)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.end <= self.start:
+            raise ValueError(f"period {self.start:%H:%M}-{self.end:%H:%M} ends before it starts; split it at 24:00")
+        return self
+
+    @property
+    def start_minute(self) -> int:
+        return self.start.hour * 60 + self.start.minute
+
+    @property
+    def end_minute(self) -> int:
+        return 1440 if self.end == time.max else self.end.hour * 60 + self.end.minute
+
+
+class TariffSeason(_Model):
+    name: Name
+    months: list[Annotated[int, Field(ge=1, le=12)]] = Field(min_length=1)
+    prices_cny_per_kwh: dict[Band, Annotated[float, Field(ge=-10.0, le=100.0)]]
+    periods: list[TariffPeriod] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _cover_day_once(self) -> Self:
+        ordered = sorted(enumerate(self.periods), key=lambda item: item[1].start_minute)
+        cursor = 0
+        for index, period in ordered:
+            if period.start_minute < cursor:
+                raise ValueError(
+                    f"periods.{index} ({period.start:%H:%M}-{_fmt_minute(period.end_minute)}) "
+                    f"overlaps the period ending at {_fmt_minute(cursor)}"
+                )
+            if period.start_minute > cursor:
+                raise ValueError(f"periods leave {_fmt_minute(cursor)}-{period.start:%H:%M} without a band")
+            if period.band not in self.prices_cny_per_kwh:
+                raise ValueError(f"periods.{index} uses band {period.band.value!r} which has no price")
+            cursor = period.end_minute
+        if cursor != 1440:
+            raise ValueError(f"periods leave {_fmt_minute(cursor)}-24:00 without a band")
+        return self
+
+    def band_at_minute(self, minute_of_day: int) -> Band:
+        for period in self.periods:
+            if period.start_minute <= minute_of_day < period.end_minute:
+                return period.band
+        raise ValueError(f"minute {minute_of_day} outside 0..1439")
+
+
+def _fmt_minute(minute: int) -> str:
+    return f"{minute // 60:02d}:{minute % 60:02d}"
+
+
+class Tariff(_Model):
+    seasons: list[TariffSeason] = Field(min_length=1)
+    export_price_cny_per_kwh: float = Field(default=0.0, ge=-10.0, le=100.0)
+    demand_charge_cny_per_kw_month: float = Field(default=0.0, ge=0.0, le=1000.0)
+
+    @model_validator(mode="after")
+    def _months_once(self) -> Self:
+        owner: dict[int, str] = {}
+        for season in self.seasons:
+            for month in season.months:
+                if month in owner:
+                    raise ValueError(f"month {month} is in both season {owner[month]} and {season.name}")
+                owner[month] = season.name
+        missing = sorted(set(range(1, 13)) - owner.keys())
+        if missing:
+            raise ValueError(f"months {missing} belong to no season")
+        return self
+
+    def season_for(self, month: int) -> TariffSeason:
+        for season in self.seasons:
+            if month in season.months:
+                return season
+        raise ValueError(f"month {month} belongs to no season")
+
+    def band_at(self, local: datetime) -> tuple[Band, float]:
+        """The band and import price in force at a local wall-clock time."""
+        season = self.season_for(local.month)
+        band = season.band_at_minute(local.hour * 60 + local.minute)
+        return band, season.prices_cny_per_kwh[band]
+
+
+class SafeState(_Model):
+    """What the loop commands when it cannot trust its measurements."""
+
+    battery: Literal["idle"] = "idle"
+    ev_chargers: Literal["minimum", "off"] = "minimum"
+    pv: Literal["zero_export_limit", "off", "unrestricted"] = Field(
+        default="zero_export_limit",
+        description="zero_export_limit: limit the PV inverter to the last trusted site load",
+    )
+
+
+class ControlConfig(_Model):
+    tick_period_s: float = Field(default=1.0, ge=0.05, le=60.0)
+    replan_period_s: float = Field(default=900.0, ge=10.0, le=86_400.0)
+    horizon_h: float = Field(default=24.0, gt=0.0, le=168.0)
+    step_minutes: Literal[1, 5, 10, 15, 30, 60] = 15
+    # Beyond this age a measurement is not trusted; a few missed polls must not trip the safe state.
+    stale_data_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
+    safe_state: SafeState = SafeState()
+
+    @model_validator(mode="after")
+    def _periods_consistent(self) -> Self:
+        if self.replan_period_s < self.tick_period_s:
+            raise ValueError("replan_period_s must not be shorter than tick_period_s")
+        if self.horizon_h * 60 < self.step_minutes:
+            raise ValueError("horizon_h must hold at least one step of step_minutes")
+        if self.stale_data_timeout_s < 2 * self.tick_period_s:
+            raise ValueError("stale_data_timeout_s must be at least two ticks")
+        return self
+
+
+class BatteryTuning(_Model):
+    soc_min: Fraction = 0.1
+    soc_max: Fraction = 0.95
+    reserve_soc: Fraction = Field(default=0.2, description="Planner keeps this for outages and next morning")
+    max_charge_kw: NonNegativeKw | None = Field(default=None, description="Defaults to the rating")
+    max_discharge_kw: NonNegativeKw | None = None
+    wear_cost_cny_per_kwh: float = Field(default=0.05, ge=0.0, le=10.0)
+
+
+class GridTuning(_Model):
+    import_limit_kw: NonNegativeKw | None = Field(default=None, description="Defaults to the rating")
+    export_limit_kw: NonNegativeKw | None = None
+    import_relief_order: list[Literal["battery", "ev"]] = ["battery", "ev"]
+    export_relief_order: list[Literal["battery", "ev", "pv"]] = ["battery", "ev", "pv"]
+
+    @field_validator("import_relief_order", "export_relief_order")
+    @classmethod
+    def _no_repeats(cls, order: list[str]) -> list[str]:
+        if len(set(order)) != len(order) or not order:
+            raise ValueError("each relief lever is listed once, and at least one is listed")
+        return order
+
+
+class Tuning(_Model):
+    """Parameters a site engineer may change remotely; bounded by the ratings in SiteConfig."""
+
+    battery: BatteryTuning = BatteryTuning()
+    grid: GridTuning = GridTuning()
+    replan_period_s: float | None = Field(default=None, ge=10.0, le=86_400.0)
+
+
+class TlsConfig(_Model):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _cert_pair(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class MqttConfig(_Model):
+    enabled: bool = True
+    broker: str = Field(default="embedded", description='"embedded", or mqtt://host:port / mqtts://host:port')
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: TlsConfig | None = None
+    topic_prefix: str | None = Field(default=None, description="Default greensite/<site id>")
+    ha_discovery: bool = True
+    ha_discovery_prefix: str = "homeassistant"
+    remote_tuning: bool = Field(default=False, description="Accept config patches on the command topic")
+    max_payload_bytes: int = Field(default=16_384, ge=256, le=1_048_576)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_form(cls, value: str) -> str:
+        if value != "embedded" and not re.fullmatch(r"mqtts?://[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?/?", value):
+            raise ValueError('broker is "embedded" or mqtt://host[:port] or mqtts://host[:port]')
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_form(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c in value for c in "#+\0") or value.endswith("/")):
+            raise ValueError("topic_prefix has no wildcards, no NUL and no trailing /")
+        return value
+
+
+class StorageConfig(_Model):
+    path: str = Field(default="var/greensite.sqlite3", description="SQLite file for the time series")
+    retention_days: int = Field(default=400, ge=1, le=3650)
+
+
+class SiteConfig(_Model):
+    site: SiteIdentity
+    buses: list[SerialBusConfig] = Field(default_factory=list)
+    battery: BatteryRating | None = None
+    pv: PvRating | None = None
+    ev_chargers: list[ChargerRating] = Field(default_factory=list)
+    grid: GridRating
+    tariff: Tariff
+    carbon_kg_per_kwh: float = Field(default=0.57, ge=0.0, le=2.0, description="Grid emission factor")
+    control: ControlConfig = ControlConfig()
+    tuning: Tuning = Tuning()
+    mqtt: MqttConfig = MqttConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _wiring_and_bounds(self) -> Self:
+        names: dict[str, DeviceConfig] = {}
+        for bus in self.buses:
+            for device in bus.devices:
+                if device.name in names:
+                    raise ValueError(f"device name {device.name!r} is used twice")
+                names[device.name] = device
+        for index, charger in enumerate(self.ev_chargers):
+            driver = names.get(charger.device)
+            if driver is None or driver.kind is not DeviceKind.EV_CHARGER:
+                raise ValueError(f"ev_chargers.{index}.device: no ev_charger device named {charger.device!r}")
+        if len({c.name for c in self.ev_chargers}) != len(self.ev_chargers):
+            raise ValueError("ev_chargers: names must be unique")
+        kinds = {d.kind for d in names.values()}
+        if self.buses and DeviceKind.GRID_METER not in kinds:
+            raise ValueError("buses: a site needs a grid_meter to enforce its grid limits")
+        if self.battery is not None and self.buses and DeviceKind.BATTERY_INVERTER not in kinds:
+            raise ValueError("battery: a battery needs a battery_inverter device to command it")
+        if self.pv is not None and self.pv.curtailable and self.buses and DeviceKind.PV_INVERTER not in kinds:
+            raise ValueError("pv.curtailable: curtailment needs a pv_inverter device")
+        self._check_tuning_within_ratings()
+        return self
+
+    def _check_tuning_within_ratings(self) -> None:
+        bt = self.tuning.battery
+        if bt.soc_min >= bt.soc_max:
+            raise ValueError(f"tuning.battery.soc_min ({bt.soc_min}) must be below soc_max ({bt.soc_max})")
+        if not bt.soc_min <= bt.reserve_soc <= bt.soc_max:
+            raise ValueError("tuning.battery.reserve_soc must lie between soc_min and soc_max")
+        if self.battery is not None:
+            rating = self.battery
+            if bt.soc_min < rating.soc_min:
+                raise ValueError(f"tuning.battery.soc_min ({bt.soc_min}) is below the rating {rating.soc_min}")
+            if bt.soc_max > rating.soc_max:
+                raise ValueError(f"tuning.battery.soc_max ({bt.soc_max}) is above the rating {rating.soc_max}")
+            for field, limit in (
+                ("max_charge_kw", rating.max_charge_kw),
+                ("max_discharge_kw", rating.max_discharge_kw),
+            ):
+                value = getattr(bt, field)
+                if value is not None and value > limit:
+                    raise ValueError(f"tuning.battery.{field} ({value}) exceeds the rating {limit}")
+        gt = self.tuning.grid
+        for field, limit in (
+            ("import_limit_kw", self.grid.import_limit_kw),
+            ("export_limit_kw", self.grid.export_limit_kw),
+        ):
+            value = getattr(gt, field)
+            if value is not None and value > limit:
+                raise ValueError(f"tuning.grid.{field} ({value}) exceeds the grid rating {limit}")
+        if self.tuning.replan_period_s is not None and self.tuning.replan_period_s < self.control.tick_period_s:
+            raise ValueError("tuning.replan_period_s must not be shorter than control.tick_period_s")
+
+    # Effective limits: what the loop enforces, the tighter of rating and tuning.
+    @property
+    def import_limit_kw(self) -> float:
+        value = self.tuning.grid.import_limit_kw
+        return self.grid.import_limit_kw if value is None else value
+
+    @property
+    def export_limit_kw(self) -> float:
+        value = self.tuning.grid.export_limit_kw
+        return self.grid.export_limit_kw if value is None else value
+
+    @property
+    def battery_max_charge_kw(self) -> float:
+        if self.battery is None:
+            return 0.0
+        value = self.tuning.battery.max_charge_kw
+        return self.battery.max_charge_kw if value is None else value
+
+    @property
+    def battery_max_discharge_kw(self) -> float:
+        if self.battery is None:
+            return 0.0
+        value = self.tuning.battery.max_discharge_kw
+        return self.battery.max_discharge_kw if value is None else value
+
+    @property
+    def replan_period_s(self) -> float:
+        value = self.tuning.replan_period_s
+        return self.control.replan_period_s if value is None else value
+
+    @property
+    def topic_prefix(self) -> str:
+        return self.mqtt.topic_prefix or f"greensite/{self.site.id}"
+
+    def devices(self) -> list[tuple[SerialBusConfig, DeviceConfig]]:
+        return [(bus, device) for bus in self.buses for device in bus.devices]

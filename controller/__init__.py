@@ -1,0 +1,1 @@
+"""The asyncio runtime: control loop, safety layer, MQTT, storage and CLI."""

@@ -1,0 +1,1 @@
+"""Local persistence: atomic file writes and the SQLite time series."""

@@ -1,0 +1,1 @@
+"""Serial transport, protocol codecs, device register maps, bus scheduling and simulated meters."""

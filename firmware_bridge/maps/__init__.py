@@ -1,0 +1,176 @@
+"""Device register maps: data files (TOML) describing where each quantity lives and how it is encoded."""
+
+from __future__ import annotations
+
+import tomllib
+from enum import StrEnum
+from functools import cache
+from importlib import resources
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from config import BusProtocol, DeviceKind, SiteConfig, format_validation_error
+
+__all__ = [
+    "REQUIRED_POINTS",
+    "Access",
+    "DeviceMap",
+    "Dlt645Point",
+    "MapError",
+    "ModbusPoint",
+    "RegisterType",
+    "all_maps",
+    "check_site_devices",
+    "load_map",
+]
+
+
+class MapError(ValueError):
+    """A register map file is malformed or missing (a permanent configuration error, never retried)."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Access(StrEnum):
+    READ = "read"
+    WRITE = "write"
+    READ_WRITE = "read_write"
+
+
+class RegisterType(StrEnum):
+    UINT16 = "uint16"
+    INT16 = "int16"
+    UINT32 = "uint32"
+    INT32 = "int32"
+    FLOAT32 = "float32"
+
+    @property
+    def words(self) -> int:
+        return 1 if self in (RegisterType.UINT16, RegisterType.INT16) else 2
+
+
+Quantity = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*_(kw|kwh|v|a|hz|pct|fraction|pf|code)$")]
+
+
+class ModbusPoint(_Model):
+    """One quantity in Modbus registers: value = raw * scale * sign, written as value / scale / sign."""
+
+    name: Quantity
+    function: Literal[3, 4] = Field(description="Read function: 3 holding, 4 input registers")
+    address: Annotated[int, Field(ge=0, le=0xFFFF)]
+    type: RegisterType
+    word_order: Literal["big", "little"] = "big"
+    scale: float = Field(default=1.0, description="Multiplier from the raw register value to the unit in name")
+    sign: Literal[1, -1] = Field(default=1, description="-1 when the device counts the other way round")
+    access: Access = Access.READ
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+class Dlt645Point(_Model):
+    """One quantity behind a DL/T 645 data identifier (value = BCD * 10^-decimals * scale * sign)."""
+
+    name: Quantity
+    di: Annotated[str, Field(pattern=r"^[0-9A-F]{8}$")]
+    scale: float = 1.0
+    sign: Literal[1, -1] = 1
+    access: Literal[Access.READ] = Access.READ
+
+
+class DeviceMap(_Model):
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    description: str
+    protocol: BusProtocol
+    kinds: list[DeviceKind] = Field(min_length=1)
+    default_baud_rate: int
+    # Modbus only: registers per read request; some devices refuse long reads.
+    max_registers_per_read: int = Field(default=100, ge=1, le=125)
+    points: list[ModbusPoint | Dlt645Point] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        names = [p.name for p in self.points]
+        if len(set(names)) != len(names):
+            raise ValueError("point names must be unique")
+        want = ModbusPoint if self.protocol is BusProtocol.MODBUS_RTU else Dlt645Point
+        for index, point in enumerate(self.points):
+            if not isinstance(point, want):
+                raise ValueError(f"points.{index}: a {self.protocol.value} map takes {want.__name__} entries")
+        for kind in self.kinds:
+            missing = [n for n in REQUIRED_POINTS[kind] if n not in names]
+            if missing:
+                raise ValueError(f"kind {kind.value} needs points {missing}")
+        return self
+
+    def point(self, name: str) -> ModbusPoint | Dlt645Point:
+        for point in self.points:
+            if point.name == name:
+                return point
+        raise KeyError(f"{self.name} has no point {name!r}")
+
+    @property
+    def readable(self) -> list[ModbusPoint | Dlt645Point]:
+        return [p for p in self.points if p.access is not Access.WRITE]
+
+
+# What the controller needs from each kind of device. Sign conventions, whatever the vendor does:
+# grid power_kw > 0 imports; pv power_kw > 0 generates; battery power_kw > 0 charges (AC side);
+# ev power_kw > 0 charges.
+REQUIRED_POINTS: dict[DeviceKind, tuple[str, ...]] = {
+    DeviceKind.GRID_METER: ("power_kw",),
+    DeviceKind.PV_METER: ("power_kw",),
+    DeviceKind.BATTERY_INVERTER: ("power_kw", "soc_pct", "power_setpoint_kw"),
+    DeviceKind.PV_INVERTER: ("power_kw", "power_limit_pct"),
+    DeviceKind.EV_CHARGER: ("power_kw", "state_code", "current_limit_a"),
+}
+
+
+def _parse(text: str, source: str) -> DeviceMap:
+    try:
+        return DeviceMap.model_validate(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as err:
+        raise MapError(f"{source}: TOML syntax: {err}") from None
+    except ValidationError as err:
+        raise MapError(f"{source}: " + "; ".join(format_validation_error(err))) from None
+
+
+@cache
+def all_maps() -> dict[str, DeviceMap]:
+    """Every shipped map, by name; a malformed shipped map is a packaging bug and raises MapError."""
+    maps: dict[str, DeviceMap] = {}
+    for entry in sorted(resources.files(__name__).iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            device_map = _parse(entry.read_text("utf-8"), entry.name)
+            if entry.name != f"{device_map.name}.toml":
+                raise MapError(f"{entry.name}: file name must be {device_map.name}.toml")
+            maps[device_map.name] = device_map
+    return maps
+
+
+def load_map(name: str) -> DeviceMap:
+    maps = all_maps()
+    if name not in maps:
+        raise MapError(f"no register map {name!r}; known: {', '.join(sorted(maps))}")
+    return maps[name]
+
+
+def check_site_devices(site: SiteConfig) -> list[str]:
+    """Problems with the devices of a site that only the register maps can see, by field path."""
+    problems: list[str] = []
+    maps = all_maps()
+    for b, bus in enumerate(site.buses):
+        for d, device in enumerate(bus.devices):
+            where = f"buses.{b}.devices.{d}.model"
+            device_map = maps.get(device.model)
+            if device_map is None:
+                problems.append(f"{where}: no register map {device.model!r}; known: {', '.join(sorted(maps))}")
+            elif device_map.protocol is not bus.protocol:
+                speaks = device_map.protocol.value
+                problems.append(f"{where}: {device.model} speaks {speaks}, bus {bus.name} is {bus.protocol.value}")
+            elif device.kind not in device_map.kinds:
+                kinds = ", ".join(k.value for k in device_map.kinds)
+                problems.append(f"{where}: {device.model} cannot act as {device.kind.value} (it is {kinds})")
+    return problems
