@@ -101,6 +101,9 @@ class DeviceConfig(_Model):
         description="Modbus unit id 1..247, or the 12-digit DL/T 645 meter address",
     )
     poll_period_s: float = Field(default=1.0, gt=0.0, le=3600.0)
+    ct_ratio: float = Field(
+        default=1.0, gt=0.0, le=10_000.0, description="Current-transformer ratio applied to kW, kWh and A readings"
+    )
 
 
 class SerialBusConfig(_Model):

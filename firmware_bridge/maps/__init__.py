@@ -78,6 +78,8 @@ class Dlt645Point(_Model):
     scale: float = 1.0
     sign: Literal[1, -1] = 1
     access: Literal[Access.READ] = Access.READ
+    # Each DL/T 645 read is ~200 ms at 2400 baud: slow-changing points are read every Nth poll.
+    every_n_polls: int = Field(default=1, ge=1, le=3600)
 
 
 class DeviceMap(_Model):

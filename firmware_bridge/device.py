@@ -1,0 +1,244 @@
+"""Device drivers: a register map and an address turned into exchanges and quantities. No I/O here."""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from config import BusProtocol
+from firmware_bridge import dlt645, modbus
+from firmware_bridge.errors import DeviceException, FrameError
+from firmware_bridge.maps import Access, DeviceMap, Dlt645Point, ModbusPoint, RegisterType
+
+__all__ = ["DeviceDriver", "Exchange", "Readings"]
+
+Readings = dict[str, float]
+Decoder = Callable[[bytes], tuple[int, Any | None, list[FrameError]]]
+
+# Quantities a current transformer scales: the meter sees secondary values, the site primary ones.
+CT_SCALED_SUFFIXES = ("_kw", "_kwh", "_a")
+
+# Unused registers read to join two blocks cost 2 bytes each; a new transaction costs ~12 bytes
+# of framing plus the device's turnaround, so bridging small gaps is cheaper than splitting.
+MAX_BRIDGED_GAP_REGISTERS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One request and how to recognise and interpret its reply."""
+
+    device: str
+    request: bytes
+    decode: Decoder
+    interpret: Callable[[Any], Readings]
+    expected_reply_bytes: int  # for wire-time budgeting
+    description: str = field(default="")
+
+
+def words_to_raw(kind: RegisterType, words: tuple[int, ...], word_order: str) -> float:
+    if kind is RegisterType.UINT16:
+        return float(words[0])
+    if kind is RegisterType.INT16:
+        return float(words[0] - 0x10000 if words[0] & 0x8000 else words[0])
+    hi, lo = (words[0], words[1]) if word_order == "big" else (words[1], words[0])
+    packed = struct.pack(">HH", hi, lo)
+    if kind is RegisterType.UINT32:
+        return float(struct.unpack(">I", packed)[0])
+    if kind is RegisterType.INT32:
+        return float(struct.unpack(">i", packed)[0])
+    return float(struct.unpack(">f", packed)[0])
+
+
+def _raw_to_words(kind: RegisterType, raw: float, word_order: str) -> tuple[int, ...]:
+    if kind is RegisterType.FLOAT32:
+        packed = struct.pack(">f", raw)
+    else:
+        number = round(raw)
+        formats = {
+            RegisterType.UINT16: ">H",
+            RegisterType.INT16: ">h",
+            RegisterType.UINT32: ">I",
+            RegisterType.INT32: ">i",
+        }
+        try:
+            packed = struct.pack(formats[kind], number)
+        except struct.error as err:
+            raise ValueError(f"{raw} does not fit {kind.value}") from err
+    words = tuple(struct.unpack(f">{len(packed) // 2}H", packed))
+    return words if word_order == "big" or len(words) == 1 else (words[1], words[0])
+
+
+def registers_from_values(
+    points: list[ModbusPoint], values: Mapping[str, float], function: int, start: int, count: int
+) -> tuple[int, ...]:
+    """Register image of a block (used by the simulated devices); unmapped registers read 0."""
+    image = [0] * count
+    for point in points:
+        if point.function != function or point.name not in values:
+            continue
+        offset = point.address - start
+        if offset < 0 or offset + point.type.words > count:
+            continue
+        words = _raw_to_words(point.type, values[point.name] / point.scale / point.sign, point.word_order)
+        image[offset : offset + len(words)] = words
+    return tuple(image)
+
+
+class DeviceDriver:
+    """Reads and writes one device through its register map."""
+
+    def __init__(self, name: str, device_map: DeviceMap, address: int | str, *, ct_ratio: float = 1.0) -> None:
+        self.name = name
+        self.map = device_map
+        self.address = address
+        self.ct_ratio = ct_ratio
+        self._reads = self._plan_reads()
+
+    def _ct(self, quantity: str) -> float:
+        return self.ct_ratio if quantity.endswith(CT_SCALED_SUFFIXES) else 1.0
+
+    @property
+    def protocol(self) -> BusProtocol:
+        return self.map.protocol
+
+    def read_exchanges(self, cycle: int = 0) -> list[Exchange]:
+        """The exchanges due on poll number `cycle`, as few as the map allows (slow points every Nth poll)."""
+        return [exchange for every, exchange in self._reads if cycle % every == 0]
+
+    def _plan_reads(self) -> list[tuple[int, Exchange]]:
+        if self.protocol is BusProtocol.DLT645:
+            return [(p.every_n_polls, self._dlt645_read(p)) for p in self.map.readable if isinstance(p, Dlt645Point)]
+        exchanges: list[tuple[int, Exchange]] = []
+        points = sorted(
+            (p for p in self.map.readable if isinstance(p, ModbusPoint)), key=lambda p: (p.function, p.address)
+        )
+        block: list[ModbusPoint] = []
+        for point in points:
+            if block:
+                first = block[0]
+                end = max(p.address + p.type.words for p in block)
+                fits = point.address + point.type.words - first.address <= self.map.max_registers_per_read
+                if point.function == first.function and fits and point.address - end <= MAX_BRIDGED_GAP_REGISTERS:
+                    block.append(point)
+                    continue
+                exchanges.append((1, self._modbus_read(block)))
+            block = [point]
+        if block:
+            exchanges.append((1, self._modbus_read(block)))
+        return exchanges
+
+    def _modbus_read(self, block: list[ModbusPoint]) -> Exchange:
+        assert isinstance(self.address, int)
+        start = block[0].address
+        count = max(p.address + p.type.words for p in block) - start
+        request = modbus.ReadRequest(self.address, block[0].function, start, count)
+
+        def interpret(reply: modbus.Reply) -> Readings:
+            registers = self._modbus_registers(reply, request.function)
+            if len(registers) != count:
+                raise FrameError(2, f"asked for {count} registers, got {len(registers)}")
+            readings: Readings = {}
+            for point in block:
+                offset = point.address - start
+                raw = words_to_raw(point.type, registers[offset : offset + point.type.words], point.word_order)
+                value = raw * point.scale * point.sign * self._ct(point.name)
+                if math.isfinite(value):  # a meter in a bad state can return NaN floats: no reading then
+                    readings[point.name] = value
+            return readings
+
+        return Exchange(
+            device=self.name,
+            request=modbus.encode_request(request),
+            decode=partial(modbus.decode_reply, unit=self.address),
+            interpret=interpret,
+            expected_reply_bytes=5 + 2 * count,
+            description=f"read {count} registers at 0x{start:04X} (function {block[0].function})",
+        )
+
+    def _modbus_registers(self, reply: modbus.Reply, function: int) -> tuple[int, ...]:
+        if isinstance(reply, modbus.ExceptionReply):
+            raise DeviceException(self.name, reply.code, reply.meaning)
+        if not isinstance(reply, modbus.ReadReply) or reply.function != function:
+            raise FrameError(1, f"reply function {reply.function} does not answer function {function}")
+        return reply.registers
+
+    def _dlt645_decoder(self) -> Decoder:
+        address = str(self.address)
+
+        def decode(buf: bytes) -> tuple[int, dlt645.Dlt645Frame | None, list[FrameError]]:
+            # Skip our own request (adapter echo, or another master) and frames from other meters.
+            consumed_total = 0
+            errors: list[FrameError] = []
+            while True:
+                consumed, frame, skipped = dlt645.decode_frame(buf[consumed_total:])
+                errors.extend(FrameError(e.offset + consumed_total, e.reason) for e in skipped)
+                consumed_total += consumed
+                if frame is None or (frame.from_meter and frame.address == address):
+                    return consumed_total, frame, errors
+                errors.append(FrameError(consumed_total, f"skipped a frame from/to {frame.address}"))
+
+        return decode
+
+    def _dlt645_read(self, point: Dlt645Point) -> Exchange:
+        di = int(point.di, 16)
+        item = dlt645.DATA_ITEMS.get(di)
+        if item is None:
+            raise ValueError(f"{self.map.name}: DI {point.di} is not in the DL/T 645 table")
+        request = dlt645.read_request(str(self.address), di)
+
+        def interpret(frame: dlt645.Dlt645Frame) -> Readings:
+            if frame.is_error:
+                code = frame.data[0] if frame.data else 0
+                raise DeviceException(self.name, code, dlt645.error_meaning(code))
+            result = dlt645.decode_read_reply(frame)
+            if result.di != di:
+                raise FrameError(10, f"reply carries DI {result.di:08X}, asked for {di:08X}")
+            return {point.name: result.values[0] * point.scale * point.sign * self._ct(point.name)}
+
+        return Exchange(
+            device=self.name,
+            request=dlt645.encode_frame(request),
+            decode=self._dlt645_decoder(),
+            interpret=interpret,
+            expected_reply_bytes=dlt645.FRAME_OVERHEAD + 4 + item.data_bytes + 4,
+            description=f"read DI {point.di}",
+        )
+
+    def write_exchange(self, quantity: str, value: float) -> Exchange:
+        """An exchange that writes one setpoint; ValueError if the map has no such writable point or range."""
+        point = self.map.point(quantity)
+        if point.access is Access.READ or not isinstance(point, ModbusPoint):
+            raise ValueError(f"{self.name}: {quantity} is not writable")
+        if not math.isfinite(value):
+            raise ValueError(f"{self.name}: {quantity} = {value} is not a number")
+        if (point.minimum is not None and value < point.minimum) or (
+            point.maximum is not None and value > point.maximum
+        ):
+            raise ValueError(f"{self.name}: {quantity} = {value} outside {point.minimum}..{point.maximum}")
+        assert isinstance(self.address, int)
+        words = _raw_to_words(point.type, value / point.scale / point.sign, point.word_order)
+        request: modbus.Request
+        if len(words) == 1:
+            request = modbus.WriteSingleRequest(self.address, point.address, words[0])
+        else:
+            request = modbus.WriteMultipleRequest(self.address, point.address, words)
+
+        def interpret(reply: modbus.Reply) -> Readings:
+            if isinstance(reply, modbus.ExceptionReply):
+                raise DeviceException(self.name, reply.code, reply.meaning)
+            if reply.function != request.function:
+                raise FrameError(1, f"reply function {reply.function} does not answer {request.function}")
+            return {quantity: value}
+
+        return Exchange(
+            device=self.name,
+            request=modbus.encode_request(request),
+            decode=partial(modbus.decode_reply, unit=self.address),
+            interpret=interpret,
+            expected_reply_bytes=8,
+            description=f"write {quantity}={value}",
+        )

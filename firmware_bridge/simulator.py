@@ -1,0 +1,316 @@
+"""Simulated device firmware: serves register maps over a pty with the real protocols.
+
+The simulator answers from values supplied by the caller (a plant model), so a controller on the
+other end of the pty closes its loop through real bytes. Faults can be injected per device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import tempfile
+import termios
+import tty
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from config import BusProtocol, SerialBusConfig
+from firmware_bridge import dlt645, modbus
+from firmware_bridge.device import CT_SCALED_SUFFIXES, registers_from_values, words_to_raw
+from firmware_bridge.maps import Access, DeviceMap, Dlt645Point, ModbusPoint
+from firmware_bridge.transport import bits_per_character
+
+__all__ = ["Fault", "FaultMode", "SimulatedBus", "SimulatedDevice"]
+
+_log = logging.getLogger(__name__)
+
+# Time a real device takes to start answering: Modbus meters a few ms, DL/T 645 at least Td = 20 ms.
+MODBUS_TURNAROUND_S = 0.005
+DLT645_TURNAROUND_S = 0.020
+
+
+class FaultMode(StrEnum):
+    NONE = "none"
+    SILENT = "silent"  # no reply at all
+    LATE = "late"  # reply after `late_s`
+    BAD_CRC = "bad_crc"  # reply with a corrupted CRC / checksum
+    GARBAGE = "garbage"  # random bytes in place of the reply
+    EXCEPTION = "exception"  # Modbus exception reply / DL/T 645 error reply
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    mode: FaultMode = FaultMode.NONE
+    probability: float = 1.0
+    late_s: float = 1.0
+    exception_code: int = 0x04  # Modbus: server device failure; DL/T 645 ERR bit0 "other"
+
+
+@dataclass
+class SimulatedDevice:
+    """One device's firmware: a register map, an address, and where its values come from."""
+
+    name: str
+    map: DeviceMap
+    address: int | str
+    source: Callable[[], Mapping[str, float]]
+    sink: Callable[[str, float], None] | None = None
+    fault: Fault = field(default_factory=Fault)
+    setpoints: dict[str, float] = field(default_factory=dict)
+    requests_seen: int = 0
+    ct_ratio: float = 1.0  # the meter reports secondary values; the plant values are primary
+
+    def values(self) -> dict[str, float]:
+        merged = dict(self.setpoints)
+        merged.update(self.source())
+        return merged
+
+    # --- Modbus -----------------------------------------------------------------------------------
+
+    def answer_modbus(self, request: modbus.Request) -> modbus.Reply:
+        points = [p for p in self.map.points if isinstance(p, ModbusPoint)]
+        unit = request.unit
+        if isinstance(request, modbus.ReadRequest):
+            covered = [
+                p
+                for p in points
+                if p.function == request.function
+                and p.address < request.address + request.count
+                and p.address + p.type.words > request.address
+            ]
+            if not covered:
+                return modbus.ExceptionReply(unit, request.function, 0x02)
+            secondary = {k: v / self.ct_ratio_for(k) for k, v in self.values().items()}
+            registers = registers_from_values(covered, secondary, request.function, request.address, request.count)
+            return modbus.ReadReply(unit, request.function, registers)
+        words = (request.value,) if isinstance(request, modbus.WriteSingleRequest) else request.values
+        target = next((p for p in points if p.address == request.address and p.access is not Access.READ), None)
+        if target is None or target.type.words != len(words):
+            return modbus.ExceptionReply(unit, request.function, 0x02)
+        value = words_to_raw(target.type, tuple(words), target.word_order) * target.scale * target.sign
+        if (target.minimum is not None and value < target.minimum) or (
+            target.maximum is not None and value > target.maximum
+        ):
+            return modbus.ExceptionReply(unit, request.function, 0x03)
+        self.setpoints[target.name] = value
+        if self.sink is not None:
+            self.sink(target.name, value)
+        if isinstance(request, modbus.WriteSingleRequest):
+            return modbus.WriteSingleReply(unit, request.address, request.value)
+        return modbus.WriteMultipleReply(unit, request.address, len(words))
+
+    # --- DL/T 645 ---------------------------------------------------------------------------------
+
+    def answer_dlt645(self, frame: dlt645.Dlt645Frame) -> dlt645.Dlt645Frame | None:
+        address = str(self.address)
+        if frame.function == dlt645.FUNCTION_READ_ADDRESS:
+            return dlt645.address_reply(address)
+        if frame.function != dlt645.FUNCTION_READ or len(frame.data) < 4:
+            return dlt645.error_reply(address, frame.function, 0x01)
+        di = int.from_bytes(frame.data[:4], "little")
+        point = next(
+            (p for p in self.map.points if isinstance(p, Dlt645Point) and int(p.di, 16) == di),
+            None,
+        )
+        values = self.values()
+        if point is None or point.name not in values:
+            return dlt645.error_reply(address, dlt645.FUNCTION_READ, 0x02)
+        item = dlt645.DATA_ITEMS[di]
+        value = values[point.name] / point.scale / point.sign / self.ct_ratio_for(point.name)
+        # A real meter saturates at the largest number its BCD format holds (signed: top bit is the sign).
+        largest = ((8 if item.signed else 10) * 10 ** (2 * item.length - 1) - 1) / 10**item.decimals
+        value = max(-largest if item.signed else 0.0, min(largest, value))
+        return dlt645.read_reply(address, di, (value,))
+
+    def ct_ratio_for(self, quantity: str) -> float:
+        return self.ct_ratio if quantity.endswith(CT_SCALED_SUFFIXES) else 1.0
+
+
+class SimulatedBus:
+    """A pty pair: the client opens `port`; this side decodes requests and answers as the devices would.
+
+    `port` is a symlink to the pty, so `unplug()`/`replug()` can make the port vanish and come back
+    under the same name, as a USB adapter does.
+    """
+
+    def __init__(
+        self,
+        config: SerialBusConfig,
+        devices: list[SimulatedDevice],
+        *,
+        wire_time: bool = False,
+        seed: int = 0,
+        link_dir: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.devices = {str(d.address): d for d in devices}
+        self.wire_time = wire_time
+        self.echo = config.adapter_echo
+        self._random = random.Random(seed)
+        self._char_s = bits_per_character(config) / config.baud_rate
+        self._turnaround_s = MODBUS_TURNAROUND_S if config.protocol is BusProtocol.MODBUS_RTU else DLT645_TURNAROUND_S
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._link_dir = link_dir
+        self._master: int | None = None
+        self._slave: int | None = None
+        self._buffer = b""
+        self._pending: set[asyncio.TimerHandle] = set()
+        self.requests = 0
+        self.frame_errors = 0
+
+    @property
+    def port(self) -> str:
+        directory = self._link_dir or Path(self._tmp.name if self._tmp else ".")
+        return str(directory / f"{self.config.name}.tty")
+
+    def device(self, name: str) -> SimulatedDevice:
+        for device in self.devices.values():
+            if device.name == name:
+                return device
+        raise KeyError(name)
+
+    def set_fault(self, name: str, fault: Fault) -> None:
+        self.device(name).fault = fault
+
+    async def __aenter__(self) -> SimulatedBus:
+        if self._link_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="greensite-sim-")
+        self._plug()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._unplug()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def _plug(self) -> None:
+        master, slave = os.openpty()
+        tty.setraw(slave, termios.TCSANOW)  # a pty starts cooked: 0x0D, 0x03 ... would be translated
+        os.set_blocking(master, False)
+        self._master, self._slave = master, slave
+        link = Path(self.port)
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.ttyname(slave))
+        asyncio.get_running_loop().add_reader(master, self._readable)
+
+    def _unplug(self) -> None:
+        for handle in self._pending:
+            handle.cancel()
+        self._pending.clear()
+        if self._master is not None:
+            asyncio.get_running_loop().remove_reader(self._master)
+            os.close(self._master)
+        if self._slave is not None:
+            os.close(self._slave)
+        self._master = self._slave = None
+        self._buffer = b""
+        Path(self.port).unlink(missing_ok=True)
+
+    def unplug(self) -> None:
+        """The adapter vanishes: the client's port errors and the device path disappears."""
+        self._unplug()
+
+    def replug(self) -> None:
+        self._plug()
+
+    def inject_noise(self, data: bytes) -> None:
+        """Bytes on the line that nobody asked for (EMI, a misconfigured device)."""
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        if self._master is None:
+            return
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._master, data)
+
+    def _readable(self) -> None:
+        assert self._master is not None
+        try:
+            chunk = os.read(self._master, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return  # no client has the slave open right now
+        self._buffer = (self._buffer + chunk)[-4096:]
+        while self._buffer:
+            request: modbus.Request | dlt645.Dlt645Frame | None
+            if self.config.protocol is BusProtocol.MODBUS_RTU:
+                consumed, request, errors = modbus.decode_request(self._buffer)
+            else:
+                consumed, request, errors = dlt645.decode_frame(self._buffer)
+            self.frame_errors += len(errors)
+            self._buffer = self._buffer[consumed:]
+            if request is None:
+                return
+            self.requests += 1
+            self._dispatch(request)
+
+    def _dispatch(self, request: modbus.Request | dlt645.Dlt645Frame) -> None:
+        if isinstance(request, dlt645.Dlt645Frame):
+            if request.from_meter:
+                return
+            if request.address == dlt645.WILDCARD_ADDRESS and len(self.devices) == 1:
+                device: SimulatedDevice | None = next(iter(self.devices.values()))
+            else:
+                device = self.devices.get(request.address)
+            request_bytes = dlt645.encode_frame(request)
+        else:
+            device = self.devices.get(str(request.unit))
+            request_bytes = modbus.encode_request(request)
+        if self.echo:
+            self._send(request_bytes)
+        if device is None:
+            return  # another device's address, or broadcast: silence
+        device.requests_seen += 1
+        fault = device.fault
+        active = fault.mode is not FaultMode.NONE and self._random.random() < fault.probability
+        mode = fault.mode if active else FaultMode.NONE
+        if mode is FaultMode.SILENT:
+            return
+        reply = self._reply_bytes(device, request, mode, fault)
+        delay = self._turnaround_s if self.wire_time else 0.0
+        if self.wire_time:
+            delay += (len(request_bytes) + len(reply)) * self._char_s
+        if mode is FaultMode.LATE:
+            delay += fault.late_s
+        if delay <= 0:
+            self._send(reply)
+            return
+        handle: asyncio.TimerHandle
+
+        def deliver() -> None:
+            self._pending.discard(handle)
+            self._send(reply)
+
+        handle = asyncio.get_running_loop().call_later(delay, deliver)
+        self._pending.add(handle)
+
+    def _reply_bytes(
+        self,
+        device: SimulatedDevice,
+        request: modbus.Request | dlt645.Dlt645Frame,
+        mode: FaultMode,
+        fault: Fault,
+    ) -> bytes:
+        if isinstance(request, dlt645.Dlt645Frame):
+            if mode is FaultMode.EXCEPTION:
+                frame: dlt645.Dlt645Frame | None = dlt645.error_reply(str(device.address), request.function, 0x01)
+            else:
+                frame = device.answer_dlt645(request)
+            reply = dlt645.encode_frame(frame) if frame is not None else b""
+        else:
+            if mode is FaultMode.EXCEPTION:
+                answer: modbus.Reply = modbus.ExceptionReply(request.unit, request.function, fault.exception_code)
+            else:
+                answer = device.answer_modbus(request)
+            reply = modbus.encode_reply(answer)
+        if mode is FaultMode.BAD_CRC and reply:
+            reply = reply[:-2] + bytes([reply[-2] ^ 0x5A]) + reply[-1:]
+        elif mode is FaultMode.GARBAGE:
+            reply = self._random.randbytes(max(len(reply), 8))
+        return reply

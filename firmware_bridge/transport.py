@@ -1,0 +1,145 @@
+"""A serial port as a byte pipe: write bytes, wait for bytes. It does not care about content."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import termios
+from typing import Protocol
+
+import serial
+import serial_asyncio_fast
+
+from config import Parity, SerialBusConfig
+from firmware_bridge.errors import PortError
+
+__all__ = ["MAX_BUFFERED_BYTES", "Link", "SerialLink", "bits_per_character"]
+
+_log = logging.getLogger(__name__)
+
+# Bytes arriving with no transaction to claim them are noise; past this much we keep only the newest,
+# so a babbling device cannot grow our memory.
+MAX_BUFFERED_BYTES = 4096
+
+
+def bits_per_character(config: SerialBusConfig) -> int:
+    return 1 + 8 + (0 if config.parity is Parity.NONE else 1) + config.stop_bits
+
+
+class Link(Protocol):
+    """What the bus needs from a port; tests may supply their own."""
+
+    @property
+    def is_open(self) -> bool: ...
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def write(self, data: bytes) -> None: ...
+    def take(self) -> bytes: ...
+    def discard(self) -> int: ...
+    async def wait_for_data(self, timeout_s: float) -> bool: ...
+
+
+class _Pipe(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.arrived = asyncio.Event()
+        self.lost: Exception | None = None
+        self.closed = asyncio.Event()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer.extend(data)
+        if len(self.buffer) > MAX_BUFFERED_BYTES:
+            del self.buffer[: len(self.buffer) - MAX_BUFFERED_BYTES]
+        self.arrived.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc or PortError("serial port closed")
+        self.arrived.set()
+        self.closed.set()
+
+
+class SerialLink:
+    """One RS-485 port through pyserial (any pyserial URL or device path, ptys included)."""
+
+    def __init__(self, config: SerialBusConfig, port: str | None = None, *, virtual: bool = False) -> None:
+        """`virtual`: the port is a pty, which refuses parity settings; the simulator emulates the line."""
+        self._config = config
+        self._port = port or config.port
+        self._virtual = virtual
+        self._transport: asyncio.Transport | None = None
+        self._pipe: _Pipe | None = None
+
+    @property
+    def port(self) -> str:
+        return self._port
+
+    @property
+    def is_open(self) -> bool:
+        return self._pipe is not None and self._pipe.lost is None
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        pipe = _Pipe()
+        try:
+            transport, _ = await serial_asyncio_fast.create_serial_connection(
+                loop,
+                lambda: pipe,
+                self._port,
+                baudrate=self._config.baud_rate,
+                parity=Parity.NONE.value if self._virtual else self._config.parity.value,
+                stopbits=self._config.stop_bits,
+                bytesize=8,
+            )
+        except (serial.SerialException, OSError, ValueError, termios.error) as err:
+            raise PortError(f"cannot open {self._port}: {err}") from err
+        self._transport, self._pipe = transport, pipe
+        _log.info("serial port open", extra={"port": self._port, "baud": self._config.baud_rate})
+
+    async def close(self) -> None:
+        transport, pipe = self._transport, self._pipe
+        self._transport = self._pipe = None
+        if transport is not None and pipe is not None:
+            transport.close()
+            try:
+                # The transport needs a loop turn to release the fd; do not hang on a wedged driver.
+                await asyncio.wait_for(pipe.closed.wait(), timeout=1.0)
+            except TimeoutError:
+                _log.warning("serial port did not close in 1 s", extra={"port": self._port})
+
+    def _live(self) -> _Pipe:
+        if self._pipe is None:
+            raise PortError(f"{self._port} is not open")
+        if self._pipe.lost is not None:
+            raise PortError(f"{self._port} lost: {self._pipe.lost}")
+        return self._pipe
+
+    async def write(self, data: bytes) -> None:
+        self._live()
+        assert self._transport is not None
+        try:
+            self._transport.write(data)
+        except (serial.SerialException, OSError) as err:
+            raise PortError(f"write to {self._port} failed: {err}") from err
+
+    def take(self) -> bytes:
+        """Everything received so far, removed from the buffer."""
+        pipe = self._live()
+        data = bytes(pipe.buffer)
+        pipe.buffer.clear()
+        pipe.arrived.clear()
+        return data
+
+    def discard(self) -> int:
+        """Drop stale input (late replies of a previous transaction); returns how many bytes."""
+        return len(self.take())
+
+    async def wait_for_data(self, timeout_s: float) -> bool:
+        pipe = self._live()
+        if pipe.buffer:
+            return True
+        try:
+            await asyncio.wait_for(pipe.arrived.wait(), timeout=max(timeout_s, 0.0))
+        except TimeoutError:
+            return False
+        self._live()
+        return bool(pipe.buffer)
