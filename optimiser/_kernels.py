@@ -1,0 +1,598 @@
+"""Numba kernels of the dispatch planner. Plain float64/int64 arrays in, results written to `out`
+arrays; no validation here (the Python API in `_solve.py` validates and allocates).
+
+Sign conventions: battery kW > 0 charges (AC side); grid kW > 0 imports; net load excludes the battery.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# Cost per kWh of breaking a limit inside the planner. Limits are soft only so that an impossible
+# situation still yields the best possible plan (and says what broke); the figure dwarfs any tariff.
+PENALTY_CNY_PER_KWH = 1000.0
+
+_SIG_STEP_COST = "f8(f8, f8, f8, f8, f8, f8, f8, f8)"
+
+
+@njit(_SIG_STEP_COST, cache=True, nogil=True)
+def grid_cost(
+    grid_kw: float,
+    dt_h: float,
+    price_import: float,
+    price_export: float,
+    import_cap_kw: float,
+    export_cap_kw: float,
+    curtail_max_kw: float,
+    penalty: float,
+) -> float:
+    """Cost of one step at net grid power `grid_kw` (before curtailment), curtailing optimally."""
+    if grid_kw >= 0.0:
+        over = grid_kw - import_cap_kw
+        cost = price_import * grid_kw * dt_h
+        if over > 0.0:
+            cost += penalty * over * dt_h
+        return cost
+    surplus = -grid_kw
+    if price_export >= 0.0:
+        exported = min(surplus, export_cap_kw)
+        curtailed = surplus - exported
+        over = curtailed - curtail_max_kw  # surplus that can neither be exported nor curtailed
+        cost = -price_export * exported * dt_h
+    else:
+        curtailed = min(surplus, curtail_max_kw)  # a negative price: curtail rather than pay
+        exported = surplus - curtailed
+        over = exported - export_cap_kw
+        cost = -price_export * exported * dt_h
+    if over > 0.0:
+        cost += penalty * over * dt_h
+    return cost
+
+
+@njit("f8(f8, f8, f8, f8)", cache=True, nogil=True)
+def battery_kw_for(delta_kwh: float, dt_h: float, eta_charge: float, eta_discharge: float) -> float:
+    """AC power that changes the stored energy by `delta_kwh` in one step."""
+    if delta_kwh >= 0.0:
+        return delta_kwh / (eta_charge * dt_h)
+    return delta_kwh * eta_discharge / dt_h
+
+
+@njit("b1(i8, i8, i8, f8, f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8[:])", cache=True, nogil=True)
+def _step_costs(
+    t: int,
+    k_discharge: int,
+    k_charge: int,
+    level_kwh: float,
+    net_kw: np.ndarray,
+    price_import: np.ndarray,
+    price_export: np.ndarray,
+    import_cap_kw: np.ndarray,
+    export_cap_kw: np.ndarray,
+    curtail_max_kw: np.ndarray,
+    dt_h: float,
+    eta_charge: float,
+    eta_discharge: float,
+    wear_cny_per_kwh: float,
+    out: np.ndarray,
+) -> bool:
+    """out[j] = cost of moving (j - k_discharge) levels; returns whether it is discretely convex."""
+    n = k_discharge + k_charge + 1
+    for j in range(n):
+        delta = (j - k_discharge) * level_kwh
+        battery = battery_kw_for(delta, dt_h, eta_charge, eta_discharge)
+        out[j] = grid_cost(
+            net_kw[t] + battery,
+            dt_h,
+            price_import[t],
+            price_export[t],
+            import_cap_kw[t],
+            export_cap_kw[t],
+            curtail_max_kw[t],
+            PENALTY_CNY_PER_KWH,
+        ) + wear_cny_per_kwh * abs(battery) * dt_h
+    convex = True
+    for j in range(1, n - 1):
+        if out[j + 1] - out[j] < out[j] - out[j - 1] - 1e-9:
+            convex = False
+            break
+    return convex
+
+
+@njit("void(i8, f8, f8, f8, f8[:])", cache=True, nogil=True)
+def _final_values(n_levels: int, level_kwh: float, e_low_kwh: float, final_min_kwh: float, out: np.ndarray) -> None:
+    for i in range(n_levels):
+        short = final_min_kwh - (e_low_kwh + i * level_kwh)
+        out[i] = PENALTY_CNY_PER_KWH * short if short > 1e-9 else 0.0
+
+
+@njit("void(f8[:], f8[:], i8, f8[:])", cache=True, nogil=True)
+def _merge_step(v_next: np.ndarray, f: np.ndarray, k_charge: int, v_out: np.ndarray) -> None:
+    """v_out[E] = min_d f[d + k_discharge] + v_next[E + d]: an infimal convolution of two convex
+    sequences, computed by merging their slope sequences (Minkowski sum of epigraphs) in O(N + K).
+
+    With u = -d the convolution h(z) = min_{y+u=z} v_next(y) + f~(u) starts at z = -k_charge with value
+    v_next(0) + f~(-k_charge) = v_next(0) + f[last]; its slopes are the sorted union of both slope lists.
+    """
+    n = v_next.shape[0]
+    k = f.shape[0]
+    # f~(u) for u = -k_charge .. k_discharge is f read backwards.
+    value = v_next[0] + f[k - 1]
+    i = 0  # next slope of v_next
+    j = 0  # next slope of f~
+    z = -k_charge
+    if z >= 0:
+        v_out[z] = value
+    while z < n - 1:
+        take_v = False
+        if i < n - 1 and j < k - 1:
+            sv = v_next[i + 1] - v_next[i]
+            sf = f[k - 2 - j] - f[k - 1 - j]
+            take_v = sv <= sf
+        elif i < n - 1:
+            take_v = True
+        elif j >= k - 1:
+            break
+        if take_v:
+            value += v_next[i + 1] - v_next[i]
+            i += 1
+        else:
+            value += f[k - 2 - j] - f[k - 1 - j]
+            j += 1
+        z += 1
+        if z >= 0:
+            v_out[z] = value
+
+
+@njit("void(f8[:], f8[:], i8, f8[:])", cache=True, nogil=True)
+def _brute_step(v_next: np.ndarray, f: np.ndarray, k_discharge: int, v_out: np.ndarray) -> None:
+    n = v_next.shape[0]
+    k = f.shape[0]
+    for e in range(n):
+        best = np.inf
+        for j in range(k):
+            target = e + j - k_discharge
+            if 0 <= target < n:
+                candidate = f[j] + v_next[target]
+                best = min(best, candidate)
+        v_out[e] = best
+
+
+@njit("f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, i8, i8, f8, i8, i8, f8, f8, f8, f8, b1, i8[:])", cache=True, nogil=True)
+def battery_dp(
+    net_kw: np.ndarray,
+    price_import: np.ndarray,
+    price_export: np.ndarray,
+    import_cap_kw: np.ndarray,
+    export_cap_kw: np.ndarray,
+    curtail_max_kw: np.ndarray,
+    dt_h: float,
+    level_kwh: float,
+    n_levels: int,
+    start_level: int,
+    e_low_kwh: float,
+    k_discharge: int,
+    k_charge: int,
+    eta_charge: float,
+    eta_discharge: float,
+    wear_cny_per_kwh: float,
+    final_min_kwh: float,
+    force_brute: bool,
+    out_levels: np.ndarray,
+) -> float:
+    """Optimal battery trajectory on the energy grid; writes level indices (T+1) and returns the cost.
+
+    Level i stores e_low_kwh + i * level_kwh. The slope-merging step is used when every step cost
+    is convex (the common case); otherwise, or when `force_brute`, the O(N*K) minimisation.
+    """
+    steps = net_kw.shape[0]
+    k = k_discharge + k_charge + 1
+    values = np.empty((steps + 1, n_levels))
+    f = np.empty(k)
+    _final_values(n_levels, level_kwh, e_low_kwh, final_min_kwh, values[steps])
+    # Backward. Once a step is not convex, V_t may not be either: that step and all earlier ones are
+    # minimised by brute force. The later ones merged exactly, since their inputs were all convex.
+    brute = force_brute
+    for t in range(steps - 1, -1, -1):
+        convex = _step_costs(
+            t, k_discharge, k_charge, level_kwh, net_kw, price_import, price_export,
+            import_cap_kw, export_cap_kw, curtail_max_kw, dt_h, eta_charge, eta_discharge,
+            wear_cny_per_kwh, f,
+        )  # fmt: skip
+        brute = brute or not convex
+        if brute:
+            _brute_step(values[t + 1], f, k_discharge, values[t])
+        else:
+            _merge_step(values[t + 1], f, k_charge, values[t])
+    # Forward: follow the argmin from the start level.
+    level = start_level
+    out_levels[0] = level
+    for t in range(steps):
+        _step_costs(
+            t, k_discharge, k_charge, level_kwh, net_kw, price_import, price_export,
+            import_cap_kw, export_cap_kw, curtail_max_kw, dt_h, eta_charge, eta_discharge,
+            wear_cny_per_kwh, f,
+        )  # fmt: skip
+        best = np.inf
+        best_level = level
+        for j in range(k):
+            target = level + j - k_discharge
+            if 0 <= target < n_levels:
+                candidate = f[j] + values[t + 1, target]
+                # Prefer the smaller move on ties: no cycling the battery for nothing.
+                if candidate < best - 1e-12 or (
+                    abs(candidate - best) <= 1e-12 and abs(target - level) < abs(best_level - level)
+                ):
+                    best = candidate
+                    best_level = target
+        level = best_level
+        out_levels[t + 1] = level
+    return values[0, start_level]
+
+
+@njit("UniTuple(f8, 2)(i8, f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8)", cache=True, nogil=True)
+def _ev_chunk(
+    t: int, base_kw: np.ndarray, out_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray,
+    import_cap_kw: np.ndarray, export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float,
+    min_kw: float, max_kw: float, chunk_kwh: float,
+) -> tuple[float, float]:  # fmt: skip
+    """(cost per kWh, kWh) of the next chunk at step t; (inf, 0) when the step is full."""
+    room = (max_kw - out_kw[t]) * dt_h
+    if room <= 1e-12:
+        return np.inf, 0.0
+    before = base_kw[t] + out_kw[t]
+    # The grid cost is linear between its kinks: a chunk may run to the next kink at one price.
+    to_kink = np.inf
+    if price_export[t] >= 0.0:
+        kinks = (-(export_cap_kw[t] + curtail_max_kw[t]), -export_cap_kw[t], 0.0, import_cap_kw[t])
+    else:
+        kinks = (-(export_cap_kw[t] + curtail_max_kw[t]), -curtail_max_kw[t], 0.0, import_cap_kw[t])
+    for g in kinks:
+        if g > before + 1e-9:
+            to_kink = min(to_kink, (g - before) * dt_h)
+    add = min(chunk_kwh, room, to_kink)
+    if out_kw[t] == 0.0 and add < min_kw * dt_h:
+        add = min(min_kw * dt_h, room)
+    after = before + add / dt_h
+    cost_after = grid_cost(
+        after, dt_h, price_import[t], price_export[t], import_cap_kw[t], export_cap_kw[t], curtail_max_kw[t],
+        PENALTY_CNY_PER_KWH,
+    )  # fmt: skip
+    cost_before = grid_cost(
+        before, dt_h, price_import[t], price_export[t], import_cap_kw[t], export_cap_kw[t], curtail_max_kw[t],
+        PENALTY_CNY_PER_KWH,
+    )  # fmt: skip
+    return (cost_after - cost_before) / add, add
+
+
+@njit("f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, i8, i8, f8, f8, f8, f8, f8[:])", cache=True, nogil=True)
+def fill_ev(
+    base_kw: np.ndarray,
+    price_import: np.ndarray,
+    price_export: np.ndarray,
+    import_cap_kw: np.ndarray,
+    export_cap_kw: np.ndarray,
+    curtail_max_kw: np.ndarray,
+    dt_h: float,
+    arrival: int,
+    departure: int,
+    energy_kwh: float,
+    min_kw: float,
+    max_kw: float,
+    chunk_kwh: float,
+    out_kw: np.ndarray,
+) -> float:
+    """Water-fill one EV's energy into its window, each chunk where it adds the least cost.
+
+    `base_kw` is the net grid power without this EV. A step used at all gets at least `min_kw`.
+    Writes the EV's kW per step into out_kw (zeroed first) and returns the energy not delivered.
+    """
+    steps = base_kw.shape[0]
+    for t in range(steps):
+        out_kw[t] = 0.0
+    # Marginal cost per kWh of the next chunk at each step, and its size; only the step that
+    # received the last chunk changes, so only it is recomputed.
+    unit = np.full(steps, np.inf)
+    size = np.zeros(steps)
+    remaining = energy_kwh
+    for t in range(arrival, departure):
+        unit[t], size[t] = _ev_chunk(t, base_kw, out_kw, price_import, price_export, import_cap_kw, export_cap_kw,
+                                     curtail_max_kw, dt_h, min_kw, max_kw, chunk_kwh)  # fmt: skip
+    while remaining > 1e-9:
+        best_t = -1
+        best_cost = np.inf
+        for t in range(arrival, departure):
+            # Ties go to the earliest step: charge early, in case the car leaves early.
+            if unit[t] < best_cost - 1e-12:
+                best_cost = unit[t]
+                best_t = t
+        if best_t < 0:
+            break
+        add = min(size[best_t], remaining)
+        if out_kw[best_t] == 0.0 and add < min_kw * dt_h:
+            add = min(min_kw * dt_h, (max_kw - out_kw[best_t]) * dt_h)
+        out_kw[best_t] += add / dt_h
+        remaining -= add
+        unit[best_t], size[best_t] = _ev_chunk(best_t, base_kw, out_kw, price_import, price_export, import_cap_kw,
+                                               export_cap_kw, curtail_max_kw, dt_h, min_kw, max_kw,
+                                               chunk_kwh)  # fmt: skip
+    return max(remaining, 0.0)
+
+
+@njit(
+    "f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8)",
+    cache=True,
+    nogil=True,
+)
+def grid_objective(
+    net_kw: np.ndarray,
+    price_import: np.ndarray,
+    price_export: np.ndarray,
+    import_limit_kw: np.ndarray,
+    export_cap_kw: np.ndarray,
+    curtail_max_kw: np.ndarray,
+    dt_h: float,
+    demand_cny_per_kw: float,
+    peak_floor_kw: float,
+) -> float:
+    """Grid cost of a whole plan (with limit penalties) plus the demand charge above the month's peak."""
+    total = 0.0
+    peak = 0.0
+    for t in range(net_kw.shape[0]):
+        total += grid_cost(
+            net_kw[t], dt_h, price_import[t], price_export[t], import_limit_kw[t], export_cap_kw[t],
+            curtail_max_kw[t], PENALTY_CNY_PER_KWH,
+        )  # fmt: skip
+        peak = max(peak, net_kw[t])
+    return total + demand_cny_per_kw * max(0.0, peak - peak_floor_kw)
+
+
+# --- exact piecewise-linear DP ---------------------------------------------------------------------
+#
+# The same slope-sequence merge as battery_dp, on exact piecewise-linear convex functions instead of a
+# grid: a function on [lo, hi] is a start value and (slope, length) segments with non-decreasing
+# slopes. Step costs are piecewise linear in the energy change with at most eight kinks (import/
+# export/curtailment thresholds, the efficiency and wear kink at zero), so each value function has few
+# segments and the infimal convolution is a merge of two short sorted lists. No quantisation.
+
+_SLOPE_EPS = 1e-12
+
+
+@njit("f8(f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8)", cache=True, nogil=True)
+def _step_cost_at(
+    delta: float, net: float, dt_h: float, p_imp: float, p_exp: float, imp_cap: float, exp_cap: float,
+    curt_max: float, eta_c: float, eta_d: float, wear: float, penalty: float, unused: float,
+) -> float:  # fmt: skip
+    battery = battery_kw_for(delta, dt_h, eta_c, eta_d)
+    return grid_cost(net + battery, dt_h, p_imp, p_exp, imp_cap, exp_cap, curt_max, penalty) + wear * abs(battery) * dt_h
+
+
+@njit("i8(f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8[:], f8[:])", cache=True, nogil=True)
+def _step_breakpoints(
+    net: float, dt_h: float, p_imp: float, p_exp: float, imp_cap: float, exp_cap: float, curt_max: float,
+    eta_c: float, eta_d: float, wear: float, d_max: float, c_max: float, unused: float,
+    out_delta: np.ndarray, out_value: np.ndarray,
+) -> int:  # fmt: skip
+    """Kinks of the step cost in the energy change, sorted, with values; returns how many."""
+    # At most 7 candidates (2 ends, 0, 4 thresholds): insertion-sorted straight into out_delta.
+    n = 0
+    for i in range(7):
+        if i == 0:
+            d = -d_max
+        elif i == 1:
+            d = c_max
+        elif i == 2:
+            d = 0.0
+        else:
+            if i == 3:
+                g = 0.0
+            elif i == 4:
+                g = imp_cap
+            elif i == 5:
+                g = -exp_cap if p_exp >= 0.0 else -curt_max
+            else:
+                g = -(exp_cap + curt_max)
+            b = g - net
+            d = b * eta_c * dt_h if b >= 0.0 else b * dt_h / eta_d
+            if not -d_max < d < c_max:
+                continue
+        j = n
+        while j > 0 and out_delta[j - 1] > d:
+            out_delta[j] = out_delta[j - 1]
+            j -= 1
+        out_delta[j] = d
+        n += 1
+    m = 0
+    for i in range(n):
+        d = out_delta[i]
+        if m > 0 and d - out_delta[m - 1] <= 1e-12:
+            continue
+        out_delta[m] = d
+        out_value[m] = _step_cost_at(d, net, dt_h, p_imp, p_exp, imp_cap, exp_cap, curt_max, eta_c, eta_d, wear,
+                                     PENALTY_CNY_PER_KWH, 0.0)  # fmt: skip
+        m += 1
+    return m
+
+
+@njit("f8(f8[:], f8[:], i8, i8, f8)", cache=True, nogil=True)
+def _pwl_value(xs: np.ndarray, ys: np.ndarray, start: int, stop: int, x: float) -> float:
+    """Value at x of the function with breakpoints xs/ys[start:stop] (clamped to its domain)."""
+    if x <= xs[start]:
+        return ys[start]
+    if x >= xs[stop - 1]:
+        return ys[stop - 1]
+    lo, hi = start, stop - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if xs[mid] <= x:
+            lo = mid
+        else:
+            hi = mid
+    w = (x - xs[lo]) / (xs[hi] - xs[lo])
+    return ys[lo] + w * (ys[hi] - ys[lo])
+
+
+@njit(
+    "f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8[:])",
+    cache=True,
+    nogil=True,
+)
+def battery_pwl(
+    net_kw: np.ndarray,
+    price_import: np.ndarray,
+    price_export: np.ndarray,
+    import_cap_kw: np.ndarray,
+    export_cap_kw: np.ndarray,
+    curtail_max_kw: np.ndarray,
+    dt_h: float,
+    e_min: float,
+    e_max: float,
+    e_start: float,
+    d_max: float,
+    c_max: float,
+    eta_c: float,
+    eta_d: float,
+    wear: float,
+    final_min_kwh: float,
+    out_energy: np.ndarray,
+) -> float:
+    """Exact optimal stored-energy trajectory (T + 1 values into out_energy); returns its cost,
+    or NaN when some step cost is not convex (the caller then uses the grid kernel)."""
+    steps = net_kw.shape[0]
+    capacity = 64 * (steps + 1)
+    xs = np.empty(capacity)
+    ys = np.empty(capacity)
+    offsets = np.zeros(steps + 2, dtype=np.int64)
+    # V_T on [e_min, e_max]: the penalty for ending below final_min_kwh.
+    target = min(max(final_min_kwh, e_min), e_max)
+    n = 0
+    xs[n] = e_min
+    ys[n] = PENALTY_CNY_PER_KWH * max(0.0, final_min_kwh - e_min)
+    n += 1
+    if target > e_min + 1e-12:
+        xs[n] = target
+        ys[n] = PENALTY_CNY_PER_KWH * max(0.0, final_min_kwh - target)
+        n += 1
+    if e_max > xs[n - 1] + 1e-12:
+        xs[n] = e_max
+        ys[n] = ys[n - 1]
+        n += 1
+    # V_t is stored at [offsets[t], offsets[t + 1]); fill from T down to 0 in reverse order.
+    starts = np.zeros(steps + 1, dtype=np.int64)
+    stops = np.zeros(steps + 1, dtype=np.int64)
+    starts[steps], stops[steps] = 0, n
+    fd = np.empty(8)
+    fv = np.empty(8)
+    for t in range(steps - 1, -1, -1):
+        m = _step_breakpoints(net_kw[t], dt_h, price_import[t], price_export[t], import_cap_kw[t],
+                              export_cap_kw[t], curtail_max_kw[t], eta_c, eta_d, wear, d_max, c_max, 0.0,
+                              fd, fv)  # fmt: skip
+        # Slopes of f~(u) = f(-u): f's segments reversed, slopes negated; check convexity on the way.
+        prev = -np.inf
+        for i in range(m - 1, 0, -1):
+            slope = -(fv[i - 1] - fv[i]) / (fd[i - 1] - fd[i])
+            if slope < prev - 1e-9 * max(1.0, abs(prev)):
+                return np.nan
+            prev = slope
+        a0, a1 = starts[t + 1], stops[t + 1]
+        need = stops[t + 1] + (a1 - a0) + m + 4
+        if need > capacity:
+            capacity = 2 * need
+            grown_x = np.empty(capacity)
+            grown_y = np.empty(capacity)
+            grown_x[:n] = xs[:n]
+            grown_y[:n] = ys[:n]
+            xs, ys = grown_x, grown_y
+        # Merge: h starts at u_min + e_min = -c_max + e_min with value f(c_max) + V(e_min).
+        out = n
+        x = e_min - c_max
+        y = fv[m - 1] + ys[a0]
+        i_v = a0  # next segment of V: (xs[i_v], xs[i_v + 1])
+        i_f = m - 1  # next segment of f~: from fd[i_f] down to fd[i_f - 1]
+        wrote = False
+        while True:
+            has_v = i_v + 1 < a1
+            has_f = i_f > 0
+            if not has_v and not has_f:
+                break
+            take_v = False
+            if has_v and has_f:
+                sv = (ys[i_v + 1] - ys[i_v]) / (xs[i_v + 1] - xs[i_v])
+                sf = -(fv[i_f - 1] - fv[i_f]) / (fd[i_f - 1] - fd[i_f])
+                take_v = sv <= sf
+            else:
+                take_v = has_v
+            if take_v:
+                length = xs[i_v + 1] - xs[i_v]
+                rise = ys[i_v + 1] - ys[i_v]
+                i_v += 1
+            else:
+                length = fd[i_f] - fd[i_f - 1]
+                rise = fv[i_f - 1] - fv[i_f]
+                i_f -= 1
+            x_next = x + length
+            y_next = y + rise
+            # Keep only [e_min, e_max], cutting the segments that cross its ends.
+            if x_next > e_min and x < e_max:
+                lo = max(x, e_min)
+                hi = min(x_next, e_max)
+                y_lo = y + rise * (lo - x) / length
+                y_hi = y + rise * (hi - x) / length
+                if not wrote:
+                    xs[out] = lo
+                    ys[out] = y_lo
+                    out += 1
+                    wrote = True
+                if hi - xs[out - 1] > 1e-12:
+                    # Merge collinear segments so the function stays short.
+                    if out - n >= 2:
+                        s_prev = (ys[out - 1] - ys[out - 2]) / (xs[out - 1] - xs[out - 2])
+                        s_new = (y_hi - ys[out - 1]) / (hi - xs[out - 1])
+                        if abs(s_new - s_prev) <= _SLOPE_EPS * max(1.0, abs(s_prev)):
+                            out -= 1
+                    xs[out] = hi
+                    ys[out] = y_hi
+                    out += 1
+            x, y = x_next, y_next
+            if x >= e_max:
+                break
+        if not wrote:  # e_min == e_max: a single point
+            xs[out] = e_min
+            ys[out] = y
+            out += 1
+        starts[t], stops[t] = n, out
+        n = out
+    # Forward: from e_start follow the minimiser of f_t(d) + V_{t+1}(e + d).
+    energy = min(max(e_start, e_min), e_max)
+    out_energy[0] = energy
+    for t in range(steps):
+        m = _step_breakpoints(net_kw[t], dt_h, price_import[t], price_export[t], import_cap_kw[t],
+                              export_cap_kw[t], curtail_max_kw[t], eta_c, eta_d, wear, d_max, c_max, 0.0,
+                              fd, fv)  # fmt: skip
+        lo = max(-d_max, e_min - energy)
+        hi = min(c_max, e_max - energy)
+        a0, a1 = starts[t + 1], stops[t + 1]
+        best = np.inf
+        best_d = 0.0
+        # The minimum of a convex piecewise-linear function is at a kink or an end.
+        for pass_ in range(2):
+            count = m + 2 if pass_ == 0 else a1 - a0
+            for j in range(count):
+                if pass_ == 0:
+                    d = lo if j == m else (hi if j == m + 1 else fd[j])
+                else:
+                    d = xs[a0 + j] - energy
+                if d < lo - 1e-12 or d > hi + 1e-12:
+                    continue
+                d = min(max(d, lo), hi)
+                value = _step_cost_at(d, net_kw[t], dt_h, price_import[t], price_export[t], import_cap_kw[t],
+                                      export_cap_kw[t], curtail_max_kw[t], eta_c, eta_d, wear,
+                                      PENALTY_CNY_PER_KWH, 0.0) + _pwl_value(xs, ys, a0, a1, energy + d)  # fmt: skip
+                # On ties prefer the smaller move: no cycling the battery for nothing.
+                if value < best - 1e-9 or (value <= best + 1e-9 and abs(d) < abs(best_d)):
+                    if value < best:
+                        best = value
+                    best_d = d
+        energy = min(max(energy + best_d, e_min), e_max)
+        out_energy[t + 1] = energy
+    return _pwl_value(xs, ys, starts[0], stops[0], min(max(e_start, e_min), e_max))

@@ -1,0 +1,410 @@
+"""The planner's Python API: validate, allocate, run the kernels, and explain the result."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from optimiser import _kernels as k
+from optimiser._scenario import Scenario, load_scenario
+
+__all__ = ["EvShortfall", "Plan", "solve", "solve_scenario"]
+
+FloatArray = npt.NDArray[np.float64]
+
+# Energy grid: at least this many levels, and fine enough that one level per step is at most
+# MAX_LEVEL_POWER_KW of battery power; capped so memory stays at T x N floats of a few MB.
+MIN_LEVELS = 500
+MAX_LEVELS = 4000
+MAX_LEVEL_POWER_KW = 1.5
+# EV energy is placed in chunks that run to the next kink of the step's grid cost (exact: the cost is
+# linear in between), but at most this many kWh so that several cars share a cheap period fairly.
+EV_CHUNK_KWH = 2.0
+# Battery DP and EV placement alternate until the cost stops improving, at most this often.
+MAX_ROUNDS = 6
+# Demand-charge cap search: stop when the bracket is this narrow (kW). At 32 CNY/kW, 0.02 kW is 0.64 CNY.
+CAP_TOLERANCE_KW = 0.02
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class EvShortfall:
+    charger: str
+    requested_kwh: float
+    delivered_kwh: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A dispatch plan: per-step arrays (kW, SoC fraction) and totals."""
+
+    step_minutes: float
+    battery_kw: FloatArray  # + charge, - discharge, AC side
+    ev_kw: dict[str, FloatArray]  # charger -> kW
+    curtail_kw: FloatArray
+    grid_import_kw: FloatArray
+    grid_export_kw: FloatArray
+    soc: FloatArray  # fraction of capacity at the start of each step, plus the end (T + 1)
+    cost_cny: float
+    energy_cost_cny: float
+    demand_charge_cny: float
+    wear_cost_cny: float
+    import_kwh: float
+    export_kwh: float
+    curtailed_kwh: float
+    peak_import_kw: float
+    co2_kg: float
+    ev_shortfalls: list[EvShortfall] = field(default_factory=list)
+    final_soc_shortfall_kwh: float = 0.0
+    limit_violations: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    solve_time_s: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        return int(self.battery_kw.shape[0])
+
+    def to_json(self) -> dict[str, Any]:
+        def r(x: float) -> float:
+            return round(float(x), 4)
+
+        return {
+            "cost_cny": r(self.cost_cny),
+            "energy_cost_cny": r(self.energy_cost_cny),
+            "demand_charge_cny": r(self.demand_charge_cny),
+            "wear_cost_cny": r(self.wear_cost_cny),
+            "import_kwh": r(self.import_kwh),
+            "export_kwh": r(self.export_kwh),
+            "curtailed_kwh": r(self.curtailed_kwh),
+            "peak_import_kw": r(self.peak_import_kw),
+            "co2_kg": r(self.co2_kg),
+            "final_soc_shortfall_kwh": r(self.final_soc_shortfall_kwh),
+            "ev_unmet": [
+                {
+                    "charger": s.charger,
+                    "requested_kwh": r(s.requested_kwh),
+                    "delivered_kwh": r(s.delivered_kwh),
+                    "unmet_kwh": r(s.requested_kwh - s.delivered_kwh),
+                    "reason": s.reason,
+                }
+                for s in self.ev_shortfalls
+            ],
+            "limit_violations": list(self.limit_violations),
+            "notes": list(self.notes),
+            "solve_time_s": round(self.solve_time_s, 6),
+            "steps": [
+                {
+                    "battery_kw": r(self.battery_kw[t]),
+                    "ev_kw": {name: r(kw[t]) for name, kw in self.ev_kw.items()},
+                    "curtail_kw": r(self.curtail_kw[t]),
+                    "grid_import_kw": r(self.grid_import_kw[t]),
+                    "grid_export_kw": r(self.grid_export_kw[t]),
+                    "soc": r(self.soc[t + 1]),
+                }
+                for t in range(self.steps)
+            ],
+        }
+
+
+@dataclass
+class _Arrays:
+    """The scenario as float64 arrays, plus the battery's energy grid."""
+
+    dt_h: float
+    load: FloatArray
+    pv: FloatArray
+    price_import: FloatArray
+    price_export: FloatArray
+    import_limit: FloatArray
+    export_cap: FloatArray
+    curtail_max: FloatArray
+    level_kwh: float = 0.0
+    n_levels: int = 1
+    start_level: int = 0
+    e_low_kwh: float = 0.0
+    k_discharge: int = 0
+    k_charge: int = 0
+    final_min_kwh: float = 0.0
+
+
+def _arrays(s: Scenario, notes: list[str]) -> _Arrays:
+    steps = s.steps
+    pv = np.asarray(s.pv_kw, dtype=np.float64)
+    a = _Arrays(
+        dt_h=s.dt_h,
+        load=np.asarray(s.load_kw, dtype=np.float64),
+        pv=pv,
+        price_import=np.asarray(s.price_import_cny_per_kwh, dtype=np.float64),
+        price_export=np.asarray(s.export_prices(), dtype=np.float64),
+        import_limit=np.full(steps, s.grid.import_limit_kw),
+        export_cap=np.full(steps, s.grid.export_limit_kw),
+        curtail_max=pv.copy() if s.pv_curtailable else np.zeros(steps),
+    )
+    b = s.battery
+    if b is None or (b.max_charge_kw == 0 and b.max_discharge_kw == 0):
+        return a
+    e_min, e_max = b.soc_min * b.capacity_kwh, b.soc_max * b.capacity_kwh
+    e0 = b.soc_initial * b.capacity_kwh
+    if not e_min <= e0 <= e_max:
+        clamped = min(max(e0, e_min), e_max)
+        notes.append(
+            f"initial SoC {b.soc_initial:.3f} is outside [{b.soc_min}, {b.soc_max}]; planned from {clamped / b.capacity_kwh:.3f}"
+        )
+        e0 = clamped
+    span = e_max - e_min
+    wanted = math.ceil(span / (MAX_LEVEL_POWER_KW * s.dt_h))
+    n = min(max(wanted, MIN_LEVELS), MAX_LEVELS)
+    q = span / (n - 1)
+    # Shift the grid so that the initial energy lies exactly on a level (never outside [e_min, e_max]).
+    below = math.floor((e0 - e_min) / q + 1e-9)
+    e_low = e0 - below * q
+    n_levels = below + math.floor((e_max - e0) / q + 1e-9) + 1
+    a.level_kwh, a.n_levels, a.start_level, a.e_low_kwh = q, n_levels, below, e_low
+    a.k_discharge = math.floor(b.max_discharge_kw * s.dt_h / b.discharge_efficiency / q + 1e-9)
+    a.k_charge = math.floor(b.max_charge_kw * s.dt_h * b.charge_efficiency / q + 1e-9)
+    a.final_min_kwh = b.soc_final_min * b.capacity_kwh
+    return a
+
+
+def _battery(s: Scenario, a: _Arrays, net: FloatArray, import_cap: FloatArray) -> FloatArray:
+    """Battery kW per step that minimises cost for this net load (zeros without a battery).
+
+    The exact piecewise-linear DP runs when every step cost is convex (prices with export <= import);
+    otherwise the grid DP over >= 500 energy levels.
+    """
+    b = s.battery
+    if a.n_levels <= 1 or b is None:
+        return np.zeros(s.steps)
+    e_min, e_max = b.soc_min * b.capacity_kwh, b.soc_max * b.capacity_kwh
+    energy = np.empty(s.steps + 1)
+    cost = k.battery_pwl(
+        net, a.price_import, a.price_export, import_cap, a.export_cap, a.curtail_max, a.dt_h, e_min, e_max,
+        a.e_low_kwh + a.start_level * a.level_kwh, b.max_discharge_kw * a.dt_h / b.discharge_efficiency,
+        b.max_charge_kw * a.dt_h * b.charge_efficiency, b.charge_efficiency, b.discharge_efficiency,
+        b.wear_cost_cny_per_kwh, a.final_min_kwh, energy,
+    )  # fmt: skip
+    if math.isnan(cost):
+        levels = np.empty(s.steps + 1, dtype=np.int64)
+        k.battery_dp(
+            net, a.price_import, a.price_export, import_cap, a.export_cap, a.curtail_max, a.dt_h,
+            a.level_kwh, a.n_levels, a.start_level, a.e_low_kwh, a.k_discharge, a.k_charge,
+            b.charge_efficiency, b.discharge_efficiency, b.wear_cost_cny_per_kwh, a.final_min_kwh, False, levels,
+        )  # fmt: skip
+        energy = a.e_low_kwh + levels.astype(np.float64) * a.level_kwh
+    delta = np.diff(energy)
+    return np.where(
+        delta >= 0, delta / (b.charge_efficiency * a.dt_h), delta * b.discharge_efficiency / a.dt_h
+    ).astype(np.float64)
+
+
+def _fill_evs(s: Scenario, a: _Arrays, base: FloatArray, ev: FloatArray, import_cap: FloatArray) -> None:
+    """Re-place each EV's energy given everything else (in place)."""
+    total = ev.sum(axis=0)
+    for i, session in enumerate(s.ev_sessions):
+        others = base + total - ev[i]
+        k.fill_ev(
+            others, a.price_import, a.price_export, import_cap, a.export_cap, a.curtail_max, a.dt_h,
+            session.arrival_step, session.departure_step, session.energy_kwh, session.min_kw, session.max_kw,
+            EV_CHUNK_KWH, ev[i],
+        )  # fmt: skip
+        total = others - base + ev[i]
+
+
+@dataclass
+class _Candidate:
+    battery: FloatArray
+    ev: FloatArray
+    objective: float
+
+
+def _objective(s: Scenario, a: _Arrays, battery: FloatArray, ev: FloatArray) -> float:
+    """What the plan would cost, with every broken limit and unmet need at the planner's penalty."""
+    net = a.load - a.pv + battery + ev.sum(axis=0)
+    total = k.grid_objective(
+        net, a.price_import, a.price_export, a.import_limit, a.export_cap, a.curtail_max, a.dt_h,
+        s.grid.demand_charge_cny_per_kw, s.grid.peak_import_so_far_kw,
+    )  # fmt: skip
+    if s.battery is not None:
+        total += s.battery.wear_cost_cny_per_kwh * float(np.abs(battery).sum()) * a.dt_h
+    for i, session in enumerate(s.ev_sessions):
+        total += k.PENALTY_CNY_PER_KWH * max(0.0, session.energy_kwh - float(ev[i].sum()) * a.dt_h)
+    total += k.PENALTY_CNY_PER_KWH * _final_shortfall(s, a, battery)
+    return float(total)
+
+
+def _final_shortfall(s: Scenario, a: _Arrays, battery: FloatArray) -> float:
+    if s.battery is None or a.n_levels <= 1:
+        return 0.0
+    return max(0.0, a.final_min_kwh - float(_energy(s, a, battery)[-1]))
+
+
+def _energy(s: Scenario, a: _Arrays, battery: FloatArray) -> FloatArray:
+    b = s.battery
+    assert b is not None
+    stored = np.where(battery >= 0, battery * b.charge_efficiency, battery / b.discharge_efficiency) * a.dt_h
+    return np.concatenate(([a.e_low_kwh + a.start_level * a.level_kwh], a.e_low_kwh + a.start_level * a.level_kwh + np.cumsum(stored)))
+
+
+def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | None) -> _Candidate:
+    import_cap = np.minimum(a.import_limit, cap_kw)
+    base = a.load - a.pv
+    ev = np.zeros((len(s.ev_sessions), s.steps)) if warm is None else warm.ev.copy()
+    if s.ev_sessions and warm is None:
+        _fill_evs(s, a, base, ev, import_cap)
+    best: _Candidate | None = None
+    for _ in range(MAX_ROUNDS):
+        battery = _battery(s, a, base + ev.sum(axis=0), import_cap)
+        objective = _objective(s, a, battery, ev)
+        if best is not None and objective >= best.objective - 1e-7:
+            break
+        best = _Candidate(battery, ev.copy(), objective)
+        if not s.ev_sessions:
+            break
+        _fill_evs(s, a, base + battery, ev, import_cap)
+        if np.array_equal(ev, best.ev):
+            break  # the cars stayed where they were: the battery plan stands
+    assert best is not None
+    return best
+
+
+def solve(scenario: Scenario) -> Plan:
+    """Plan battery, EV charging and curtailment for a validated scenario."""
+    started = time.perf_counter()
+    s = scenario
+    notes: list[str] = []
+    a = _arrays(s, notes)
+    best = _solve_with_cap(s, a, math.inf, None)
+    net = a.load - a.pv + best.battery + best.ev.sum(axis=0)
+    uncapped_peak = float(np.maximum(net, 0.0).max(initial=0.0))
+    floor_kw = s.grid.peak_import_so_far_kw
+    if s.grid.demand_charge_cny_per_kw > 0 and uncapped_peak > floor_kw + CAP_TOLERANCE_KW:
+        best = _search_cap(s, a, floor_kw, uncapped_peak, best)
+    return _plan(s, a, best, notes, time.perf_counter() - started)
+
+
+def _search_cap(s: Scenario, a: _Arrays, low: float, high: float, uncapped: _Candidate) -> _Candidate:
+    """Import cap minimising energy cost + demand charge (convex in the cap): first whether holding
+    the month's peak is best (the usual case: two solves), else a golden-section search above it."""
+    best = uncapped
+    warm = uncapped
+
+    def evaluate(cap: float) -> float:
+        nonlocal best, warm
+        candidate = _solve_with_cap(s, a, cap, warm)
+        warm = candidate
+        if candidate.objective < best.objective:
+            best = candidate
+        return candidate.objective
+
+    at_floor = evaluate(low)
+    if at_floor <= evaluate(low + CAP_TOLERANCE_KW):
+        return best
+    low += CAP_TOLERANCE_KW
+    x1 = high - _GOLDEN * (high - low)
+    x2 = low + _GOLDEN * (high - low)
+    f1, f2 = evaluate(x1), evaluate(x2)
+    while high - low > CAP_TOLERANCE_KW:
+        if f1 <= f2:
+            high, x2, f2 = x2, x1, f1
+            x1 = high - _GOLDEN * (high - low)
+            f1 = evaluate(x1)
+        else:
+            low, x1, f1 = x1, x2, f2
+            x2 = low + _GOLDEN * (high - low)
+            f2 = evaluate(x2)
+    return best
+
+
+def _plan(s: Scenario, a: _Arrays, c: _Candidate, notes: list[str], elapsed_s: float) -> Plan:
+    dt = a.dt_h
+    net = a.load - a.pv + c.battery + c.ev.sum(axis=0)
+    grid_import = np.maximum(net, 0.0)
+    surplus = np.maximum(-net, 0.0)
+    exported = np.where(a.price_export >= 0, np.minimum(surplus, a.export_cap), np.maximum(surplus - a.curtail_max, 0.0))
+    curtailed = np.minimum(surplus - exported, a.curtail_max)
+    exported = surplus - curtailed  # whatever cannot be curtailed is exported, limit or not
+    energy_cost = float((a.price_import * grid_import - a.price_export * exported).sum() * dt)
+    wear = 0.0 if s.battery is None else s.battery.wear_cost_cny_per_kwh * float(np.abs(c.battery).sum()) * dt
+    peak = float(grid_import.max(initial=0.0))
+    demand = s.grid.demand_charge_cny_per_kw * max(0.0, peak - s.grid.peak_import_so_far_kw)
+    violations = _violations(s, a, grid_import, exported)
+    shortfalls = _ev_shortfalls(s, a, c.ev)
+    soc = np.full(s.steps + 1, math.nan)
+    final_short = 0.0
+    if s.battery is not None and a.n_levels > 1:
+        soc = _energy(s, a, c.battery) / s.battery.capacity_kwh
+        final_short = _final_shortfall(s, a, c.battery)
+        if final_short > 1e-6:
+            notes.append(
+                f"final SoC {soc[-1]:.3f} is below soc_final_min {s.battery.soc_final_min}: "
+                "the battery's power limits or the site's needs do not allow more"
+            )
+    elif s.battery is not None:
+        soc = np.full(s.steps + 1, s.battery.soc_initial)
+    return Plan(
+        step_minutes=s.step_minutes,
+        battery_kw=c.battery,
+        ev_kw={session.charger + ("" if _unique(s, i) else f"#{i}"): c.ev[i] for i, session in enumerate(s.ev_sessions)},
+        curtail_kw=curtailed,
+        grid_import_kw=grid_import,
+        grid_export_kw=exported,
+        soc=soc,
+        cost_cny=energy_cost + wear + demand,
+        energy_cost_cny=energy_cost,
+        demand_charge_cny=demand,
+        wear_cost_cny=wear,
+        import_kwh=float(grid_import.sum() * dt),
+        export_kwh=float(exported.sum() * dt),
+        curtailed_kwh=float(curtailed.sum() * dt),
+        peak_import_kw=peak,
+        co2_kg=float(grid_import.sum() * dt * s.carbon_kg_per_kwh),
+        ev_shortfalls=shortfalls,
+        final_soc_shortfall_kwh=final_short,
+        limit_violations=violations,
+        notes=notes,
+        solve_time_s=elapsed_s,
+    )
+
+
+def _unique(s: Scenario, index: int) -> bool:
+    name = s.ev_sessions[index].charger
+    return sum(1 for x in s.ev_sessions if x.charger == name) == 1
+
+
+def _violations(s: Scenario, a: _Arrays, grid_import: FloatArray, exported: FloatArray) -> list[str]:
+    found: list[str] = []
+    tolerance = 1e-6
+    for t in np.flatnonzero(grid_import > a.import_limit + tolerance)[:5]:
+        found.append(f"step {t}: import {grid_import[t]:.2f} kW above the limit {a.import_limit[t]:.2f} kW")
+    for t in np.flatnonzero(exported > a.export_cap + tolerance)[:5]:
+        why = "" if s.pv_curtailable else " (PV is not curtailable)"
+        found.append(f"step {t}: export {exported[t]:.2f} kW above the limit {a.export_cap[t]:.2f} kW{why}")
+    return found
+
+
+def _ev_shortfalls(s: Scenario, a: _Arrays, ev: FloatArray) -> list[EvShortfall]:
+    out: list[EvShortfall] = []
+    for i, session in enumerate(s.ev_sessions):
+        delivered = float(ev[i].sum()) * a.dt_h
+        if delivered >= session.energy_kwh - 1e-6:
+            continue
+        window = session.departure_step - session.arrival_step
+        most = session.max_kw * window * a.dt_h
+        if most < session.energy_kwh - 1e-6:
+            reason = f"the window allows at most {most:.2f} kWh at {session.max_kw} kW over {window} steps"
+        else:
+            reason = "the import limit leaves no room to charge more in the window"
+        out.append(EvShortfall(session.charger, session.energy_kwh, delivered, reason))
+    return out
+
+
+def solve_scenario(scenario: str | Path | dict[str, Any] | Scenario) -> Plan:
+    """Plan a scenario given as a JSON file path, a dict or a Scenario (ScenarioError if invalid)."""
+    return solve(load_scenario(scenario))

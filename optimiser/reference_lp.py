@@ -1,0 +1,146 @@
+"""The same planning problem as a linear programme solved with HiGHS: the oracle for tests and the
+benchmark. A development dependency (highspy), never used by the controller.
+
+EV minimum power (off-or-at-least) is not linear; the LP relaxes it to 0..max, which can only make
+the LP cheaper, so it stays a valid lower bound.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import highspy
+import numpy as np
+import numpy.typing as npt
+
+from optimiser._kernels import PENALTY_CNY_PER_KWH
+from optimiser._scenario import Scenario
+
+__all__ = ["LpResult", "solve_lp"]
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class LpResult:
+    cost_cny: float  # real money: energy + wear + demand charge increment (no penalties)
+    objective: float  # with the penalties of unmet EV energy and final SoC, as the planner counts them
+    build_s: float
+    solve_s: float
+    battery_kw: FloatArray
+    grid_import_kw: FloatArray
+    ev_unmet_kwh: FloatArray
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.cost: list[float] = []
+        self.lower: list[float] = []
+        self.upper: list[float] = []
+        self.starts: list[int] = [0]
+        self.index: list[int] = []
+        self.value: list[float] = []
+        self.row_lower: list[float] = []
+        self.row_upper: list[float] = []
+
+    def var(self, cost: float, lower: float, upper: float) -> int:
+        self.cost.append(cost)
+        self.lower.append(lower)
+        self.upper.append(upper)
+        return len(self.cost) - 1
+
+    def row(self, terms: list[tuple[int, float]], lower: float, upper: float) -> None:
+        for col, coef in terms:
+            self.index.append(col)
+            self.value.append(coef)
+        self.starts.append(len(self.index))
+        self.row_lower.append(lower)
+        self.row_upper.append(upper)
+
+    def model(self) -> highspy.HighsLp:
+        lp = highspy.HighsLp()
+        lp.num_col_ = len(self.cost)
+        lp.num_row_ = len(self.row_lower)
+        lp.col_cost_ = np.asarray(self.cost)
+        lp.col_lower_ = np.asarray(self.lower)
+        lp.col_upper_ = np.asarray(self.upper)
+        lp.row_lower_ = np.asarray(self.row_lower)
+        lp.row_upper_ = np.asarray(self.row_upper)
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+        lp.a_matrix_.start_ = np.asarray(self.starts, dtype=np.int32)
+        lp.a_matrix_.index_ = np.asarray(self.index, dtype=np.int32)
+        lp.a_matrix_.value_ = np.asarray(self.value)
+        return lp
+
+
+def solve_lp(s: Scenario) -> LpResult:
+    started = time.perf_counter()
+    dt = s.dt_h
+    inf = highspy.kHighsInf
+    steps = s.steps
+    prices_export = s.export_prices()
+    m = _Builder()
+    b = s.battery
+    charge_max = b.max_charge_kw if b else 0.0
+    discharge_max = b.max_discharge_kw if b else 0.0
+    wear = b.wear_cost_cny_per_kwh if b else 0.0
+    imp, exp, ch, dis, curt = [], [], [], [], []
+    for t in range(steps):
+        imp.append(m.var(s.price_import_cny_per_kwh[t] * dt, 0.0, s.grid.import_limit_kw))
+        exp.append(m.var(-prices_export[t] * dt, 0.0, s.grid.export_limit_kw))
+        ch.append(m.var(wear * dt, 0.0, charge_max))
+        dis.append(m.var(wear * dt, 0.0, discharge_max))
+        curt.append(m.var(0.0, 0.0, s.pv_kw[t] if s.pv_curtailable else 0.0))
+    ev_cols: list[dict[int, int]] = []
+    for session in s.ev_sessions:
+        ev_cols.append({t: m.var(0.0, 0.0, session.max_kw) for t in range(session.arrival_step, session.departure_step)})
+    ev_slack = [m.var(PENALTY_CNY_PER_KWH, 0.0, inf) for _ in s.ev_sessions]
+    for t in range(steps):
+        terms = [(imp[t], 1.0), (exp[t], -1.0), (curt[t], -1.0), (ch[t], -1.0), (dis[t], 1.0)]
+        terms += [(cols[t], -1.0) for cols in ev_cols if t in cols]
+        rhs = s.load_kw[t] - s.pv_kw[t]
+        m.row(terms, rhs, rhs)
+    for i, session in enumerate(s.ev_sessions):
+        m.row([(col, dt) for col in ev_cols[i].values()] + [(ev_slack[i], 1.0)], session.energy_kwh, session.energy_kwh)
+    final_slack = None
+    if b is not None:
+        e_min, e_max = b.soc_min * b.capacity_kwh, b.soc_max * b.capacity_kwh
+        e0 = min(max(b.soc_initial * b.capacity_kwh, e_min), e_max)
+        energy = [m.var(0.0, e_min, e_max) for _ in range(steps)]
+        for t in range(steps):
+            terms = [(energy[t], 1.0), (ch[t], -b.charge_efficiency * dt), (dis[t], dt / b.discharge_efficiency)]
+            if t == 0:
+                m.row(terms, e0, e0)
+            else:
+                m.row([*terms, (energy[t - 1], -1.0)], 0.0, 0.0)
+        final_slack = m.var(PENALTY_CNY_PER_KWH, 0.0, inf)
+        m.row([(energy[-1], 1.0), (final_slack, 1.0)], b.soc_final_min * b.capacity_kwh, inf)
+    demand = s.grid.demand_charge_cny_per_kw
+    if demand > 0:
+        peak = m.var(demand, s.grid.peak_import_so_far_kw, inf)
+        for t in range(steps):
+            m.row([(peak, 1.0), (imp[t], -1.0)], 0.0, inf)
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.passModel(m.model())
+    built = time.perf_counter()
+    h.run()
+    solved = time.perf_counter()
+    status = h.getModelStatus()
+    if status != highspy.HighsModelStatus.kOptimal:
+        raise RuntimeError(f"HiGHS: {h.modelStatusToString(status)}")
+    x = np.asarray(h.getSolution().col_value)
+    objective = float(h.getInfo().objective_function_value) - demand * s.grid.peak_import_so_far_kw
+    penalties = sum(x[c] for c in ev_slack) * PENALTY_CNY_PER_KWH
+    if final_slack is not None:
+        penalties += x[final_slack] * PENALTY_CNY_PER_KWH
+    return LpResult(
+        cost_cny=objective - penalties,
+        objective=objective,
+        build_s=built - started,
+        solve_s=solved - built,
+        battery_kw=x[ch] - x[dis],
+        grid_import_kw=x[imp],
+        ev_unmet_kwh=np.asarray([x[c] for c in ev_slack]),
+    )
