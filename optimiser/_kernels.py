@@ -81,16 +81,19 @@ def _step_costs(
     for j in range(n):
         delta = (j - k_discharge) * level_kwh
         battery = battery_kw_for(delta, dt_h, eta_charge, eta_discharge)
-        out[j] = grid_cost(
-            net_kw[t] + battery,
-            dt_h,
-            price_import[t],
-            price_export[t],
-            import_cap_kw[t],
-            export_cap_kw[t],
-            curtail_max_kw[t],
-            PENALTY_CNY_PER_KWH,
-        ) + wear_cny_per_kwh * abs(battery) * dt_h
+        out[j] = (
+            grid_cost(
+                net_kw[t] + battery,
+                dt_h,
+                price_import[t],
+                price_export[t],
+                import_cap_kw[t],
+                export_cap_kw[t],
+                curtail_max_kw[t],
+                PENALTY_CNY_PER_KWH,
+            )
+            + wear_cny_per_kwh * abs(battery) * dt_h
+        )
     convex = True
     for j in range(1, n - 1):
         if out[j + 1] - out[j] < out[j] - out[j - 1] - 1e-9:
@@ -158,7 +161,11 @@ def _brute_step(v_next: np.ndarray, f: np.ndarray, k_discharge: int, v_out: np.n
         v_out[e] = best
 
 
-@njit("f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, i8, i8, f8, i8, i8, f8, f8, f8, f8, b1, i8[:])", cache=True, nogil=True)
+@njit(
+    "f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, i8, i8, f8, i8, i8, f8, f8, f8, f8, b1, i8[:])",
+    cache=True,
+    nogil=True,
+)
 def battery_dp(
     net_kw: np.ndarray,
     price_import: np.ndarray,
@@ -227,19 +234,28 @@ def battery_dp(
                     best_level = target
         level = best_level
         out_levels[t + 1] = level
-    return values[0, start_level]
+    return float(values[0, start_level])
 
 
-@njit("UniTuple(f8, 2)(i8, f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8)", cache=True, nogil=True)
+@njit(
+    "UniTuple(f8, 3)(i8, f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8)",
+    cache=True,
+    nogil=True,
+)
 def _ev_chunk(
     t: int, base_kw: np.ndarray, out_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray,
-    import_cap_kw: np.ndarray, export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float,
+    import_cap_kw: np.ndarray, export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, battery_cny_per_kwh: np.ndarray,
+    battery_room_kw: np.ndarray, contest_kw: np.ndarray, contest_cny_per_kwh: np.ndarray, dt_h: float,
     min_kw: float, max_kw: float, chunk_kwh: float,
-) -> tuple[float, float]:  # fmt: skip
-    """(cost per kWh, kWh) of the next chunk at step t; (inf, 0) when the step is full."""
+) -> tuple[float, float, float]:  # fmt: skip
+    """(cost per kWh, kWh, 1.0 if served through the battery) of the next chunk at step t; inf when full.
+
+    A chunk is served from the grid (priced by the step's grid cost) or, while the battery has
+    headroom at t, through the battery at its shadow price; the battery DP re-plans afterwards.
+    """
     room = (max_kw - out_kw[t]) * dt_h
     if room <= 1e-12:
-        return np.inf, 0.0
+        return np.inf, 0.0, 0.0
     before = base_kw[t] + out_kw[t]
     # The grid cost is linear between its kinks: a chunk may run to the next kink at one price.
     to_kink = np.inf
@@ -250,7 +266,10 @@ def _ev_chunk(
     for g in kinks:
         if g > before + 1e-9:
             to_kink = min(to_kink, (g - before) * dt_h)
+    contested = (contest_kw[t] - out_kw[t]) * dt_h
     add = min(chunk_kwh, room, to_kink)
+    if contested > 1e-12:
+        add = min(add, contested)  # the contested part is priced on its own
     if out_kw[t] == 0.0 and add < min_kw * dt_h:
         add = min(min_kw * dt_h, room)
     after = before + add / dt_h
@@ -262,10 +281,21 @@ def _ev_chunk(
         before, dt_h, price_import[t], price_export[t], import_cap_kw[t], export_cap_kw[t], curtail_max_kw[t],
         PENALTY_CNY_PER_KWH,
     )  # fmt: skip
-    return (cost_after - cost_before) / add, add
+    grid_unit = (cost_after - cost_before) / add
+    if contested > 1e-12:
+        grid_unit = max(grid_unit, contest_cny_per_kwh[t])
+    through_battery = min(add, battery_room_kw[t] * dt_h)
+    # A first chunk smaller than min_kw cannot go through the battery alone: keep the rule simple.
+    if through_battery > 1e-9 and battery_cny_per_kwh[t] < grid_unit - 1e-12 and (out_kw[t] > 0.0 or min_kw == 0.0):
+        return battery_cny_per_kwh[t], through_battery, 1.0
+    return grid_unit, add, 0.0
 
 
-@njit("f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, i8, i8, f8, f8, f8, f8, f8[:])", cache=True, nogil=True)
+@njit(
+    "f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, i8, i8, f8, f8, f8, f8, f8[:])",
+    cache=True,
+    nogil=True,
+)
 def fill_ev(
     base_kw: np.ndarray,
     price_import: np.ndarray,
@@ -273,6 +303,10 @@ def fill_ev(
     import_cap_kw: np.ndarray,
     export_cap_kw: np.ndarray,
     curtail_max_kw: np.ndarray,
+    battery_cny_per_kwh: np.ndarray,
+    battery_room_kw: np.ndarray,
+    contest_kw: np.ndarray,
+    contest_cny_per_kwh: np.ndarray,
     dt_h: float,
     arrival: int,
     departure: int,
@@ -284,20 +318,27 @@ def fill_ev(
 ) -> float:
     """Water-fill one EV's energy into its window, each chunk where it adds the least cost.
 
-    `base_kw` is the net grid power without this EV. A step used at all gets at least `min_kw`.
-    Writes the EV's kW per step into out_kw (zeroed first) and returns the energy not delivered.
+    `base_kw` is the net grid power without this EV. `battery_cny_per_kwh` and `battery_room_kw`
+    offer serving load through the battery at its shadow price (the room is used up in place);
+    the first `contest_kw` of load at a step cost at least `contest_cny_per_kwh` (room the battery
+    would take if the car left it).
+    A step used at all gets at least `min_kw`. Writes kW per step into out_kw (zeroed first) and
+    returns the energy not delivered.
     """
     steps = base_kw.shape[0]
     for t in range(steps):
         out_kw[t] = 0.0
-    # Marginal cost per kWh of the next chunk at each step, and its size; only the step that
-    # received the last chunk changes, so only it is recomputed.
+    # Price, size and route of the next chunk per step; only the step that just received a chunk
+    # changes, so only it is recomputed.
     unit = np.full(steps, np.inf)
     size = np.zeros(steps)
+    route = np.zeros(steps)
     remaining = energy_kwh
     for t in range(arrival, departure):
-        unit[t], size[t] = _ev_chunk(t, base_kw, out_kw, price_import, price_export, import_cap_kw, export_cap_kw,
-                                     curtail_max_kw, dt_h, min_kw, max_kw, chunk_kwh)  # fmt: skip
+        unit[t], size[t], route[t] = _ev_chunk(
+            t, base_kw, out_kw, price_import, price_export, import_cap_kw, export_cap_kw, curtail_max_kw,
+            battery_cny_per_kwh, battery_room_kw, contest_kw, contest_cny_per_kwh, dt_h, min_kw, max_kw, chunk_kwh,
+        )  # fmt: skip
     while remaining > 1e-9:
         best_t = -1
         best_cost = np.inf
@@ -312,10 +353,13 @@ def fill_ev(
         if out_kw[best_t] == 0.0 and add < min_kw * dt_h:
             add = min(min_kw * dt_h, (max_kw - out_kw[best_t]) * dt_h)
         out_kw[best_t] += add / dt_h
+        if route[best_t] > 0.0:
+            battery_room_kw[best_t] = max(0.0, battery_room_kw[best_t] - add / dt_h)
         remaining -= add
-        unit[best_t], size[best_t] = _ev_chunk(best_t, base_kw, out_kw, price_import, price_export, import_cap_kw,
-                                               export_cap_kw, curtail_max_kw, dt_h, min_kw, max_kw,
-                                               chunk_kwh)  # fmt: skip
+        unit[best_t], size[best_t], route[best_t] = _ev_chunk(
+            best_t, base_kw, out_kw, price_import, price_export, import_cap_kw, export_cap_kw, curtail_max_kw,
+            battery_cny_per_kwh, battery_room_kw, contest_kw, contest_cny_per_kwh, dt_h, min_kw, max_kw, chunk_kwh,
+        )  # fmt: skip
     return max(remaining, 0.0)
 
 
@@ -358,19 +402,21 @@ def grid_objective(
 _SLOPE_EPS = 1e-12
 
 
-@njit("f8(f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8)", cache=True, nogil=True)
+@njit("f8(f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8)", cache=True, nogil=True)
 def _step_cost_at(
     delta: float, net: float, dt_h: float, p_imp: float, p_exp: float, imp_cap: float, exp_cap: float,
-    curt_max: float, eta_c: float, eta_d: float, wear: float, penalty: float, unused: float,
+    curt_max: float, eta_c: float, eta_d: float, wear: float, penalty: float,
 ) -> float:  # fmt: skip
     battery = battery_kw_for(delta, dt_h, eta_c, eta_d)
-    return grid_cost(net + battery, dt_h, p_imp, p_exp, imp_cap, exp_cap, curt_max, penalty) + wear * abs(battery) * dt_h
+    return (
+        grid_cost(net + battery, dt_h, p_imp, p_exp, imp_cap, exp_cap, curt_max, penalty) + wear * abs(battery) * dt_h
+    )
 
 
-@njit("i8(f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8[:], f8[:])", cache=True, nogil=True)
+@njit("i8(f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8[:], f8[:])", cache=True, nogil=True)
 def _step_breakpoints(
     net: float, dt_h: float, p_imp: float, p_exp: float, imp_cap: float, exp_cap: float, curt_max: float,
-    eta_c: float, eta_d: float, wear: float, d_max: float, c_max: float, unused: float,
+    eta_c: float, eta_d: float, wear: float, d_max: float, c_max: float,
     out_delta: np.ndarray, out_value: np.ndarray,
 ) -> int:  # fmt: skip
     """Kinks of the step cost in the energy change, sorted, with values; returns how many."""
@@ -405,11 +451,11 @@ def _step_breakpoints(
     m = 0
     for i in range(n):
         d = out_delta[i]
-        if m > 0 and d - out_delta[m - 1] <= 1e-12:
+        if m > 0 and d - out_delta[m - 1] <= 1e-9:  # the same kink from two sources, up to rounding
             continue
         out_delta[m] = d
         out_value[m] = _step_cost_at(d, net, dt_h, p_imp, p_exp, imp_cap, exp_cap, curt_max, eta_c, eta_d, wear,
-                                     PENALTY_CNY_PER_KWH, 0.0)  # fmt: skip
+                                     PENALTY_CNY_PER_KWH)  # fmt: skip
         m += 1
     return m
 
@@ -418,9 +464,9 @@ def _step_breakpoints(
 def _pwl_value(xs: np.ndarray, ys: np.ndarray, start: int, stop: int, x: float) -> float:
     """Value at x of the function with breakpoints xs/ys[start:stop] (clamped to its domain)."""
     if x <= xs[start]:
-        return ys[start]
+        return float(ys[start])
     if x >= xs[stop - 1]:
-        return ys[stop - 1]
+        return float(ys[stop - 1])
     lo, hi = start, stop - 1
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -429,11 +475,22 @@ def _pwl_value(xs: np.ndarray, ys: np.ndarray, start: int, stop: int, x: float) 
         else:
             hi = mid
     w = (x - xs[lo]) / (xs[hi] - xs[lo])
-    return ys[lo] + w * (ys[hi] - ys[lo])
+    return float(ys[lo] + w * (ys[hi] - ys[lo]))
+
+
+@njit("f8(f8[:], f8[:], i8, i8, f8)", cache=True, nogil=True)
+def _left_slope_cost(xs: np.ndarray, ys: np.ndarray, start: int, stop: int, x: float) -> float:
+    """-(dV/dE) just left of x: the future cost of one kWh less in store; inf at the domain start."""
+    if x <= xs[start] + 1e-9:
+        return np.inf
+    j = start
+    while j + 1 < stop - 1 and xs[j + 1] < x - 1e-9:
+        j += 1
+    return float(-(ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j]))
 
 
 @njit(
-    "f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8[:])",
+    "f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8[:], f8[:])",
     cache=True,
     nogil=True,
 )
@@ -455,14 +512,18 @@ def battery_pwl(
     wear: float,
     final_min_kwh: float,
     out_energy: np.ndarray,
+    out_marginal: np.ndarray,
 ) -> float:
     """Exact optimal stored-energy trajectory (T + 1 values into out_energy); returns its cost,
-    or NaN when some step cost is not convex (the caller then uses the grid kernel)."""
+    or NaN when some step cost is not convex (the caller then uses the grid kernel).
+
+    out_marginal[t]: what one kWh less in store after step t would cost later (the left slope of
+    the value function, a shadow price); inf at the lower SoC bound.
+    """
     steps = net_kw.shape[0]
     capacity = 64 * (steps + 1)
     xs = np.empty(capacity)
     ys = np.empty(capacity)
-    offsets = np.zeros(steps + 2, dtype=np.int64)
     # V_T on [e_min, e_max]: the penalty for ending below final_min_kwh.
     target = min(max(final_min_kwh, e_min), e_max)
     n = 0
@@ -485,13 +546,13 @@ def battery_pwl(
     fv = np.empty(8)
     for t in range(steps - 1, -1, -1):
         m = _step_breakpoints(net_kw[t], dt_h, price_import[t], price_export[t], import_cap_kw[t],
-                              export_cap_kw[t], curtail_max_kw[t], eta_c, eta_d, wear, d_max, c_max, 0.0,
+                              export_cap_kw[t], curtail_max_kw[t], eta_c, eta_d, wear, d_max, c_max,
                               fd, fv)  # fmt: skip
         # Slopes of f~(u) = f(-u): f's segments reversed, slopes negated; check convexity on the way.
         prev = -np.inf
         for i in range(m - 1, 0, -1):
             slope = -(fv[i - 1] - fv[i]) / (fd[i - 1] - fd[i])
-            if slope < prev - 1e-9 * max(1.0, abs(prev)):
+            if slope < prev - 1e-7 * max(1.0, abs(prev)):
                 return np.nan
             prev = slope
         a0, a1 = starts[t + 1], stops[t + 1]
@@ -567,7 +628,7 @@ def battery_pwl(
     out_energy[0] = energy
     for t in range(steps):
         m = _step_breakpoints(net_kw[t], dt_h, price_import[t], price_export[t], import_cap_kw[t],
-                              export_cap_kw[t], curtail_max_kw[t], eta_c, eta_d, wear, d_max, c_max, 0.0,
+                              export_cap_kw[t], curtail_max_kw[t], eta_c, eta_d, wear, d_max, c_max,
                               fd, fv)  # fmt: skip
         lo = max(-d_max, e_min - energy)
         hi = min(c_max, e_max - energy)
@@ -578,21 +639,18 @@ def battery_pwl(
         for pass_ in range(2):
             count = m + 2 if pass_ == 0 else a1 - a0
             for j in range(count):
-                if pass_ == 0:
-                    d = lo if j == m else (hi if j == m + 1 else fd[j])
-                else:
-                    d = xs[a0 + j] - energy
+                d = (lo if j == m else (hi if j == m + 1 else fd[j])) if pass_ == 0 else xs[a0 + j] - energy
                 if d < lo - 1e-12 or d > hi + 1e-12:
                     continue
                 d = min(max(d, lo), hi)
                 value = _step_cost_at(d, net_kw[t], dt_h, price_import[t], price_export[t], import_cap_kw[t],
                                       export_cap_kw[t], curtail_max_kw[t], eta_c, eta_d, wear,
-                                      PENALTY_CNY_PER_KWH, 0.0) + _pwl_value(xs, ys, a0, a1, energy + d)  # fmt: skip
+                                      PENALTY_CNY_PER_KWH) + _pwl_value(xs, ys, a0, a1, energy + d)  # fmt: skip
                 # On ties prefer the smaller move: no cycling the battery for nothing.
                 if value < best - 1e-9 or (value <= best + 1e-9 and abs(d) < abs(best_d)):
-                    if value < best:
-                        best = value
+                    best = min(best, value)
                     best_d = d
         energy = min(max(energy + best_d, e_min), e_max)
         out_energy[t + 1] = energy
+        out_marginal[t] = _left_slope_cost(xs, ys, a0, a1, energy)
     return _pwl_value(xs, ys, starts[0], stops[0], min(max(e_start, e_min), e_max))

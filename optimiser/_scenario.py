@@ -99,7 +99,9 @@ class Scenario(_Model):
                 raise ValueError(f"{name} has {len(value)} values, price_import_cny_per_kwh has {steps}")
         for index, session in enumerate(self.ev_sessions):
             if session.departure_step > steps:
-                raise ValueError(f"ev_sessions.{index}.departure_step ({session.departure_step}) is past the horizon ({steps})")
+                raise ValueError(
+                    f"ev_sessions.{index}.departure_step ({session.departure_step}) is past the horizon ({steps})"
+                )
         for index, session in enumerate(self.ev_sessions):
             for other in self.ev_sessions[:index]:
                 overlap = session.arrival_step < other.departure_step and other.arrival_step < session.departure_step

@@ -154,8 +154,9 @@ def _arrays(s: Scenario, notes: list[str]) -> _Arrays:
     e0 = b.soc_initial * b.capacity_kwh
     if not e_min <= e0 <= e_max:
         clamped = min(max(e0, e_min), e_max)
+        planned = clamped / b.capacity_kwh
         notes.append(
-            f"initial SoC {b.soc_initial:.3f} is outside [{b.soc_min}, {b.soc_max}]; planned from {clamped / b.capacity_kwh:.3f}"
+            f"initial SoC {b.soc_initial:.3f} is outside [{b.soc_min}, {b.soc_max}]; planned from {planned:.3f}"
         )
         e0 = clamped
     span = e_max - e_min
@@ -173,24 +174,36 @@ def _arrays(s: Scenario, notes: list[str]) -> _Arrays:
     return a
 
 
-def _battery(s: Scenario, a: _Arrays, net: FloatArray, import_cap: FloatArray) -> FloatArray:
-    """Battery kW per step that minimises cost for this net load (zeros without a battery).
+@dataclass
+class _Battery:
+    kw: FloatArray  # + charge, - discharge
+    # Serving one more kWh of load at step t through the battery (discharging more or charging less)
+    # costs cny_per_kwh[t] later, for up to room_kw[t]: the DP's shadow price of stored energy.
+    cny_per_kwh: FloatArray
+    room_kw: FloatArray
+
+
+def _battery(s: Scenario, a: _Arrays, net: FloatArray, import_cap: FloatArray) -> _Battery:
+    """Battery plan that minimises cost for this net load (zeros without a battery).
 
     The exact piecewise-linear DP runs when every step cost is convex (prices with export <= import);
-    otherwise the grid DP over >= 500 energy levels.
+    otherwise the grid DP over >= 500 energy levels (which offers no shadow prices).
     """
     b = s.battery
+    none = np.full(s.steps, np.inf), np.zeros(s.steps)
     if a.n_levels <= 1 or b is None:
-        return np.zeros(s.steps)
+        return _Battery(np.zeros(s.steps), *none)
     e_min, e_max = b.soc_min * b.capacity_kwh, b.soc_max * b.capacity_kwh
     energy = np.empty(s.steps + 1)
+    marginal = np.empty(s.steps)
     cost = k.battery_pwl(
         net, a.price_import, a.price_export, import_cap, a.export_cap, a.curtail_max, a.dt_h, e_min, e_max,
         a.e_low_kwh + a.start_level * a.level_kwh, b.max_discharge_kw * a.dt_h / b.discharge_efficiency,
         b.max_charge_kw * a.dt_h * b.charge_efficiency, b.charge_efficiency, b.discharge_efficiency,
-        b.wear_cost_cny_per_kwh, a.final_min_kwh, energy,
+        b.wear_cost_cny_per_kwh, a.final_min_kwh, energy, marginal,
     )  # fmt: skip
-    if math.isnan(cost):
+    grid_fallback = math.isnan(cost)
+    if grid_fallback:
         levels = np.empty(s.steps + 1, dtype=np.int64)
         k.battery_dp(
             net, a.price_import, a.price_export, import_cap, a.export_cap, a.curtail_max, a.dt_h,
@@ -199,22 +212,55 @@ def _battery(s: Scenario, a: _Arrays, net: FloatArray, import_cap: FloatArray) -
         )  # fmt: skip
         energy = a.e_low_kwh + levels.astype(np.float64) * a.level_kwh
     delta = np.diff(energy)
-    return np.where(
-        delta >= 0, delta / (b.charge_efficiency * a.dt_h), delta * b.discharge_efficiency / a.dt_h
-    ).astype(np.float64)
+    kw = np.where(delta >= 0, delta / (b.charge_efficiency * a.dt_h), delta * b.discharge_efficiency / a.dt_h)
+    if grid_fallback:
+        return _Battery(kw.astype(np.float64), *none)
+    charging = kw > 1e-9
+    wear = b.wear_cost_cny_per_kwh
+    with np.errstate(invalid="ignore"):
+        price = np.where(charging, marginal * b.charge_efficiency - wear, marginal / b.discharge_efficiency + wear)
+    room = np.where(charging, kw, b.max_discharge_kw + kw)
+    room = np.where(np.isfinite(price), np.maximum(room, 0.0), 0.0)
+    return _Battery(kw.astype(np.float64), np.where(np.isfinite(price), price, np.inf), room)
 
 
-def _fill_evs(s: Scenario, a: _Arrays, base: FloatArray, ev: FloatArray, import_cap: FloatArray) -> None:
-    """Re-place each EV's energy given everything else (in place)."""
+def _fill_evs(
+    s: Scenario, a: _Arrays, base: FloatArray, ev: FloatArray, import_cap: FloatArray, *, battery: _Battery
+) -> None:
+    """Re-place each EV's energy given everything else (in place), priced jointly with the battery:
+
+    - load may be served through the battery at its shadow price, within its headroom;
+    - where the import cap binds and the battery charges below its rate while valuing energy above
+      the grid price, room a car gives up would go to the battery: the car's load there is contested
+      and costs the battery's opportunity (shadow price x charge efficiency), not the grid price.
+    The cars share the battery's headroom.
+    """
     total = ev.sum(axis=0)
+    room = battery.room_kw.copy()
+    contest_kw, contest_price = _contested(s, a, base + battery.kw + total, import_cap, battery)
     for i, session in enumerate(s.ev_sessions):
-        others = base + total - ev[i]
+        others = base + battery.kw + total - ev[i]
         k.fill_ev(
-            others, a.price_import, a.price_export, import_cap, a.export_cap, a.curtail_max, a.dt_h,
-            session.arrival_step, session.departure_step, session.energy_kwh, session.min_kw, session.max_kw,
-            EV_CHUNK_KWH, ev[i],
+            others, a.price_import, a.price_export, import_cap, a.export_cap, a.curtail_max,
+            battery.cny_per_kwh, room, contest_kw.copy(), contest_price, a.dt_h, session.arrival_step,
+            session.departure_step, session.energy_kwh, session.min_kw, session.max_kw, EV_CHUNK_KWH, ev[i],
         )  # fmt: skip
-        total = others - base + ev[i]
+        total = others - base - battery.kw + ev[i]
+
+
+def _contested(
+    s: Scenario, a: _Arrays, net: FloatArray, import_cap: FloatArray, battery: _Battery
+) -> tuple[FloatArray, FloatArray]:
+    """kW of EV load per step that the battery would take if freed, and what that costs per kWh."""
+    b = s.battery
+    if b is None or not np.isfinite(battery.cny_per_kwh).any():
+        return np.zeros(s.steps), np.zeros(s.steps)
+    charging = battery.kw > 1e-9
+    at_cap = net >= import_cap - 1e-6
+    value = np.where(np.isfinite(battery.cny_per_kwh), battery.cny_per_kwh, 0.0)  # = shadow x eta_c - wear
+    wants = charging & at_cap & (value > a.price_import + 1e-9)
+    kw = np.where(wants, np.maximum(b.max_charge_kw - battery.kw, 0.0), 0.0)
+    return kw.astype(np.float64), value.astype(np.float64)
 
 
 @dataclass
@@ -249,25 +295,29 @@ def _energy(s: Scenario, a: _Arrays, battery: FloatArray) -> FloatArray:
     b = s.battery
     assert b is not None
     stored = np.where(battery >= 0, battery * b.charge_efficiency, battery / b.discharge_efficiency) * a.dt_h
-    return np.concatenate(([a.e_low_kwh + a.start_level * a.level_kwh], a.e_low_kwh + a.start_level * a.level_kwh + np.cumsum(stored)))
+    return np.concatenate(
+        ([a.e_low_kwh + a.start_level * a.level_kwh], a.e_low_kwh + a.start_level * a.level_kwh + np.cumsum(stored))
+    )
 
 
 def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | None) -> _Candidate:
+    """Alternate the battery DP and the EV placement (priced with the battery's shadow prices)."""
     import_cap = np.minimum(a.import_limit, cap_kw)
     base = a.load - a.pv
     ev = np.zeros((len(s.ev_sessions), s.steps)) if warm is None else warm.ev.copy()
     if s.ev_sessions and warm is None:
-        _fill_evs(s, a, base, ev, import_cap)
+        idle = _Battery(np.zeros(s.steps), np.full(s.steps, np.inf), np.zeros(s.steps))
+        _fill_evs(s, a, base, ev, import_cap, battery=idle)
     best: _Candidate | None = None
     for _ in range(MAX_ROUNDS):
         battery = _battery(s, a, base + ev.sum(axis=0), import_cap)
-        objective = _objective(s, a, battery, ev)
+        objective = _objective(s, a, battery.kw, ev)
         if best is not None and objective >= best.objective - 1e-7:
             break
-        best = _Candidate(battery, ev.copy(), objective)
+        best = _Candidate(battery.kw, ev.copy(), objective)
         if not s.ev_sessions:
             break
-        _fill_evs(s, a, base + battery, ev, import_cap)
+        _fill_evs(s, a, base, ev, import_cap, battery=battery)
         if np.array_equal(ev, best.ev):
             break  # the cars stayed where they were: the battery plan stands
     assert best is not None
@@ -280,45 +330,74 @@ def solve(scenario: Scenario) -> Plan:
     s = scenario
     notes: list[str] = []
     a = _arrays(s, notes)
-    best = _solve_with_cap(s, a, math.inf, None)
-    net = a.load - a.pv + best.battery + best.ev.sum(axis=0)
-    uncapped_peak = float(np.maximum(net, 0.0).max(initial=0.0))
-    floor_kw = s.grid.peak_import_so_far_kw
-    if s.grid.demand_charge_cny_per_kw > 0 and uncapped_peak > floor_kw + CAP_TOLERANCE_KW:
-        best = _search_cap(s, a, floor_kw, uncapped_peak, best)
+    if s.grid.demand_charge_cny_per_kw > 0:
+        best = _search_cap(s, a, s.grid.peak_import_so_far_kw)
+    else:
+        best = _solve_with_cap(s, a, math.inf, None)
     return _plan(s, a, best, notes, time.perf_counter() - started)
 
 
-def _search_cap(s: Scenario, a: _Arrays, low: float, high: float, uncapped: _Candidate) -> _Candidate:
-    """Import cap minimising energy cost + demand charge (convex in the cap): first whether holding
-    the month's peak is best (the usual case: two solves), else a golden-section search above it."""
-    best = uncapped
-    warm = uncapped
+def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
+    """Import cap minimising energy cost + demand charge.
 
-    def evaluate(cap: float) -> float:
+    The cost is convex in the cap only where the cap can be held; below that the DP minimises the
+    excess energy, not the peak. So: holding the month's peak so far (free, and usually best) is
+    tried first; if it cannot be held, the lowest cap that can is bisected for (holding is monotone
+    in the cap); then two solves tell whether a higher cap pays, and only then a golden-section search.
+    """
+    best: _Candidate | None = None
+    warm: _Candidate | None = None
+    results: dict[float, _Candidate] = {}
+
+    def evaluate(cap: float) -> _Candidate:
         nonlocal best, warm
-        candidate = _solve_with_cap(s, a, cap, warm)
-        warm = candidate
-        if candidate.objective < best.objective:
-            best = candidate
-        return candidate.objective
+        if cap not in results:
+            candidate = _solve_with_cap(s, a, cap, warm)
+            warm = results[cap] = candidate
+            if best is None or candidate.objective < best.objective:
+                best = candidate
+        return results[cap]
 
-    at_floor = evaluate(low)
-    if at_floor <= evaluate(low + CAP_TOLERANCE_KW):
+    def peak(candidate: _Candidate) -> float:
+        return float((a.load - a.pv + candidate.battery + candidate.ev.sum(axis=0)).max(initial=0.0))
+
+    def holds(cap: float) -> bool:
+        return peak(evaluate(cap)) <= cap + CAP_TOLERANCE_KW
+
+    low = floor_kw
+    if peak(evaluate(low)) < low - CAP_TOLERANCE_KW:
+        assert best is not None
+        return best  # the cap does not bind: the plan is the uncapped optimum and adds no demand charge
+    if holds(low) and evaluate(low).objective <= evaluate(low + CAP_TOLERANCE_KW).objective:
+        assert best is not None
+        return best  # the usual case: two solves
+    high = max(peak(evaluate(math.inf)), floor_kw)
+    if not holds(low):
+        lo, hi = low, high
+        while hi - lo > CAP_TOLERANCE_KW:
+            mid = 0.5 * (lo + hi)
+            if holds(mid):
+                hi = mid
+            else:
+                lo = mid
+        low = hi
+    if high <= low + CAP_TOLERANCE_KW or evaluate(low).objective <= evaluate(low + CAP_TOLERANCE_KW).objective:
+        assert best is not None
         return best
     low += CAP_TOLERANCE_KW
     x1 = high - _GOLDEN * (high - low)
     x2 = low + _GOLDEN * (high - low)
-    f1, f2 = evaluate(x1), evaluate(x2)
+    f1, f2 = evaluate(x1).objective, evaluate(x2).objective
     while high - low > CAP_TOLERANCE_KW:
         if f1 <= f2:
             high, x2, f2 = x2, x1, f1
             x1 = high - _GOLDEN * (high - low)
-            f1 = evaluate(x1)
+            f1 = evaluate(x1).objective
         else:
             low, x1, f1 = x1, x2, f2
             x2 = low + _GOLDEN * (high - low)
-            f2 = evaluate(x2)
+            f2 = evaluate(x2).objective
+    assert best is not None
     return best
 
 
@@ -327,7 +406,9 @@ def _plan(s: Scenario, a: _Arrays, c: _Candidate, notes: list[str], elapsed_s: f
     net = a.load - a.pv + c.battery + c.ev.sum(axis=0)
     grid_import = np.maximum(net, 0.0)
     surplus = np.maximum(-net, 0.0)
-    exported = np.where(a.price_export >= 0, np.minimum(surplus, a.export_cap), np.maximum(surplus - a.curtail_max, 0.0))
+    exported = np.where(
+        a.price_export >= 0, np.minimum(surplus, a.export_cap), np.maximum(surplus - a.curtail_max, 0.0)
+    )
     curtailed = np.minimum(surplus - exported, a.curtail_max)
     exported = surplus - curtailed  # whatever cannot be curtailed is exported, limit or not
     energy_cost = float((a.price_import * grid_import - a.price_export * exported).sum() * dt)
@@ -351,7 +432,9 @@ def _plan(s: Scenario, a: _Arrays, c: _Candidate, notes: list[str], elapsed_s: f
     return Plan(
         step_minutes=s.step_minutes,
         battery_kw=c.battery,
-        ev_kw={session.charger + ("" if _unique(s, i) else f"#{i}"): c.ev[i] for i, session in enumerate(s.ev_sessions)},
+        ev_kw={
+            session.charger + ("" if _unique(s, i) else f"#{i}"): c.ev[i] for i, session in enumerate(s.ev_sessions)
+        },
         curtail_kw=curtailed,
         grid_import_kw=grid_import,
         grid_export_kw=exported,

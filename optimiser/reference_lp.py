@@ -94,7 +94,9 @@ def solve_lp(s: Scenario) -> LpResult:
         curt.append(m.var(0.0, 0.0, s.pv_kw[t] if s.pv_curtailable else 0.0))
     ev_cols: list[dict[int, int]] = []
     for session in s.ev_sessions:
-        ev_cols.append({t: m.var(0.0, 0.0, session.max_kw) for t in range(session.arrival_step, session.departure_step)})
+        ev_cols.append(
+            {t: m.var(0.0, 0.0, session.max_kw) for t in range(session.arrival_step, session.departure_step)}
+        )
     ev_slack = [m.var(PENALTY_CNY_PER_KWH, 0.0, inf) for _ in s.ev_sessions]
     for t in range(steps):
         terms = [(imp[t], 1.0), (exp[t], -1.0), (curt[t], -1.0), (ch[t], -1.0), (dis[t], 1.0)]
@@ -121,7 +123,7 @@ def solve_lp(s: Scenario) -> LpResult:
         peak = m.var(demand, s.grid.peak_import_so_far_kw, inf)
         for t in range(steps):
             m.row([(peak, 1.0), (imp[t], -1.0)], 0.0, inf)
-    h = highspy.Highs()
+    h = highspy.Highs()  # type: ignore[no-untyped-call]
     h.setOptionValue("output_flag", False)
     h.passModel(m.model())
     built = time.perf_counter()

@@ -43,20 +43,41 @@ def school_scenario(hours: int = 24, step_minutes: int = 15, *, seed: int = 1, s
     sessions = []
     for day in range(max(1, hours // 24)):
         start = day * per_day
-        sessions.append({"charger": "ev1", "arrival_step": start + per_day * 8 // 24, "departure_step": start + per_day * 17 // 24,
-                         "energy_kwh": 45.0, "min_kw": 0.0, "max_kw": 22.0})  # fmt: skip
-        sessions.append({"charger": "ev2", "arrival_step": start + per_day * 13 // 24, "departure_step": start + per_day * 22 // 24,
-                         "energy_kwh": 60.0, "min_kw": 0.0, "max_kw": 22.0})  # fmt: skip
+        for charger, arrive_h, leave_h, energy_kwh in (("ev1", 8, 17, 45.0), ("ev2", 13, 22, 60.0)):
+            sessions.append(
+                {
+                    "charger": charger,
+                    "arrival_step": start + per_day * arrive_h // 24,
+                    "departure_step": start + per_day * leave_h // 24,
+                    "energy_kwh": energy_kwh,
+                    "min_kw": 0.0,
+                    "max_kw": 22.0,
+                }
+            )
     return {
         "step_minutes": step_minutes,
         "price_import_cny_per_kwh": price,
         "price_export_cny_per_kwh": 0.0,
         "pv_kw": pv,
         "load_kw": load,
-        "grid": {"import_limit_kw": 400, "export_limit_kw": 0, "demand_charge_cny_per_kw": 32.0, "peak_import_so_far_kw": 120.0},
-        "battery": {"capacity_kwh": 200, "max_charge_kw": 100, "max_discharge_kw": 100, "charge_efficiency": 0.95,
-                    "discharge_efficiency": 0.95, "soc_min": 0.1, "soc_max": 0.95, "soc_initial": 0.5,
-                    "soc_final_min": 0.5, "wear_cost_cny_per_kwh": 0.05},  # fmt: skip
+        "grid": {
+            "import_limit_kw": 400,
+            "export_limit_kw": 0,
+            "demand_charge_cny_per_kw": 32.0,
+            "peak_import_so_far_kw": 120.0,
+        },
+        "battery": {
+            "capacity_kwh": 200,
+            "max_charge_kw": 100,
+            "max_discharge_kw": 100,
+            "charge_efficiency": 0.95,
+            "discharge_efficiency": 0.95,
+            "soc_min": 0.1,
+            "soc_max": 0.95,
+            "soc_initial": 0.5,
+            "soc_final_min": 0.5,
+            "wear_cost_cny_per_kwh": 0.05,
+        },
         "ev_sessions": sessions,
         "carbon_kg_per_kwh": 0.5703,
     }
