@@ -654,3 +654,76 @@ def battery_pwl(
         out_energy[t + 1] = energy
         out_marginal[t] = _left_slope_cost(xs, ys, a0, a1, energy)
     return _pwl_value(xs, ys, starts[0], stops[0], min(max(e_start, e_min), e_max))
+
+
+@njit("void(f8[:], f8[:], f8, f8, f8, f8, f8, f8[:], f8[:], f8[:])", cache=True, nogil=True)
+def battery_outputs(
+    energy: np.ndarray,
+    marginal: np.ndarray,
+    dt_h: float,
+    eta_c: float,
+    eta_d: float,
+    wear: float,
+    max_discharge_kw: float,
+    out_kw: np.ndarray,
+    out_cny_per_kwh: np.ndarray,
+    out_room_kw: np.ndarray,
+) -> None:
+    """AC power per step from the energy path, and the price and headroom of serving one more kWh
+    of load through the battery (discharging more, or charging less) at its shadow price."""
+    for t in range(out_kw.shape[0]):
+        delta = energy[t + 1] - energy[t]
+        kw = battery_kw_for(delta, dt_h, eta_c, eta_d)
+        out_kw[t] = kw
+        if not np.isfinite(marginal[t]):
+            out_cny_per_kwh[t] = np.inf
+            out_room_kw[t] = 0.0
+        elif kw > 1e-9:
+            out_cny_per_kwh[t] = marginal[t] * eta_c - wear
+            out_room_kw[t] = kw
+        else:
+            out_cny_per_kwh[t] = marginal[t] / eta_d + wear
+            out_room_kw[t] = max(max_discharge_kw + kw, 0.0)
+
+
+@njit(
+    "void(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8[:], f8[:], f8, f8, f8, f8[:], f8[:])", cache=True, nogil=True
+)
+def contested_room(
+    net_kw: np.ndarray,
+    price_import: np.ndarray,
+    price_export: np.ndarray,
+    import_cap_kw: np.ndarray,
+    export_cap_kw: np.ndarray,
+    curtail_max_kw: np.ndarray,
+    dt_h: float,
+    battery_kw: np.ndarray,
+    marginal: np.ndarray,
+    eta_c: float,
+    wear: float,
+    max_charge_kw: float,
+    out_kw: np.ndarray,
+    out_cny_per_kwh: np.ndarray,
+) -> None:
+    """Where the battery charges below its rate and is stopped by a kink of the grid price (the next
+    kWh costs more than it values one, the kWh below costs less), load that a car gives up would be
+    taken by the battery: that much car load costs the battery's value of it, not the grid price."""
+    eps = 1e-6
+    for t in range(net_kw.shape[0]):
+        out_kw[t] = 0.0
+        out_cny_per_kwh[t] = 0.0
+        if battery_kw[t] < -1e-9 or not np.isfinite(marginal[t]):
+            continue
+        value = marginal[t] * eta_c - wear  # worth of one more AC kWh into the battery at t
+        g = net_kw[t]
+        here = grid_cost(g, dt_h, price_import[t], price_export[t], import_cap_kw[t], export_cap_kw[t],
+                         curtail_max_kw[t], PENALTY_CNY_PER_KWH)  # fmt: skip
+        above = grid_cost(g + eps, dt_h, price_import[t], price_export[t], import_cap_kw[t], export_cap_kw[t],
+                          curtail_max_kw[t], PENALTY_CNY_PER_KWH)  # fmt: skip
+        below = grid_cost(g - eps, dt_h, price_import[t], price_export[t], import_cap_kw[t], export_cap_kw[t],
+                          curtail_max_kw[t], PENALTY_CNY_PER_KWH)  # fmt: skip
+        price_up = (above - here) / (eps * dt_h)
+        price_down = (here - below) / (eps * dt_h)
+        if price_up > value + 1e-9 and price_down < value - 1e-9 and battery_kw[t] < max_charge_kw - 1e-9:
+            out_kw[t] = max_charge_kw - battery_kw[t]
+            out_cny_per_kwh[t] = value

@@ -177,22 +177,29 @@ def _arrays(s: Scenario, notes: list[str]) -> _Arrays:
 @dataclass
 class _Battery:
     kw: FloatArray  # + charge, - discharge
+    energy_kwh: FloatArray  # stored energy at each step boundary (T + 1)
     # Serving one more kWh of load at step t through the battery (discharging more or charging less)
     # costs cny_per_kwh[t] later, for up to room_kw[t]: the DP's shadow price of stored energy.
     cny_per_kwh: FloatArray
     room_kw: FloatArray
+    marginal: FloatArray  # shadow price of one kWh in store after each step (inf: none)
+
+
+def _idle(s: Scenario, a: _Arrays) -> _Battery:
+    start = a.e_low_kwh + a.start_level * a.level_kwh
+    none = np.full(s.steps, np.inf)
+    return _Battery(np.zeros(s.steps), np.full(s.steps + 1, start), none, np.zeros(s.steps), none)
 
 
 def _battery(s: Scenario, a: _Arrays, net: FloatArray, import_cap: FloatArray) -> _Battery:
-    """Battery plan that minimises cost for this net load (zeros without a battery).
+    """Battery plan that minimises cost for this net load (idle without a battery).
 
     The exact piecewise-linear DP runs when every step cost is convex (prices with export <= import);
     otherwise the grid DP over >= 500 energy levels (which offers no shadow prices).
     """
     b = s.battery
-    none = np.full(s.steps, np.inf), np.zeros(s.steps)
     if a.n_levels <= 1 or b is None:
-        return _Battery(np.zeros(s.steps), *none)
+        return _idle(s, a)
     e_min, e_max = b.soc_min * b.capacity_kwh, b.soc_max * b.capacity_kwh
     energy = np.empty(s.steps + 1)
     marginal = np.empty(s.steps)
@@ -202,8 +209,7 @@ def _battery(s: Scenario, a: _Arrays, net: FloatArray, import_cap: FloatArray) -
         b.max_charge_kw * a.dt_h * b.charge_efficiency, b.charge_efficiency, b.discharge_efficiency,
         b.wear_cost_cny_per_kwh, a.final_min_kwh, energy, marginal,
     )  # fmt: skip
-    grid_fallback = math.isnan(cost)
-    if grid_fallback:
+    if math.isnan(cost):
         levels = np.empty(s.steps + 1, dtype=np.int64)
         k.battery_dp(
             net, a.price_import, a.price_export, import_cap, a.export_cap, a.curtail_max, a.dt_h,
@@ -211,17 +217,13 @@ def _battery(s: Scenario, a: _Arrays, net: FloatArray, import_cap: FloatArray) -
             b.charge_efficiency, b.discharge_efficiency, b.wear_cost_cny_per_kwh, a.final_min_kwh, False, levels,
         )  # fmt: skip
         energy = a.e_low_kwh + levels.astype(np.float64) * a.level_kwh
-    delta = np.diff(energy)
-    kw = np.where(delta >= 0, delta / (b.charge_efficiency * a.dt_h), delta * b.discharge_efficiency / a.dt_h)
-    if grid_fallback:
-        return _Battery(kw.astype(np.float64), *none)
-    charging = kw > 1e-9
-    wear = b.wear_cost_cny_per_kwh
-    with np.errstate(invalid="ignore"):
-        price = np.where(charging, marginal * b.charge_efficiency - wear, marginal / b.discharge_efficiency + wear)
-    room = np.where(charging, kw, b.max_discharge_kw + kw)
-    room = np.where(np.isfinite(price), np.maximum(room, 0.0), 0.0)
-    return _Battery(kw.astype(np.float64), np.where(np.isfinite(price), price, np.inf), room)
+        marginal = np.full(s.steps, np.inf)
+    out = _Battery(np.empty(s.steps), energy, np.empty(s.steps), np.empty(s.steps), marginal)
+    k.battery_outputs(
+        energy, marginal, a.dt_h, b.charge_efficiency, b.discharge_efficiency, b.wear_cost_cny_per_kwh,
+        b.max_discharge_kw, out.kw, out.cny_per_kwh, out.room_kw,
+    )  # fmt: skip
+    return out
 
 
 def _fill_evs(
@@ -230,9 +232,9 @@ def _fill_evs(
     """Re-place each EV's energy given everything else (in place), priced jointly with the battery:
 
     - load may be served through the battery at its shadow price, within its headroom;
-    - where the import cap binds and the battery charges below its rate while valuing energy above
-      the grid price, room a car gives up would go to the battery: the car's load there is contested
-      and costs the battery's opportunity (shadow price x charge efficiency), not the grid price.
+    - where the battery charges below its rate because the grid price jumps above its value of
+      energy (a kink: the import cap, or the end of free PV surplus), room a car gives up would go to
+      the battery: the car's load there is contested and costs the battery's value of it.
     The cars share the battery's headroom.
     """
     total = ev.sum(axis=0)
@@ -252,52 +254,42 @@ def _contested(
     s: Scenario, a: _Arrays, net: FloatArray, import_cap: FloatArray, battery: _Battery
 ) -> tuple[FloatArray, FloatArray]:
     """kW of EV load per step that the battery would take if freed, and what that costs per kWh."""
+    kw, price = np.zeros(s.steps), np.zeros(s.steps)
     b = s.battery
-    if b is None or not np.isfinite(battery.cny_per_kwh).any():
-        return np.zeros(s.steps), np.zeros(s.steps)
-    charging = battery.kw > 1e-9
-    at_cap = net >= import_cap - 1e-6
-    value = np.where(np.isfinite(battery.cny_per_kwh), battery.cny_per_kwh, 0.0)  # = shadow x eta_c - wear
-    wants = charging & at_cap & (value > a.price_import + 1e-9)
-    kw = np.where(wants, np.maximum(b.max_charge_kw - battery.kw, 0.0), 0.0)
-    return kw.astype(np.float64), value.astype(np.float64)
+    if b is not None and np.isfinite(battery.marginal).any():
+        k.contested_room(
+            net, a.price_import, a.price_export, import_cap, a.export_cap, a.curtail_max, a.dt_h, battery.kw,
+            battery.marginal, b.charge_efficiency, b.wear_cost_cny_per_kwh, b.max_charge_kw, kw, price,
+        )  # fmt: skip
+    return kw, price
 
 
 @dataclass
 class _Candidate:
-    battery: FloatArray
+    battery: _Battery
     ev: FloatArray
     objective: float
 
 
-def _objective(s: Scenario, a: _Arrays, battery: FloatArray, ev: FloatArray) -> float:
+def _objective(s: Scenario, a: _Arrays, battery: _Battery, ev: FloatArray) -> float:
     """What the plan would cost, with every broken limit and unmet need at the planner's penalty."""
-    net = a.load - a.pv + battery + ev.sum(axis=0)
+    net = a.load - a.pv + battery.kw + ev.sum(axis=0)
     total = k.grid_objective(
         net, a.price_import, a.price_export, a.import_limit, a.export_cap, a.curtail_max, a.dt_h,
         s.grid.demand_charge_cny_per_kw, s.grid.peak_import_so_far_kw,
     )  # fmt: skip
     if s.battery is not None:
-        total += s.battery.wear_cost_cny_per_kwh * float(np.abs(battery).sum()) * a.dt_h
+        total += s.battery.wear_cost_cny_per_kwh * float(np.abs(battery.kw).sum()) * a.dt_h
     for i, session in enumerate(s.ev_sessions):
         total += k.PENALTY_CNY_PER_KWH * max(0.0, session.energy_kwh - float(ev[i].sum()) * a.dt_h)
     total += k.PENALTY_CNY_PER_KWH * _final_shortfall(s, a, battery)
     return float(total)
 
 
-def _final_shortfall(s: Scenario, a: _Arrays, battery: FloatArray) -> float:
+def _final_shortfall(s: Scenario, a: _Arrays, battery: _Battery) -> float:
     if s.battery is None or a.n_levels <= 1:
         return 0.0
-    return max(0.0, a.final_min_kwh - float(_energy(s, a, battery)[-1]))
-
-
-def _energy(s: Scenario, a: _Arrays, battery: FloatArray) -> FloatArray:
-    b = s.battery
-    assert b is not None
-    stored = np.where(battery >= 0, battery * b.charge_efficiency, battery / b.discharge_efficiency) * a.dt_h
-    return np.concatenate(
-        ([a.e_low_kwh + a.start_level * a.level_kwh], a.e_low_kwh + a.start_level * a.level_kwh + np.cumsum(stored))
-    )
+    return max(0.0, a.final_min_kwh - float(battery.energy_kwh[-1]))
 
 
 def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | None) -> _Candidate:
@@ -306,15 +298,14 @@ def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | N
     base = a.load - a.pv
     ev = np.zeros((len(s.ev_sessions), s.steps)) if warm is None else warm.ev.copy()
     if s.ev_sessions and warm is None:
-        idle = _Battery(np.zeros(s.steps), np.full(s.steps, np.inf), np.zeros(s.steps))
-        _fill_evs(s, a, base, ev, import_cap, battery=idle)
+        _fill_evs(s, a, base, ev, import_cap, battery=_idle(s, a))
     best: _Candidate | None = None
     for _ in range(MAX_ROUNDS):
         battery = _battery(s, a, base + ev.sum(axis=0), import_cap)
-        objective = _objective(s, a, battery.kw, ev)
+        objective = _objective(s, a, battery, ev)
         if best is not None and objective >= best.objective - 1e-7:
             break
-        best = _Candidate(battery.kw, ev.copy(), objective)
+        best = _Candidate(battery, ev.copy(), objective)
         if not s.ev_sessions:
             break
         _fill_evs(s, a, base, ev, import_cap, battery=battery)
@@ -359,7 +350,7 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
         return results[cap]
 
     def peak(candidate: _Candidate) -> float:
-        return float((a.load - a.pv + candidate.battery + candidate.ev.sum(axis=0)).max(initial=0.0))
+        return float((a.load - a.pv + candidate.battery.kw + candidate.ev.sum(axis=0)).max(initial=0.0))
 
     def holds(cap: float) -> bool:
         return peak(evaluate(cap)) <= cap + CAP_TOLERANCE_KW
@@ -403,7 +394,7 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
 
 def _plan(s: Scenario, a: _Arrays, c: _Candidate, notes: list[str], elapsed_s: float) -> Plan:
     dt = a.dt_h
-    net = a.load - a.pv + c.battery + c.ev.sum(axis=0)
+    net = a.load - a.pv + c.battery.kw + c.ev.sum(axis=0)
     grid_import = np.maximum(net, 0.0)
     surplus = np.maximum(-net, 0.0)
     exported = np.where(
@@ -412,7 +403,7 @@ def _plan(s: Scenario, a: _Arrays, c: _Candidate, notes: list[str], elapsed_s: f
     curtailed = np.minimum(surplus - exported, a.curtail_max)
     exported = surplus - curtailed  # whatever cannot be curtailed is exported, limit or not
     energy_cost = float((a.price_import * grid_import - a.price_export * exported).sum() * dt)
-    wear = 0.0 if s.battery is None else s.battery.wear_cost_cny_per_kwh * float(np.abs(c.battery).sum()) * dt
+    wear = 0.0 if s.battery is None else s.battery.wear_cost_cny_per_kwh * float(np.abs(c.battery.kw).sum()) * dt
     peak = float(grid_import.max(initial=0.0))
     demand = s.grid.demand_charge_cny_per_kw * max(0.0, peak - s.grid.peak_import_so_far_kw)
     violations = _violations(s, a, grid_import, exported)
@@ -420,7 +411,7 @@ def _plan(s: Scenario, a: _Arrays, c: _Candidate, notes: list[str], elapsed_s: f
     soc = np.full(s.steps + 1, math.nan)
     final_short = 0.0
     if s.battery is not None and a.n_levels > 1:
-        soc = _energy(s, a, c.battery) / s.battery.capacity_kwh
+        soc = c.battery.energy_kwh / s.battery.capacity_kwh
         final_short = _final_shortfall(s, a, c.battery)
         if final_short > 1e-6:
             notes.append(
@@ -431,7 +422,7 @@ def _plan(s: Scenario, a: _Arrays, c: _Candidate, notes: list[str], elapsed_s: f
         soc = np.full(s.steps + 1, s.battery.soc_initial)
     return Plan(
         step_minutes=s.step_minutes,
-        battery_kw=c.battery,
+        battery_kw=c.battery.kw,
         ev_kw={
             session.charger + ("" if _unique(s, i) else f"#{i}"): c.ev[i] for i, session in enumerate(s.ev_sessions)
         },

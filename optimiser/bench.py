@@ -104,9 +104,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--survey", type=int, default=300, help="random scenarios for the cost-gap survey")
     args = parser.parse_args(argv)
     met = True
-    print(f"{'case':14s} {'DP ms':>8s} {'HiGHS ms':>9s} {'speed-up':>9s} {'DP CNY':>10s} {'LP CNY':>10s} {'gap':>8s}")
-    for hours, minutes in ((24, 15), (48, 5)):
-        scenario = load_scenario(school_scenario(hours, minutes))
+    print(f"{'case':16s} {'DP ms':>8s} {'HiGHS ms':>9s} {'speed-up':>9s} {'DP CNY':>10s} {'LP CNY':>10s} {'gap':>8s}")
+    cases = [("24h/15min", school_scenario(24, 15)), ("48h/5min", school_scenario(48, 5))]
+    first_of_month = school_scenario(24, 15)
+    first_of_month["grid"]["peak_import_so_far_kw"] = 0.0  # no peak yet: the demand cap is searched from 0
+    cases.append(("24h, month start", first_of_month))
+    for label, data in cases:
+        scenario = load_scenario(data)
         plan = solve(scenario)  # warm-up (kernels already compiled from the cache)
         ours = []
         for _ in range(args.repeat):
@@ -120,9 +124,10 @@ def main(argv: list[str]) -> int:
             theirs.append(lp.build_s + lp.solve_s)
         dp_s, lp_s = statistics.median(ours), statistics.median(theirs)
         gap = (plan.cost_cny - lp.cost_cny) / abs(lp.cost_cny)
-        met &= dp_s * GOAL_SPEEDUP <= lp_s and gap <= GOAL_GAP
+        if label != "24h, month start":  # the two goal cases; the third is reported only
+            met &= dp_s * GOAL_SPEEDUP <= lp_s and gap <= GOAL_GAP
         print(
-            f"{hours}h/{minutes}min{'':6s} {dp_s * 1e3:8.2f} {lp_s * 1e3:9.2f} {lp_s / dp_s:8.1f}x"
+            f"{label:16s} {dp_s * 1e3:8.2f} {lp_s * 1e3:9.2f} {lp_s / dp_s:8.1f}x"
             f" {plan.cost_cny:10.3f} {lp.cost_cny:10.3f} {gap:8.4%}"
         )
     survey(args.survey)
