@@ -78,11 +78,17 @@ class Bus:
         link: Link,
         *,
         clock: Callable[[], float] = time.monotonic,
+        line_timing: bool = True,
+        health_clock: Callable[[], float] | None = None,
     ) -> None:
+        """`clock` times transactions (bytes on a wire: real time). `health_clock` times the back-off of
+        lost devices and of the port (the controller's time, simulated or real; default `clock`).
+        `line_timing=False`: a simulated line with no wire time, where Modbus silent intervals mean nothing."""
         self.config = config
         self.name = config.name
         self._link = link
         self._clock = clock
+        self._health_clock = health_clock or clock
         self._lock = asyncio.Lock()
         self._health: dict[str, DeviceHealth] = {}
         self._bus_failures = 0
@@ -93,8 +99,8 @@ class Bus:
         char_s = bits_per_character(config) / config.baud_rate
         self._char_s = char_s
         self._silent_s = T35_FIXED_S if config.baud_rate > 19200 else 3.5 * char_s
-        if config.protocol is BusProtocol.DLT645:
-            self._silent_s = 0.0  # DL/T 645 frames are delimited, no silent interval needed
+        if config.protocol is BusProtocol.DLT645 or not line_timing:
+            self._silent_s = 0.0  # DL/T 645 frames are delimited; a pty without wire time has no gaps
 
     # --- lifetime ---------------------------------------------------------------------------------
 
@@ -117,7 +123,7 @@ class Bus:
     def is_due(self, device: str) -> bool:
         """False while a lost device is backing off: callers skip it this round."""
         health = self.health(device)
-        return health.state is not Health.LOST or self._clock() >= health.retry_at
+        return health.state is not Health.LOST or self._health_clock() >= health.retry_at
 
     def _succeeded(self, device: str) -> None:
         health = self.health(device)
@@ -126,7 +132,7 @@ class Bus:
         health.state = Health.OK
         health.consecutive_failures = 0
         health.backoff_s = LOST_BACKOFF_INITIAL_S
-        health.last_ok_at = self._clock()
+        health.last_ok_at = self._health_clock()
         self._bus_failures = 0
         self._reopen_backoff_s = REOPEN_BACKOFF_INITIAL_S
 
@@ -141,20 +147,21 @@ class Bus:
                 health.backoff_s = min(health.backoff_s * 2, LOST_BACKOFF_MAX_S)
             health.state = Health.LOST
             # Jitter keeps several dead devices from lining up on the same poll.
-            health.retry_at = self._clock() + health.backoff_s * random.uniform(0.8, 1.2)
+            health.retry_at = self._health_clock() + health.backoff_s * random.uniform(0.8, 1.2)
         else:
             health.state = Health.DEGRADED
 
     def _note_port_failure(self, error: BridgeError) -> None:
-        self._reopen_at = self._clock() + self._reopen_backoff_s
+        self._reopen_at = self._health_clock() + self._reopen_backoff_s
         self._reopen_backoff_s = min(self._reopen_backoff_s * 2, REOPEN_BACKOFF_MAX_S)
         _log.warning("serial port failure", extra={"bus": self.name, "error": str(error)})
 
     async def _ensure_open(self) -> None:
         if self._link.is_open:
             return
-        if self._clock() < self._reopen_at:
-            raise _PortDown(f"bus {self.name}: port closed, next reopen in {self._reopen_at - self._clock():.1f} s")
+        if self._health_clock() < self._reopen_at:
+            wait_s = self._reopen_at - self._health_clock()
+            raise _PortDown(f"bus {self.name}: port closed, next reopen in {wait_s:.1f} s")
         self.stats.reopens += 1
         await self._link.close()
         try:

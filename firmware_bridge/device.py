@@ -37,6 +37,7 @@ class Exchange:
     interpret: Callable[[Any], Readings]
     expected_reply_bytes: int  # for wire-time budgeting
     description: str = field(default="")
+    quantities: tuple[str, ...] = ()  # what a read returns (empty for writes)
 
 
 def words_to_raw(kind: RegisterType, words: tuple[int, ...], word_order: str) -> float:
@@ -109,6 +110,13 @@ class DeviceDriver:
         """The exchanges due on poll number `cycle`, as few as the map allows (slow points every Nth poll)."""
         return [exchange for every, exchange in self._reads if cycle % every == 0]
 
+    def exchange_for(self, quantity: str) -> Exchange:
+        """The one read exchange that carries `quantity` (for the reads a control tick cannot miss)."""
+        for _, exchange in self._reads:
+            if quantity in exchange.quantities:
+                return exchange
+        raise KeyError(f"{self.name}: no readable {quantity!r}")
+
     def _plan_reads(self) -> list[tuple[int, Exchange]]:
         if self.protocol is BusProtocol.DLT645:
             return [(p.every_n_polls, self._dlt645_read(p)) for p in self.map.readable if isinstance(p, Dlt645Point)]
@@ -157,6 +165,7 @@ class DeviceDriver:
             interpret=interpret,
             expected_reply_bytes=5 + 2 * count,
             description=f"read {count} registers at 0x{start:04X} (function {block[0].function})",
+            quantities=tuple(p.name for p in block),
         )
 
     def _modbus_registers(self, reply: modbus.Reply, function: int) -> tuple[int, ...]:
@@ -206,6 +215,7 @@ class DeviceDriver:
             interpret=interpret,
             expected_reply_bytes=dlt645.FRAME_OVERHEAD + 4 + item.data_bytes + 4,
             description=f"read DI {point.di}",
+            quantities=(point.name,),
         )
 
     def write_exchange(self, quantity: str, value: float) -> Exchange:

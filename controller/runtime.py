@@ -1,0 +1,400 @@
+"""The control runtime: a tick task (measure, enforce limits, apply the plan), a planner task and
+the bus pollers, under one TaskGroup. Time is injected, so the same code runs in real time or in
+accelerated simulated time against the simulated plant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from config import DeviceKind, SiteConfig
+from controller.clock import Clock
+from controller.forecast import Forecaster
+from controller.safety import Measured, Setpoints, Targets, apply_safety
+from firmware_bridge.bus import Bus
+from firmware_bridge.device import DeviceDriver, Readings
+from firmware_bridge.errors import BridgeError
+from firmware_bridge.maps import load_map
+from firmware_bridge.scheduler import Measurement
+from firmware_bridge.transport import Link
+from optimiser import Plan, Scenario, solve
+
+__all__ = ["RunStats", "Runtime"]
+
+_log = logging.getLogger(__name__)
+
+# What the limit arithmetic needs is read every tick; the rest (chargers, PV inverter) every few
+# seconds, by the tick too, so that readings stay fresh in simulated time as in real time.
+_EVERY_TICK = {
+    DeviceKind.GRID_METER: ("power_kw",),
+    DeviceKind.PV_METER: ("power_kw",),
+    DeviceKind.BATTERY_INVERTER: ("power_kw", "soc_pct"),
+    DeviceKind.EV_CHARGER: ("power_kw", "state_code"),  # cars follow their current limit within seconds
+}
+SLOW_POLL_S = 5.0
+# A setpoint is rewritten only when it moved by more than this (the bus has better things to do).
+BATTERY_DEADBAND_KW = 0.2
+EV_DEADBAND_A = 0.2
+PV_DEADBAND_KW = 0.5
+# Assumed need of a car that just connected (the charger does not know the car's battery; a full
+# car stops drawing by itself): this much energy before this long. A later issue lets the driver say.
+DEFAULT_EV_NEED_KWH = 60.0
+DEFAULT_EV_STAY_H = 8.0
+
+
+@dataclass
+class RunStats:
+    ticks: int = 0
+    tick_processing_s: list[float] = field(default_factory=list)
+    tick_lateness_s: list[float] = field(default_factory=list)
+    plans: int = 0
+    plan_time_s: list[float] = field(default_factory=list)
+    safe_state_ticks: int = 0
+    safety_actions: int = 0
+    bus_errors: int = 0
+    write_failures: int = 0
+
+    def percentile_ms(self, values: list[float], q: float) -> float:
+        if not values:
+            return math.nan
+        ordered = sorted(values)
+        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class _Latest:
+    values: Readings
+    at_s: float
+
+
+class Runtime:
+    """Runs one site. `on_tick` (if given) is called after every tick with the setpoints applied."""
+
+    def __init__(
+        self,
+        site: SiteConfig,
+        *,
+        clock: Clock,
+        links: dict[str, Link],
+        line_timing: bool = True,
+        before_tick: Callable[[float], None] | None = None,
+        on_tick: Callable[[float, Setpoints], None] | None = None,
+    ) -> None:
+        """`before_tick(now_s)`: the simulation advances its plant here; `on_tick`: a recorder."""
+        self.site = site
+        self.before_tick = before_tick
+        self.clock = clock
+        self.stats = RunStats()
+        self.on_tick = on_tick
+        self.buses = {
+            b.name: Bus(b, links[b.name], line_timing=line_timing, health_clock=clock.now) for b in site.buses
+        }
+        self.drivers: dict[str, DeviceDriver] = {}
+        self.kinds: dict[str, DeviceKind] = {}
+        self.bus_of: dict[str, str] = {}
+        for bus, device in site.devices():
+            self.drivers[device.name] = DeviceDriver(
+                device.name, load_map(device.model), device.address, ct_ratio=device.ct_ratio
+            )
+            self.kinds[device.name] = device.kind
+            self.bus_of[device.name] = bus.name
+        self.latest: dict[str, _Latest] = {}
+        self.forecaster = Forecaster(site, site.control.step_minutes)
+        self.plan: Plan | None = None
+        self.plan_start: datetime | None = None
+        self._replan = asyncio.Event()
+        self._ev_connected: dict[str, bool] = {c.name: False for c in site.ev_chargers}
+        self._ev_since: dict[str, datetime] = {}
+        self._setpoint_battery_kw = 0.0
+        self._written: dict[tuple[str, str], float] = {}
+        self._pv_limit_kw: float | None = None
+        self.month_peak_kw = 0.0
+        self._next_slow_poll_s = 0.0
+        self._ev_declining: dict[str, bool] = {}
+        self._next_plan_s = 0.0
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    def _devices(self, kind: DeviceKind) -> list[str]:
+        return [name for name, k in self.kinds.items() if k is kind]
+
+    def _charger_device(self, charger: str) -> str:
+        return next(c.device for c in self.site.ev_chargers if c.name == charger)
+
+    def _value(self, device: str, quantity: str, max_age_s: float) -> float | None:
+        latest = self.latest.get(device)
+        if latest is None or self.clock.now() - latest.at_s > max_age_s:
+            return None
+        return latest.values.get(quantity)
+
+    def _on_measurement(self, measurement: Measurement) -> None:
+        latest = self.latest.setdefault(measurement.device, _Latest({}, measurement.at_s))
+        latest.values.update(measurement.values)
+        latest.at_s = self.clock.now()
+
+    # --- lifetime -----------------------------------------------------------------------------------
+
+    async def run(self, duration_s: float | None, stop: asyncio.Event | None = None) -> None:
+        """Run for `duration_s` of this runtime's clock (None: until `stop`), then leave every device
+        in the safe state. `stop` ends the run at the next tick (SIGINT/SIGTERM)."""
+        async with contextlib.AsyncExitStack() as stack:
+            for bus in self.buses.values():
+                await stack.enter_async_context(bus)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    planner = group.create_task(self._planner(), name="planner")
+                    await self._ticks(duration_s, stop or asyncio.Event())
+                    planner.cancel()
+            finally:
+                await self._leave_safe()
+
+    async def _leave_safe(self) -> None:
+        """On the way out: battery idle, cars at their minimum, PV unrestricted only without zero export."""
+        for name in self._devices(DeviceKind.BATTERY_INVERTER):
+            await self._write_now(name, "power_setpoint_kw", 0.0)
+        for charger in self.site.ev_chargers:
+            amps = charger.min_current_a if self.site.control.safe_state.ev_chargers == "minimum" else 0.0
+            await self._write_now(self._charger_device(charger.name), "current_limit_a", amps)
+
+    async def _write_now(self, device: str, quantity: str, value: float) -> bool:
+        try:
+            await self.buses[self.bus_of[device]].transact(self.drivers[device].write_exchange(quantity, value))
+        except (BridgeError, ValueError) as err:
+            self.stats.write_failures += 1
+            _log.warning("setpoint not written", extra={"device": device, "quantity": quantity, "error": str(err)})
+            return False
+        self._written[(device, quantity)] = value
+        return True
+
+    # --- the tick -------------------------------------------------------------------------------------
+
+    async def _ticks(self, duration_s: float | None, stop: asyncio.Event) -> None:
+        period = self.site.control.tick_period_s
+        ticks = math.inf if duration_s is None else int(duration_s / period)
+        index = 0
+        while index <= ticks and not stop.is_set():
+            due = index * period
+            index += 1
+            await self.clock.sleep_until(due)
+            self.stats.tick_lateness_s.append(max(0.0, self.clock.lateness(due)))
+            await self.tick(period)
+
+    async def _read_devices(self) -> None:
+        """Fresh readings for this tick: each distinct exchange once, slow devices every SLOW_POLL_S."""
+        slow = self.clock.now() >= self._next_slow_poll_s
+        if slow:
+            self._next_slow_poll_s = self.clock.now() + SLOW_POLL_S
+        for name, driver in self.drivers.items():
+            quantities = _EVERY_TICK.get(self.kinds[name])
+            if quantities is None and not slow:
+                continue
+            bus = self.buses[self.bus_of[name]]
+            if not bus.is_due(name):
+                continue  # a lost device is backing off: do not spend the tick on it
+            if quantities is None:
+                exchanges = driver.read_exchanges()
+            else:
+                exchanges = list({id(e): e for e in (driver.exchange_for(q) for q in quantities)}.values())
+            values: Readings = {}
+            try:
+                for exchange in exchanges:
+                    values.update(await bus.transact(exchange))
+            except BridgeError as err:
+                self.stats.bus_errors += 1
+                _log.debug("read failed", extra={"device": name, "error": str(err)})
+            if values:
+                self._on_measurement(Measurement(name, values, self.clock.now(), bus.health(name).state))
+
+    async def tick(self, dt_s: float) -> Setpoints:
+        """One control tick: fresh grid and battery readings, safety, setpoints out."""
+        if self.before_tick is not None:
+            self.before_tick(self.clock.now())
+        if self.clock.now() >= self._next_plan_s:
+            self._next_plan_s = self.clock.now() + self.site.replan_period_s
+            self._replan.set()
+        await self._read_devices()
+        started = time.perf_counter()
+        stale = self.site.control.stale_data_timeout_s
+        grids = [self._value(n, "power_kw", stale) for n in self._devices(DeviceKind.GRID_METER)]
+        grid = None if not grids or any(g is None for g in grids) else sum(g for g in grids if g is not None)
+        pv = sum(self._value(n, "power_kw", stale) or 0.0 for n in self._devices(DeviceKind.PV_METER))
+        battery_names = self._devices(DeviceKind.BATTERY_INVERTER)
+        battery = sum(self._value(n, "power_kw", stale) or 0.0 for n in battery_names)
+        soc_pct = [self._value(n, "soc_pct", stale) for n in battery_names]
+        soc = None if not soc_pct or soc_pct[0] is None else soc_pct[0] / 100
+        ev_kw: dict[str, float] = {}
+        connected: dict[str, bool] = {}
+        for charger in self.site.ev_chargers:
+            device = self._charger_device(charger.name)
+            ev_kw[charger.name] = self._value(device, "power_kw", stale) or 0.0
+            state = self._value(device, "state_code", stale)
+            connected[charger.name] = state is not None and state >= 1.0
+            if connected[charger.name] != self._ev_connected[charger.name]:
+                self._ev_connected[charger.name] = connected[charger.name]
+                self._ev_since[charger.name] = self.clock.local()
+                self._replan.set()  # a car came or went: plan again now
+        offered = {
+            c.name: c.phases * c.voltage_v * self._written.get((c.device, "current_limit_a"), 0.0) / 1000
+            for c in self.site.ev_chargers
+        }
+        measured = Measured(grid, pv, battery, soc, ev_kw, connected, self._pv_limit_kw, offered)
+        self._ev_declining = {
+            c.name: connected[c.name] and offered[c.name] >= c.min_kw and ev_kw[c.name] < 0.1
+            for c in self.site.ev_chargers
+        }
+        targets = self._targets()
+        setpoints = apply_safety(self.site, measured, targets, self._setpoint_battery_kw, dt_s)
+        if grid is not None:
+            load = grid + pv - battery - sum(ev_kw.values())
+            self.forecaster.observe(self.clock.local(), load, pv, self._pv_limit_kw is not None)
+            self.month_peak_kw = max(self.month_peak_kw, grid)
+        self.stats.ticks += 1
+        self.stats.safe_state_ticks += setpoints.safe_state
+        self.stats.safety_actions += bool(setpoints.actions)
+        self.stats.tick_processing_s.append(time.perf_counter() - started)
+        await self._apply(setpoints)
+        if self.on_tick is not None:
+            self.on_tick(self.clock.now(), setpoints)
+        return setpoints
+
+    def _targets(self) -> Targets:
+        plan, start = self.plan, self.plan_start
+        if plan is None or start is None:
+            return Targets()
+        step = int((self.clock.local() - start).total_seconds() // (plan.step_minutes * 60))
+        if not 0 <= step < plan.steps:
+            return Targets()
+        return Targets(
+            battery_kw=float(plan.battery_kw[step]),
+            ev_kw={name: float(kw[step]) for name, kw in plan.ev_kw.items()},
+            curtail_kw=float(plan.curtail_kw[step]),
+            planned_import_kw=float(plan.grid_import_kw[step]),
+            peak_cap_kw=max(self.month_peak_kw, plan.peak_import_kw)
+            if self.site.tariff.demand_charge_cny_per_kw_month > 0
+            else None,
+        )
+
+    async def _apply(self, setpoints: Setpoints) -> None:
+        writes: list[tuple[str, str, float, float]] = []
+        for name in self._devices(DeviceKind.BATTERY_INVERTER):
+            writes.append((name, "power_setpoint_kw", round(setpoints.battery_kw, 1), BATTERY_DEADBAND_KW))
+        for charger in self.site.ev_chargers:
+            amps = round(setpoints.ev_current_a.get(charger.name, 0.0), 1)
+            writes.append((self._charger_device(charger.name), "current_limit_a", amps, EV_DEADBAND_A))
+        if self.site.pv is not None and self.site.pv.curtailable:
+            limit = setpoints.pv_limit_kw
+            pct = 100.0 if limit is None else max(0.0, min(100.0, 100 * limit / self.site.pv.peak_kw))
+            for name in self._devices(DeviceKind.PV_INVERTER):
+                writes.append((name, "power_limit_pct", round(pct, 1), 100 * PV_DEADBAND_KW / self.site.pv.peak_kw))
+            self._pv_limit_kw = limit
+        for device, quantity, value, deadband in writes:
+            last = self._written.get((device, quantity))
+            # Safety corrections must land this tick: write whenever the value moved past the deadband.
+            if last is None or abs(last - value) > deadband or (value == 0.0 and last != 0.0):
+                await self._write_now(device, quantity, value)
+        self._setpoint_battery_kw = setpoints.battery_kw
+
+    # --- planning -----------------------------------------------------------------------------------
+
+    async def _planner(self) -> None:
+        """Plans when the tick says so: on the re-plan period, and when a car comes or goes."""
+        while True:
+            await self._replan.wait()
+            self._replan.clear()
+            self._make_plan()
+            self._next_plan_s = self.clock.now() + self.site.replan_period_s
+
+    def _scenario(self, start: datetime) -> Scenario:
+        site = self.site
+        step_minutes = site.control.step_minutes
+        steps = int(site.control.horizon_h * 60 / step_minutes)
+        prices = [site.tariff.band_at(start + timedelta(minutes=(i + 0.5) * step_minutes))[1] for i in range(steps)]
+        sessions = []
+        for charger in site.ev_chargers:
+            if not self._ev_connected[charger.name] or self._ev_declining.get(charger.name, False):
+                continue  # no car, or a car that declines the current it is offered: full
+            device = self._charger_device(charger.name)
+            delivered = self._value(device, "session_energy_kwh", math.inf) or 0.0
+            since = self._ev_since.get(charger.name, start)
+            leave = since + timedelta(hours=DEFAULT_EV_STAY_H)
+            leave_step = min(steps, max(1, int((leave - start).total_seconds() // (step_minutes * 60))))
+            need = max(0.0, DEFAULT_EV_NEED_KWH - delivered)
+            sessions.append({"charger": charger.name, "arrival_step": 0, "departure_step": leave_step,
+                             "energy_kwh": need, "min_kw": charger.min_kw, "max_kw": charger.max_kw})  # fmt: skip
+        soc = None
+        for name in self._devices(DeviceKind.BATTERY_INVERTER):
+            value = self._value(name, "soc_pct", math.inf)
+            soc = None if value is None else value / 100
+        battery = None
+        if site.battery is not None:
+            tb = site.tuning.battery
+            start_soc = tb.soc_min if soc is None else min(max(soc, 0.0), 1.0)
+            battery = {
+                "capacity_kwh": site.battery.capacity_kwh,
+                "max_charge_kw": site.battery_max_charge_kw,
+                "max_discharge_kw": site.battery_max_discharge_kw,
+                "charge_efficiency": site.battery.charge_efficiency,
+                "discharge_efficiency": site.battery.discharge_efficiency,
+                "soc_min": tb.soc_min,
+                "soc_max": tb.soc_max,
+                "soc_initial": start_soc,
+                "soc_final_min": min(tb.reserve_soc, max(start_soc, tb.soc_min)),
+                "wear_cost_cny_per_kwh": tb.wear_cost_cny_per_kwh,
+            }
+        return Scenario.model_validate(
+            {
+                "step_minutes": step_minutes,
+                "price_import_cny_per_kwh": prices,
+                "price_export_cny_per_kwh": site.tariff.export_price_cny_per_kwh,
+                "pv_kw": self.forecaster.pv_kw(start, steps, step_minutes),
+                "load_kw": self.forecaster.load_kw(start, steps, step_minutes),
+                "grid": {
+                    "import_limit_kw": site.import_limit_kw,
+                    "export_limit_kw": site.export_limit_kw,
+                    "demand_charge_cny_per_kw": site.tariff.demand_charge_cny_per_kw_month,
+                    "peak_import_so_far_kw": self.month_peak_kw,
+                },
+                "battery": battery,
+                "ev_sessions": sessions,
+                "carbon_kg_per_kwh": site.carbon_kg_per_kwh,
+                "pv_curtailable": bool(site.pv and site.pv.curtailable),
+            }
+        )
+
+    def _make_plan(self) -> None:
+        local = self.clock.local()
+        start = local - timedelta(minutes=local.minute % self.site.control.step_minutes, seconds=local.second,
+                                  microseconds=local.microsecond)  # fmt: skip
+        started = time.perf_counter()
+        try:
+            self.plan = solve(self._scenario(start))
+        except ValueError as err:  # an unexpected forecast value: keep the old plan, the safety layer holds
+            _log.warning("planning failed, keeping the last plan", extra={"error": str(err)[:500]})
+            return
+        self.plan_start = start
+        self.stats.plans += 1
+        self.stats.plan_time_s.append(time.perf_counter() - started)
+
+    def summary_stats(self) -> dict[str, float]:
+        s = self.stats
+        return {
+            "ticks": s.ticks,
+            "plans": s.plans,
+            "tick_processing_p50_ms": s.percentile_ms(s.tick_processing_s, 0.5),
+            "tick_processing_p99_ms": s.percentile_ms(s.tick_processing_s, 0.99),
+            "tick_lateness_p50_ms": s.percentile_ms(s.tick_lateness_s, 0.5),
+            "tick_lateness_p99_ms": s.percentile_ms(s.tick_lateness_s, 0.99),
+            "plan_time_median_ms": 1000 * statistics.median(s.plan_time_s) if s.plan_time_s else math.nan,
+            "safe_state_ticks": s.safe_state_ticks,
+            "safety_action_ticks": s.safety_actions,
+            "bus_errors": s.bus_errors,
+            "write_failures": s.write_failures,
+        }

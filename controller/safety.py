@@ -1,0 +1,216 @@
+"""The safety layer: whatever the plan says, the setpoints of this tick keep the grid, SoC and device
+limits. Pure: measurements and targets in, setpoints out; the runtime applies them.
+
+The site's base load is inferred from the measurements (grid + PV - battery - EVs), and the grid
+flow that the new setpoints will cause is predicted from it, so a breach is corrected in the same
+tick that measured it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from config import ChargerRating, SiteConfig
+
+__all__ = ["Measured", "Setpoints", "Targets", "apply_safety"]
+
+# A limit is breached only beyond this margin: meters and inverters are not exact to the watt.
+LIMIT_MARGIN_KW = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    grid_kw: float | None  # None: the grid meter's reading is stale or missing
+    pv_kw: float
+    battery_kw: float
+    soc: float | None  # fraction; None when unknown
+    ev_kw: dict[str, float]
+    ev_connected: dict[str, bool]
+    pv_limit_kw: float | None  # the PV limit in force now (None: unrestricted)
+    ev_offered_kw: dict[str, float] = field(default_factory=dict)  # what each car was last allowed
+
+
+@dataclass(frozen=True, slots=True)
+class Targets:
+    battery_kw: float = 0.0
+    ev_kw: dict[str, float] = field(default_factory=dict)
+    curtail_kw: float = 0.0
+    # The plan's intent for the grid: planned charging never imports more than planned_import_kw,
+    # and import above peak_cap_kw (the demand charge's peak) is shaved with the battery.
+    planned_import_kw: float | None = None
+    peak_cap_kw: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Setpoints:
+    battery_kw: float
+    ev_current_a: dict[str, float]
+    pv_limit_kw: float | None  # None: unrestricted
+    safe_state: bool
+    predicted_grid_kw: float | None
+    actions: tuple[str, ...] = ()
+
+
+def _ev_current(charger: ChargerRating, kw: float) -> float:
+    """kW to a current limit that keeps the IEC 61851 rule: off, or between min and max."""
+    amps = kw * 1000 / (charger.phases * charger.voltage_v)
+    if amps < charger.min_current_a - 1e-9:
+        return 0.0
+    return min(amps, charger.max_current_a)
+
+
+def _ev_kw(charger: ChargerRating, amps: float) -> float:
+    return charger.phases * charger.voltage_v * amps / 1000
+
+
+# A car drawing this much less than it was allowed is limiting itself (full, or its own schedule).
+EV_FOLLOWING_MARGIN_KW = 1.0
+
+
+def _following(measured: Measured, name: str) -> bool:
+    offered = measured.ev_offered_kw.get(name)
+    return offered is None or measured.ev_kw.get(name, 0.0) >= offered - EV_FOLLOWING_MARGIN_KW
+
+
+def apply_safety(
+    site: SiteConfig, measured: Measured, targets: Targets, previous_battery_kw: float, dt_s: float
+) -> Setpoints:
+    """Setpoints for this tick: the plan's targets, clamped to every rating and limit."""
+    chargers = {c.name: c for c in site.ev_chargers}
+    if measured.grid_kw is None:
+        return _safe_state(site, measured, chargers)
+    actions: list[str] = []
+    b = site.battery
+    t = site.tuning.battery
+    # What the battery may do this tick: ratings, tuning, SoC window; ramp from the last setpoint.
+    charge_max = site.battery_max_charge_kw
+    discharge_max = site.battery_max_discharge_kw
+    if b is not None and measured.soc is not None:
+        if measured.soc >= t.soc_max:
+            charge_max = 0.0
+        if measured.soc <= t.soc_min:
+            discharge_max = 0.0
+    elif measured.soc is None:
+        charge_max = discharge_max = 0.0  # unknown SoC: do not move the battery
+    ramp = (b.ramp_kw_per_s if b else 0.0) * dt_s
+    battery = max(-discharge_max, min(charge_max, targets.battery_kw))
+    battery = max(previous_battery_kw - ramp, min(previous_battery_kw + ramp, battery))
+    battery = max(-discharge_max, min(charge_max, battery))
+    ev_amps = {}
+    for name, charger in chargers.items():
+        kw = targets.ev_kw.get(name, 0.0) if measured.ev_connected.get(name, False) else 0.0
+        ev_amps[name] = _ev_current(charger, kw)
+    # The site without battery and cars, as measured: what our setpoints act on top of.
+    base = measured.grid_kw - measured.battery_kw - sum(measured.ev_kw.values())
+
+    def car_kw(name: str, amps: float) -> float:
+        """What a car will draw at this limit: the limit if it follows, else at most what it draws now."""
+        offered = _ev_kw(chargers[name], amps)
+        return offered if _following(measured, name) else min(offered, measured.ev_kw.get(name, 0.0))
+
+    cars_kw = sum(car_kw(n, a) for n, a in ev_amps.items())
+    if targets.planned_import_kw is not None and battery > 0:
+        # The forecast was wrong (less sun, more load): charge only as far as the plan meant to import.
+        battery = max(0.0, min(battery, targets.planned_import_kw - base - cars_kw))
+    if targets.peak_cap_kw is not None and base + battery + cars_kw > targets.peak_cap_kw:
+        shave = min(base + battery + cars_kw - targets.peak_cap_kw, battery + discharge_max)
+        if shave > 0:
+            battery -= shave
+            actions.append(f"peak cap {targets.peak_cap_kw:.1f} kW: battery {-shave:+.1f} kW")
+    pv_potential = measured.pv_kw  # what PV gives now; under a limit it may give more if released
+    # The PV limit follows from what the site can absorb (below), never from the plan's curtailment:
+    # that was computed from a forecast, and measured PV is already limited, so it would ratchet down.
+    pv_limit: float | None = None
+
+    def grid(pv_out: float) -> float:
+        return base + measured.pv_kw - pv_out + battery + sum(car_kw(n, a) for n, a in ev_amps.items())
+
+    pv_out = pv_potential if pv_limit is None else min(pv_potential, pv_limit)
+    # Import limit: discharge, then slow the cars (to their minimum, then off), in the configured order.
+    excess = grid(pv_out) - site.import_limit_kw
+    for import_lever in site.tuning.grid.import_relief_order:
+        if excess <= 0:
+            break
+        if import_lever == "battery":
+            room = battery + discharge_max
+            step = min(room, excess)
+            if step > 0:
+                battery -= step
+                excess -= step
+                actions.append(f"import limit: battery {-step:+.1f} kW")
+        else:
+            for name in sorted(ev_amps, key=lambda n: -ev_amps[n]):
+                if excess <= 0:
+                    break
+                charger = chargers[name]
+                now_kw = car_kw(name, ev_amps[name])
+                keep = max(now_kw - excess, 0.0)
+                ev_amps[name] = _ev_current(charger, keep)
+                excess -= now_kw - car_kw(name, ev_amps[name])
+                actions.append(f"import limit: {name} to {ev_amps[name]:.1f} A")
+    # Export limit: charge, speed the cars up, then curtail PV, in the configured order.
+    surplus = -grid(pv_out) - site.export_limit_kw
+    for lever in site.tuning.grid.export_relief_order:
+        if surplus <= 0:
+            break
+        if lever == "battery":
+            step = min(charge_max - battery, surplus)
+            if step > 0:
+                battery += step
+                surplus -= step
+                actions.append(f"export limit: battery {step:+.1f} kW")
+        elif lever == "ev":
+            for name, charger in chargers.items():
+                if surplus <= 0 or not measured.ev_connected.get(name, False) or not _following(measured, name):
+                    continue  # a car that is not taking what it is offered will not take more
+                now_kw = _ev_kw(charger, ev_amps[name])
+                want = min(_ev_kw(charger, charger.max_current_a), now_kw + surplus)
+                if want < _ev_kw(charger, charger.min_current_a):
+                    continue
+                ev_amps[name] = _ev_current(charger, want)
+                surplus -= _ev_kw(charger, ev_amps[name]) - now_kw
+                actions.append(f"export limit: {name} to {ev_amps[name]:.1f} A")
+        elif site.pv is not None and site.pv.curtailable:
+            pv_out = max(0.0, pv_out - surplus)
+            pv_limit = pv_out
+            surplus = 0.0
+            actions.append(f"export limit: PV limited to {pv_out:.1f} kW")
+    # Zero export with curtailable PV: never hand the inverter back more than the site can absorb,
+    # or the next sunny second overshoots before the next tick catches it.
+    if site.pv is not None and site.pv.curtailable and pv_limit is None and site.export_limit_kw <= LIMIT_MARGIN_KW:
+        absorb = base + measured.pv_kw + battery + sum(car_kw(n, a) for n, a in ev_amps.items())
+        absorb += charge_max - battery if "battery" in site.tuning.grid.export_relief_order else 0.0
+        if absorb < site.pv.peak_kw:
+            pv_limit = max(0.0, absorb + site.export_limit_kw)
+    return Setpoints(
+        battery_kw=battery,
+        ev_current_a=ev_amps,
+        pv_limit_kw=pv_limit,
+        safe_state=False,
+        predicted_grid_kw=grid(pv_out),
+        actions=tuple(actions),
+    )
+
+
+def _safe_state(site: SiteConfig, measured: Measured, chargers: dict[str, ChargerRating]) -> Setpoints:
+    """Blind: battery idle, cars at their minimum (or off), PV limited to the last trusted load."""
+    safe = site.control.safe_state
+    amps = {
+        name: (c.min_current_a if safe.ev_chargers == "minimum" and measured.ev_connected.get(name, False) else 0.0)
+        for name, c in chargers.items()
+    }
+    pv_limit: float | None = None
+    if site.pv is not None and site.pv.curtailable:
+        if safe.pv == "off":
+            pv_limit = 0.0
+        elif safe.pv == "zero_export_limit":
+            # Without a grid reading the load is unknown; hold PV at what it was allowed or gave.
+            pv_limit = measured.pv_limit_kw if measured.pv_limit_kw is not None else measured.pv_kw
+    return Setpoints(
+        battery_kw=0.0,
+        ev_current_a=amps,
+        pv_limit_kw=pv_limit,
+        safe_state=True,
+        predicted_grid_kw=None,
+        actions=("safe state: grid meter stale",),
+    )

@@ -1,0 +1,93 @@
+"""The safety layer alone: limits hold whatever the plan says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from config import SiteConfig, load_site
+from controller.safety import Measured, Targets, apply_safety
+
+SCHOOL = Path(__file__).parents[1] / "config" / "sites" / "zhongshan_school.toml"
+
+
+@pytest.fixture(scope="module")
+def site() -> SiteConfig:
+    return load_site(SCHOOL, environment=False)
+
+
+def measured(**kw: object) -> Measured:
+    base: dict[str, object] = {
+        "grid_kw": 50.0,
+        "pv_kw": 0.0,
+        "battery_kw": 0.0,
+        "soc": 0.5,
+        "ev_kw": {"ev1": 0.0, "ev2": 0.0},
+        "ev_connected": {"ev1": False, "ev2": False},
+        "pv_limit_kw": None,
+    }
+    base.update(kw)
+    return Measured(**base)  # type: ignore[arg-type]
+
+
+def test_zero_export_surplus_goes_to_battery_then_curtailment(site: SiteConfig) -> None:
+    # 200 kW of PV against 60 kW of load: 140 kW surplus, battery takes 100, PV is limited for the rest.
+    out = apply_safety(site, measured(grid_kw=-140.0, pv_kw=200.0), Targets(), previous_battery_kw=100.0, dt_s=1.0)
+    assert out.battery_kw == pytest.approx(100.0)
+    assert out.predicted_grid_kw is not None
+    assert out.predicted_grid_kw >= -site.export_limit_kw - 1e-9
+    assert out.pv_limit_kw == pytest.approx(160.0)
+
+
+def test_export_relief_overrides_the_ramp(site: SiteConfig) -> None:
+    # The plan says idle and the ramp would allow 50 kW; the export limit needs 80 kW now.
+    out = apply_safety(site, measured(grid_kw=-80.0, pv_kw=150.0), Targets(), previous_battery_kw=0.0, dt_s=1.0)
+    assert out.battery_kw == pytest.approx(80.0)
+    assert out.predicted_grid_kw == pytest.approx(0.0)
+
+
+def test_full_battery_means_curtailment(site: SiteConfig) -> None:
+    out = apply_safety(site, measured(grid_kw=-30.0, pv_kw=100.0, soc=0.96), Targets(battery_kw=50.0), 0.0, 1.0)
+    assert out.battery_kw == 0.0
+    assert out.pv_limit_kw == pytest.approx(70.0)
+
+
+def test_import_limit_discharges_then_slows_the_cars(site: SiteConfig) -> None:
+    cars = {"ev1": 22.08, "ev2": 22.08}
+    m = measured(grid_kw=430.0, ev_kw=cars, ev_connected={"ev1": True, "ev2": True})
+    out = apply_safety(site, m, Targets(battery_kw=0.0, ev_kw=cars), previous_battery_kw=0.0, dt_s=1.0)
+    assert out.predicted_grid_kw is not None
+    assert out.predicted_grid_kw <= site.import_limit_kw + 1e-9
+    assert out.battery_kw == pytest.approx(-30.0)
+    m = measured(grid_kw=430.0, soc=0.05, ev_kw=cars, ev_connected={"ev1": True, "ev2": True})
+    out = apply_safety(site, m, Targets(battery_kw=0.0, ev_kw=cars), previous_battery_kw=0.0, dt_s=1.0)
+    assert out.battery_kw == 0.0  # empty battery: the cars give way instead
+    assert out.predicted_grid_kw is not None
+    assert out.predicted_grid_kw <= site.import_limit_kw + 1e-9
+    assert all(a == 0.0 or a >= 6.0 for a in out.ev_current_a.values())
+
+
+def test_ev_current_is_off_or_at_least_the_minimum(site: SiteConfig) -> None:
+    m = measured(ev_connected={"ev1": True, "ev2": True})
+    out = apply_safety(site, m, Targets(ev_kw={"ev1": 2.0, "ev2": 7.0}), 0.0, 1.0)
+    assert out.ev_current_a["ev1"] == 0.0  # 2 kW is below 6 A x 3 x 230 V = 4.14 kW
+    assert out.ev_current_a["ev2"] == pytest.approx(7000 / 690)
+    out = apply_safety(site, measured(), Targets(ev_kw={"ev1": 11.0}), 0.0, 1.0)
+    assert out.ev_current_a["ev1"] == 0.0  # no car connected: nothing is offered
+
+
+def test_soc_window_and_ramp(site: SiteConfig) -> None:
+    out = apply_safety(site, measured(soc=0.10), Targets(battery_kw=-60.0), previous_battery_kw=0.0, dt_s=1.0)
+    assert out.battery_kw == 0.0  # at soc_min: no discharge
+    out = apply_safety(site, measured(soc=0.5), Targets(battery_kw=-90.0), previous_battery_kw=0.0, dt_s=1.0)
+    assert out.battery_kw == pytest.approx(-50.0)  # ramp 50 kW/s
+
+
+def test_stale_grid_reading_enters_the_safe_state(site: SiteConfig) -> None:
+    m = measured(grid_kw=None, pv_kw=120.0, pv_limit_kw=90.0, ev_connected={"ev1": True, "ev2": False})
+    out = apply_safety(site, m, Targets(battery_kw=80.0, ev_kw={"ev1": 22.0}), previous_battery_kw=80.0, dt_s=1.0)
+    assert out.safe_state
+    assert out.battery_kw == 0.0
+    assert out.ev_current_a == {"ev1": 6.0, "ev2": 0.0}
+    assert out.pv_limit_kw == pytest.approx(90.0)
