@@ -16,6 +16,13 @@ __all__ = ["Measured", "Setpoints", "Targets", "apply_safety"]
 
 # A limit is breached only beyond this margin: meters and inverters are not exact to the watt.
 LIMIT_MARGIN_KW = 0.5
+# The layer aims this far inside each grid limit: load moves within a second, and setpoints are
+# rounded (the PV limit register alone has 0.3 kW steps at 300 kWp), so aiming at the limit itself
+# would breach it between ticks. Zero export then means importing about 1 kW.
+HEADROOM_KW = 1.0
+# PV within this of its limit is taken as held back by it; the battery then probes this much per tick.
+PV_AT_LIMIT_KW = 0.5
+PV_PROBE_KW = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +74,11 @@ def _ev_kw(charger: ChargerRating, amps: float) -> float:
 EV_FOLLOWING_MARGIN_KW = 1.0
 
 
-def _following(measured: Measured, name: str) -> bool:
-    offered = measured.ev_offered_kw.get(name)
-    return offered is None or measured.ev_kw.get(name, 0.0) >= offered - EV_FOLLOWING_MARGIN_KW
+def _following(measured: Measured, charger: ChargerRating) -> bool:
+    """The car drew what it was last offered (an offer below its minimum shows nothing)."""
+    offered = measured.ev_offered_kw.get(charger.name, 0.0)
+    drawn = measured.ev_kw.get(charger.name, 0.0)
+    return offered >= charger.min_kw - 1e-9 and drawn >= offered - EV_FOLLOWING_MARGIN_KW
 
 
 def apply_safety(
@@ -103,10 +112,13 @@ def apply_safety(
     # The site without battery and cars, as measured: what our setpoints act on top of.
     base = measured.grid_kw - measured.battery_kw - sum(measured.ev_kw.values())
 
-    def car_kw(name: str, amps: float) -> float:
-        """What a car will draw at this limit: the limit if it follows, else at most what it draws now."""
+    def car_kw(name: str, amps: float, *, high: bool = False) -> float:
+        """What a car will draw at this limit: the limit if it follows. Otherwise, conservatively for
+        the check at hand: at most what it draws now (export) or at most the limit (import, high)."""
         offered = _ev_kw(chargers[name], amps)
-        return offered if _following(measured, name) else min(offered, measured.ev_kw.get(name, 0.0))
+        if high or _following(measured, chargers[name]):
+            return offered if high else min(offered, max(offered, measured.ev_kw.get(name, 0.0)))
+        return min(offered, measured.ev_kw.get(name, 0.0))
 
     cars_kw = sum(car_kw(n, a) for n, a in ev_amps.items())
     if targets.planned_import_kw is not None and battery > 0:
@@ -122,12 +134,13 @@ def apply_safety(
     # that was computed from a forecast, and measured PV is already limited, so it would ratchet down.
     pv_limit: float | None = None
 
-    def grid(pv_out: float) -> float:
-        return base + measured.pv_kw - pv_out + battery + sum(car_kw(n, a) for n, a in ev_amps.items())
+    def grid(pv_out: float, *, high: bool = False) -> float:
+        cars = sum(car_kw(n, a, high=high) for n, a in ev_amps.items())
+        return base + measured.pv_kw - pv_out + battery + cars
 
     pv_out = pv_potential if pv_limit is None else min(pv_potential, pv_limit)
     # Import limit: discharge, then slow the cars (to their minimum, then off), in the configured order.
-    excess = grid(pv_out) - site.import_limit_kw
+    excess = grid(pv_out, high=True) - (site.import_limit_kw - HEADROOM_KW)
     for import_lever in site.tuning.grid.import_relief_order:
         if excess <= 0:
             break
@@ -143,13 +156,13 @@ def apply_safety(
                 if excess <= 0:
                     break
                 charger = chargers[name]
-                now_kw = car_kw(name, ev_amps[name])
+                now_kw = car_kw(name, ev_amps[name], high=True)
                 keep = max(now_kw - excess, 0.0)
                 ev_amps[name] = _ev_current(charger, keep)
-                excess -= now_kw - car_kw(name, ev_amps[name])
+                excess -= now_kw - car_kw(name, ev_amps[name], high=True)
                 actions.append(f"import limit: {name} to {ev_amps[name]:.1f} A")
     # Export limit: charge, speed the cars up, then curtail PV, in the configured order.
-    surplus = -grid(pv_out) - site.export_limit_kw
+    surplus = -grid(pv_out) - site.export_limit_kw + HEADROOM_KW
     for lever in site.tuning.grid.export_relief_order:
         if surplus <= 0:
             break
@@ -161,8 +174,8 @@ def apply_safety(
                 actions.append(f"export limit: battery {step:+.1f} kW")
         elif lever == "ev":
             for name, charger in chargers.items():
-                if surplus <= 0 or not measured.ev_connected.get(name, False) or not _following(measured, name):
-                    continue  # a car that is not taking what it is offered will not take more
+                if surplus <= 0 or not measured.ev_connected.get(name, False) or not _following(measured, charger):
+                    continue  # only a car seen taking what it is offered is counted on to take more
                 now_kw = _ev_kw(charger, ev_amps[name])
                 want = min(_ev_kw(charger, charger.max_current_a), now_kw + surplus)
                 if want < _ev_kw(charger, charger.min_current_a):
@@ -175,13 +188,20 @@ def apply_safety(
             pv_limit = pv_out
             surplus = 0.0
             actions.append(f"export limit: PV limited to {pv_out:.1f} kW")
-    # Zero export with curtailable PV: never hand the inverter back more than the site can absorb,
-    # or the next sunny second overshoots before the next tick catches it.
-    if site.pv is not None and site.pv.curtailable and pv_limit is None and site.export_limit_kw <= LIMIT_MARGIN_KW:
-        absorb = base + measured.pv_kw + battery + sum(car_kw(n, a) for n, a in ev_amps.items())
-        absorb += charge_max - battery if "battery" in site.tuning.grid.export_relief_order else 0.0
-        if absorb < site.pv.peak_kw:
-            pv_limit = max(0.0, absorb + site.export_limit_kw)
+    # Zero export with curtailable PV: PV may give at most what this tick consumes (a battery setpoint
+    # does not follow the sun within the second). A limited inverter reports only its limit, so while
+    # PV sits at its limit the battery probes: it charges a little more and the limit rises with it.
+    # With sun behind the limit, curtailed energy goes into the battery; without, it costs a few kW
+    # of import for a second.
+    if site.pv is not None and site.pv.curtailable and site.export_limit_kw <= LIMIT_MARGIN_KW:
+        at_limit = measured.pv_limit_kw is not None and measured.pv_kw >= measured.pv_limit_kw - PV_AT_LIMIT_KW
+        if at_limit and pv_limit is None and "battery" in site.tuning.grid.export_relief_order:
+            probe = min(PV_PROBE_KW, max(0.0, charge_max - battery))
+            battery += probe
+        consumption = base + measured.pv_kw + battery + sum(car_kw(n, a) for n, a in ev_amps.items())
+        limit = max(0.0, consumption + site.export_limit_kw - HEADROOM_KW)
+        if pv_limit is None or limit < pv_limit:
+            pv_limit = limit if limit < site.pv.peak_kw else None
     return Setpoints(
         battery_kw=battery,
         ev_current_a=ev_amps,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from config import SiteConfig, load_site
-from controller.safety import Measured, Targets, apply_safety
+from controller.safety import HEADROOM_KW, Measured, Targets, apply_safety
 
 SCHOOL = Path(__file__).parents[1] / "config" / "sites" / "zhongshan_school.toml"
 
@@ -37,20 +37,28 @@ def test_zero_export_surplus_goes_to_battery_then_curtailment(site: SiteConfig) 
     assert out.battery_kw == pytest.approx(100.0)
     assert out.predicted_grid_kw is not None
     assert out.predicted_grid_kw >= -site.export_limit_kw - 1e-9
-    assert out.pv_limit_kw == pytest.approx(160.0)
+    assert out.pv_limit_kw == pytest.approx(160.0 - HEADROOM_KW)  # the layer aims inside the limit
 
 
 def test_export_relief_overrides_the_ramp(site: SiteConfig) -> None:
     # The plan says idle and the ramp would allow 50 kW; the export limit needs 80 kW now.
     out = apply_safety(site, measured(grid_kw=-80.0, pv_kw=150.0), Targets(), previous_battery_kw=0.0, dt_s=1.0)
-    assert out.battery_kw == pytest.approx(80.0)
-    assert out.predicted_grid_kw == pytest.approx(0.0)
+    assert out.battery_kw == pytest.approx(80.0 + HEADROOM_KW)
+    assert out.predicted_grid_kw == pytest.approx(HEADROOM_KW)
+
+
+def test_curtailed_pv_is_probed_with_the_battery(site: SiteConfig) -> None:
+    # PV pinned at its 100 kW limit with 100 kW of load: there may be more sun behind the limit.
+    m = measured(grid_kw=1.0, pv_kw=100.0, pv_limit_kw=100.0)
+    out = apply_safety(site, m, Targets(), previous_battery_kw=0.0, dt_s=1.0)
+    assert out.battery_kw == pytest.approx(5.0)  # charge a little more ...
+    assert out.pv_limit_kw == pytest.approx(105.0)  # ... and let PV rise by as much, never more
 
 
 def test_full_battery_means_curtailment(site: SiteConfig) -> None:
     out = apply_safety(site, measured(grid_kw=-30.0, pv_kw=100.0, soc=0.96), Targets(battery_kw=50.0), 0.0, 1.0)
     assert out.battery_kw == 0.0
-    assert out.pv_limit_kw == pytest.approx(70.0)
+    assert out.pv_limit_kw == pytest.approx(70.0 - HEADROOM_KW)
 
 
 def test_import_limit_discharges_then_slows_the_cars(site: SiteConfig) -> None:
@@ -59,7 +67,7 @@ def test_import_limit_discharges_then_slows_the_cars(site: SiteConfig) -> None:
     out = apply_safety(site, m, Targets(battery_kw=0.0, ev_kw=cars), previous_battery_kw=0.0, dt_s=1.0)
     assert out.predicted_grid_kw is not None
     assert out.predicted_grid_kw <= site.import_limit_kw + 1e-9
-    assert out.battery_kw == pytest.approx(-30.0)
+    assert out.battery_kw == pytest.approx(-30.0 - HEADROOM_KW)
     m = measured(grid_kw=430.0, soc=0.05, ev_kw=cars, ev_connected={"ev1": True, "ev2": True})
     out = apply_safety(site, m, Targets(battery_kw=0.0, ev_kw=cars), previous_battery_kw=0.0, dt_s=1.0)
     assert out.battery_kw == 0.0  # empty battery: the cars give way instead
@@ -80,7 +88,7 @@ def test_ev_current_is_off_or_at_least_the_minimum(site: SiteConfig) -> None:
 def test_soc_window_and_ramp(site: SiteConfig) -> None:
     out = apply_safety(site, measured(soc=0.10), Targets(battery_kw=-60.0), previous_battery_kw=0.0, dt_s=1.0)
     assert out.battery_kw == 0.0  # at soc_min: no discharge
-    out = apply_safety(site, measured(soc=0.5), Targets(battery_kw=-90.0), previous_battery_kw=0.0, dt_s=1.0)
+    out = apply_safety(site, measured(grid_kw=150.0, soc=0.5), Targets(battery_kw=-90.0), 0.0, dt_s=1.0)
     assert out.battery_kw == pytest.approx(-50.0)  # ramp 50 kW/s
 
 
