@@ -275,7 +275,6 @@ class Runtime:
         return Targets(
             battery_kw=float(plan.battery_kw[step]),
             ev_kw={name: float(kw[step]) for name, kw in plan.ev_kw.items()},
-            curtail_kw=float(plan.curtail_kw[step]),
             planned_import_kw=float(plan.grid_import_kw[step]),
             peak_cap_kw=max(self.month_peak_kw, plan.peak_import_kw)
             if self.site.tariff.demand_charge_cny_per_kw_month > 0

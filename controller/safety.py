@@ -41,7 +41,6 @@ class Measured:
 class Targets:
     battery_kw: float = 0.0
     ev_kw: dict[str, float] = field(default_factory=dict)
-    curtail_kw: float = 0.0
     # The plan's intent for the grid: planned charging never imports more than planned_import_kw,
     # and import above peak_cap_kw (the demand charge's peak) is shaved with the battery.
     planned_import_kw: float | None = None

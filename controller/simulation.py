@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from config import DeviceKind, SiteConfig
+from config import SiteConfig
 from controller.plant import Plant, school_arrivals
 from controller.safety import LIMIT_MARGIN_KW, Setpoints
 from firmware_bridge.maps import load_map
@@ -74,6 +74,3 @@ async def simulated_site(
             links[bus.name] = SerialLink(bus, sim.port, virtual=True)
         yield plant, links, sims
 
-
-def kinds_present(site: SiteConfig) -> set[DeviceKind]:
-    return {device.kind for _, device in site.devices()}

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from config import format_validation_error
+from config import ConfigError, format_validation_error
 
 __all__ = ["BatterySpec", "EvSession", "GridSpec", "Scenario", "ScenarioError", "load_scenario"]
 
@@ -17,13 +17,8 @@ MAX_STEPS = 20_160
 MAX_EV_SESSIONS = 64
 
 
-class ScenarioError(ValueError):
+class ScenarioError(ConfigError):
     """A scenario was refused; `errors` lists every problem by field path."""
-
-    def __init__(self, source: str, errors: list[str]) -> None:
-        self.source = source
-        self.errors = errors
-        super().__init__(f"{source}: " + "; ".join(errors))
 
 
 class _Model(BaseModel):
