@@ -19,6 +19,7 @@ from config import DeviceKind, SiteConfig
 from controller.clock import Clock
 from controller.forecast import Forecaster
 from controller.safety import Measured, Setpoints, Targets, apply_safety
+from controller.storage.timeseries import TimeSeriesStore
 from firmware_bridge.bus import Bus
 from firmware_bridge.device import DeviceDriver, Readings
 from firmware_bridge.errors import BridgeError
@@ -87,10 +88,13 @@ class Runtime:
         line_timing: bool = True,
         before_tick: Callable[[float], None] | None = None,
         on_tick: Callable[[float, Setpoints], None] | None = None,
+        store: TimeSeriesStore | None = None,
     ) -> None:
         """`before_tick(now_s)`: the simulation advances its plant here; `on_tick`: a recorder."""
         self.site = site
         self.before_tick = before_tick
+        self.store = store
+        self._next_prune_s = 0.0
         self.clock = clock
         self.stats = RunStats()
         self.on_tick = on_tick
@@ -155,6 +159,8 @@ class Runtime:
                     planner.cancel()
             finally:
                 await self._leave_safe()
+                if self.store is not None:
+                    self.store.flush()
 
     async def _leave_safe(self) -> None:
         """On the way out: battery idle, cars at their minimum, PV unrestricted only without zero export."""
@@ -261,9 +267,30 @@ class Runtime:
         self.stats.safety_actions += bool(setpoints.actions)
         self.stats.tick_processing_s.append(time.perf_counter() - started)
         await self._apply(setpoints)
+        if self.store is not None:
+            self._record(measured, setpoints)
         if self.on_tick is not None:
             self.on_tick(self.clock.now(), setpoints)
         return setpoints
+
+    def _record(self, measured: Measured, setpoints: Setpoints) -> None:
+        assert self.store is not None
+        values: dict[str, float] = {"measured.pv_kw": measured.pv_kw, "measured.battery_kw": measured.battery_kw}
+        if measured.grid_kw is not None:
+            values["measured.grid_kw"] = measured.grid_kw
+        if measured.soc is not None:
+            values["measured.soc"] = measured.soc
+        for name, kw in measured.ev_kw.items():
+            values[f"measured.{name}_kw"] = kw
+        values["setpoint.battery_kw"] = setpoints.battery_kw
+        values["setpoint.pv_limit_kw"] = -1.0 if setpoints.pv_limit_kw is None else setpoints.pv_limit_kw
+        for name, amps in setpoints.ev_current_a.items():
+            values[f"setpoint.{name}_a"] = amps
+        values["state.safe"] = float(setpoints.safe_state)
+        self.store.record(self.clock.local().timestamp(), values)
+        if self.clock.now() >= self._next_prune_s:
+            self._next_prune_s = self.clock.now() + 86400.0
+            self.store.prune(self.clock.local().timestamp())
 
     def _targets(self) -> Targets:
         plan, start = self.plan, self.plan_start
@@ -380,6 +407,9 @@ class Runtime:
             return
         self.plan_start = start
         self.stats.plans += 1
+        if self.store is not None:
+            summary = {k: v for k, v in self.plan.to_json().items() if k != "steps"}
+            self.store.record_plan(start.timestamp(), summary)
         self.stats.plan_time_s.append(time.perf_counter() - started)
 
     def summary_stats(self) -> dict[str, float]:

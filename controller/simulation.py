@@ -73,4 +73,3 @@ async def simulated_site(
             sims[bus.name] = sim
             links[bus.name] = SerialLink(bus, sim.port, virtual=True)
         yield plant, links, sims
-

@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 
 from config import ConfigError, SiteConfig, load_site
 from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, Command
+from controller.storage.timeseries import TimeSeriesStore
 from firmware_bridge.maps import check_site_devices
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -45,6 +46,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start", type=datetime.fromisoformat, default=datetime(2026, 7, 6),
                         help="simulation start, local time (default Monday 2026-07-06 00:00, summer)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1, help="simulation random seed (clouds)")
+    parser.add_argument("--store", help="SQLite time-series file (default: storage.path of the site)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -63,6 +65,10 @@ def _run(args: argparse.Namespace) -> int:
     return asyncio.run(_simulate(site, args) if args.simulate else _hardware(site, args))
 
 
+def _store(site: SiteConfig, args: argparse.Namespace) -> TimeSeriesStore:
+    return TimeSeriesStore(args.store or site.storage.path, site.storage.retention_days)
+
+
 def _stop_on_signals() -> asyncio.Event:
     """SIGINT/SIGTERM end the run at the next tick; the runtime then leaves the devices safe."""
     stop = asyncio.Event()
@@ -79,8 +85,13 @@ async def _hardware(site: SiteConfig, args: argparse.Namespace) -> int:
 
     stop = _stop_on_signals()
     links: dict[str, Link] = {bus.name: SerialLink(bus) for bus in site.buses}
-    runtime = Runtime(site, clock=RealClock(datetime.now(ZoneInfo(site.site.timezone))), links=links)
-    await runtime.run(args.duration, stop)
+    store = _store(site, args)
+    clock = RealClock(datetime.now(ZoneInfo(site.site.timezone)))
+    runtime = Runtime(site, clock=clock, links=links, store=store)
+    try:
+        await runtime.run(args.duration, stop)
+    finally:
+        store.close()
     sys.stdout.write("".join(f"{key}: {value}\n" for key, value in runtime.summary_stats().items()))
     return EXIT_OK
 
@@ -97,11 +108,15 @@ async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
     wall = time.perf_counter()
     async with simulated_site(site, start, int(duration // 86400) + 1, seed=args.seed) as (plant, links, _sims):
         recorder = Recorder(site, plant)
+        store = _store(site, args)
         runtime = Runtime(
             site, clock=SimClock(start, args.speed), links=links, line_timing=False,
-            before_tick=plant.advance, on_tick=recorder,
+            before_tick=plant.advance, on_tick=recorder, store=store,
         )  # fmt: skip
-        await runtime.run(duration, stop)
+        try:
+            await runtime.run(duration, stop)
+        finally:
+            store.close()
         sys.stdout.write(
             summary_text(site, plant, recorder, runtime, wall_s=time.perf_counter() - wall, interrupted=stop.is_set())
         )
