@@ -73,3 +73,44 @@ async def test_silent_grid_meter_enters_and_leaves_the_safe_state(site: SiteConf
     assert all(states[600 + stale + 1 : 630])
     assert not any(states[640:])
     assert plant.battery_setpoint_kw == 0.0  # the run ended with the devices left safe
+
+
+def test_run_command_summarises_stores_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from controller.cli import main
+
+    store, report = tmp_path / "ts.sqlite3", tmp_path / "report"
+    argv = ["run", str(SCHOOL), "--simulate", "--speed", "max", "--duration", "10m", "--start", "2026-07-06T12:00",
+            "--store", str(store), "--report", str(report)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "simulated 0.2 h" in out
+    assert "0 ticks beyond a grid limit" in out
+    assert (report / "day-2026-07-06.png").read_bytes().startswith(b"\x89PNG")
+    assert "bill:" in (report / "summary.md").read_text()
+    assert (
+        main(
+            [
+                "export",
+                str(SCHOOL),
+                "--store",
+                str(store),
+                "--csv",
+                str(tmp_path / "x.csv"),
+                "--series",
+                "measured.grid_kw",
+            ]
+        )
+        == 0
+    )
+    assert len((tmp_path / "x.csv").read_text().splitlines()) == 1 + 601
+
+
+def test_run_refuses_a_broken_site_and_unsimulated_hardware(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from controller.cli import main
+
+    bad = tmp_path / "site.toml"
+    bad.write_text(SCHOOL.read_text().replace("export_limit_kw = 0.0", "export_limit_kw = -1.0"))
+    assert main(["run", str(bad), "--simulate"]) == 2
+    assert "grid.export_limit_kw" in capsys.readouterr().err
+    assert main(["run", str(SCHOOL)]) == 2
+    assert "add --simulate" in capsys.readouterr().err

@@ -8,7 +8,8 @@ import re
 import signal
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from config import ConfigError, SiteConfig, load_site
@@ -47,6 +48,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="simulation start, local time (default Monday 2026-07-06 00:00, summer)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1, help="simulation random seed (clouds)")
     parser.add_argument("--store", help="SQLite time-series file (default: storage.path of the site)")
+    parser.add_argument("--report", type=Path, metavar="DIR", help="write a PNG per day and summary.md here")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -115,11 +117,18 @@ async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
         )  # fmt: skip
         try:
             await runtime.run(duration, stop)
+            summary = summary_text(
+                site, plant, recorder, runtime, wall_s=time.perf_counter() - wall, interrupted=stop.is_set()
+            )
+            sys.stdout.write(summary)
+            if args.report is not None:
+                from controller.report import write_report  # noqa: PLC0415 - matplotlib is an optional extra
+
+                end = start + timedelta(seconds=plant.now_s)
+                for path in write_report(site, store, args.report, start=start, end=end, summary=summary):
+                    sys.stdout.write(f"  report: {path}\n")
         finally:
             store.close()
-        sys.stdout.write(
-            summary_text(site, plant, recorder, runtime, wall_s=time.perf_counter() - wall, interrupted=stop.is_set())
-        )
     return EXIT_OK
 
 
