@@ -331,13 +331,15 @@ class ReadResult:
 
 
 def decode_read_reply(frame: Dlt645Frame) -> ReadResult:
-    """Values of a normal read reply (91/B1); FrameError with the offset inside DATA when malformed."""
-    if frame.function != FUNCTION_READ or not frame.from_meter or frame.is_error:
+    """Values of a read reply: 91/B1, or a follow-up reply 92/B2 (its last byte is the frame
+    sequence number). FrameError with the offset inside DATA when malformed."""
+    follow_up = frame.function == FUNCTION_READ_FOLLOW_UP
+    if frame.function not in (FUNCTION_READ, FUNCTION_READ_FOLLOW_UP) or not frame.from_meter or frame.is_error:
         raise FrameError(8, f"control 0x{frame.control:02X} is not a read reply")
-    if len(frame.data) < 4:
+    if len(frame.data) < 4 + follow_up:
         raise FrameError(10, f"read reply carries {len(frame.data)} data bytes, less than a DI")
     di = int.from_bytes(frame.data[:4], "little")
-    raw = frame.data[4:]
+    raw = frame.data[4:-1] if follow_up else frame.data[4:]
     item = DATA_ITEMS.get(di)
     if item is None:
         return ReadResult(di, None, (), raw)

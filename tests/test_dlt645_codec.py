@@ -118,3 +118,14 @@ def test_strict_parser_and_reply_decoder_raise_only_frame_error(data: bytes) -> 
         return
     with contextlib.suppress(FrameError):
         dlt645.decode_read_reply(frame)
+
+
+def test_follow_up_reply_drops_its_sequence_byte() -> None:
+    # A follow-up reply (92) carries DI, data, then the frame sequence number.
+    payload = dlt645.encode_bcd(1234.5, 4, 2, signed=False)
+    frame = dlt645.Dlt645Frame("123456789012", 0x92, bytes.fromhex("00000100") + payload + bytes([1]))
+    result = dlt645.decode_read_reply(dlt645.parse_frame(dlt645.encode_frame(frame)))
+    assert result.values == (1234.5,)
+    request = dlt645.parse_frame(dlt645.encode_frame(dlt645.read_follow_up_request("123456789012", 0x00010000, 1)))
+    assert request.function == 0x12
+    assert request.data[-1] == 1

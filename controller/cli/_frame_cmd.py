@@ -113,7 +113,7 @@ def _dlt645_json(data: bytes) -> dict[str, Any]:
         item = dlt645.DATA_ITEMS.get(di)
         if item is not None:
             body["name"] = item.name
-        if frame.from_meter and frame.function == dlt645.FUNCTION_READ:
+        if frame.from_meter:
             result = dlt645.decode_read_reply(frame)
             if result.item is not None:
                 body["values"] = list(result.values)
