@@ -194,15 +194,21 @@ class Runtime:
             await self.tick(period)
 
     async def _read_devices(self) -> None:
-        """Fresh readings for this tick: each distinct exchange once, slow devices every SLOW_POLL_S."""
+        """Fresh readings for this tick: each distinct exchange once, slow devices every SLOW_POLL_S.
+        Buses are independent ports: they are read concurrently."""
         slow = self.clock.now() >= self._next_slow_poll_s
         if slow:
             self._next_slow_poll_s = self.clock.now() + SLOW_POLL_S
+        await asyncio.gather(*(self._read_bus(name, slow) for name in self.buses))
+
+    async def _read_bus(self, bus_name: str, slow: bool) -> None:
+        bus = self.buses[bus_name]
         for name, driver in self.drivers.items():
+            if self.bus_of[name] != bus_name:
+                continue
             quantities = _EVERY_TICK.get(self.kinds[name])
             if quantities is None and not slow:
                 continue
-            bus = self.buses[self.bus_of[name]]
             if not bus.is_due(name):
                 continue  # a lost device is backing off: do not spend the tick on it
             if quantities is None:
