@@ -41,6 +41,8 @@ _EVERY_TICK = {
     DeviceKind.EV_CHARGER: ("power_kw", "state_code"),  # cars follow their current limit within seconds
 }
 SLOW_POLL_S = 5.0
+# Demand charges are billed on the largest average import over aligned blocks of this length.
+DEMAND_BLOCK_MINUTES = 15
 # A setpoint is rewritten only when it moved by more than this (the bus has better things to do).
 BATTERY_DEADBAND_KW = 0.2
 EV_DEADBAND_A = 0.2
@@ -120,7 +122,11 @@ class Runtime:
         self._setpoint_battery_kw = 0.0
         self._written: dict[tuple[str, str], float] = {}
         self._pv_limit_kw: float | None = None
-        self.month_peak_kw = 0.0
+        self.month_peak_kw = 0.0  # largest completed 15-minute average import this month
+        self._demand_block: tuple[int, int] | None = None
+        self._demand_month = 0
+        self._demand_kws = 0.0
+        self._demand_s = 0.0
         self._next_slow_poll_s = 0.0
         self._ev_declining: dict[str, bool] = {}
         self._next_plan_s = 0.0
@@ -267,7 +273,7 @@ class Runtime:
         if grid is not None:
             load = grid + pv - battery - sum(ev_kw.values())
             self.forecaster.observe(self.clock.local(), load, pv, self._pv_limit_kw is not None)
-            self.month_peak_kw = max(self.month_peak_kw, grid)
+            self._demand(max(grid, 0.0), dt_s)
         self.stats.ticks += 1
         self.stats.safe_state_ticks += setpoints.safe_state
         self.stats.safety_actions += bool(setpoints.actions)
@@ -278,6 +284,21 @@ class Runtime:
         if self.on_tick is not None:
             self.on_tick(self.clock.now(), setpoints)
         return setpoints
+
+    def _demand(self, import_kw: float, dt_s: float) -> None:
+        """Month-to-date peak as the utility meters it: the largest 15-minute average import (aligned
+        blocks), not the largest one-second reading, which a transient would inflate."""
+        local = self.clock.local()
+        block = (local.toordinal(), (local.hour * 60 + local.minute) // DEMAND_BLOCK_MINUTES)
+        if block != self._demand_block:
+            if self._demand_block is not None and self._demand_s > 0:
+                self.month_peak_kw = max(self.month_peak_kw, self._demand_kws / self._demand_s)
+            if self._demand_block is not None and local.month != self._demand_month:
+                self.month_peak_kw = 0.0  # a new billing month
+            self._demand_block, self._demand_month = block, local.month
+            self._demand_kws = self._demand_s = 0.0
+        self._demand_kws += import_kw * dt_s
+        self._demand_s += dt_s
 
     def _record(self, measured: Measured, setpoints: Setpoints) -> None:
         assert self.store is not None

@@ -114,3 +114,40 @@ def test_run_refuses_a_broken_site_and_unsimulated_hardware(tmp_path: Path, caps
     assert "grid.export_limit_kw" in capsys.readouterr().err
     assert main(["run", str(SCHOOL)]) == 2
     assert "add --simulate" in capsys.readouterr().err
+
+
+class _StepClock:
+    def __init__(self, start: datetime) -> None:
+        self.start = start
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def local(self) -> datetime:
+        from datetime import timedelta
+
+        return self.start + timedelta(seconds=self.t)
+
+    async def sleep_until(self, at_s: float) -> None:
+        self.t = at_s
+
+    def lateness(self, at_s: float) -> float:
+        return 0.0
+
+
+def test_month_peak_is_the_largest_15_minute_average_not_a_spike(site: SiteConfig, tmp_path: Path) -> None:
+    from firmware_bridge.transport import SerialLink
+
+    clock = _StepClock(datetime(2026, 7, 31, 23, 0, tzinfo=ZoneInfo(site.site.timezone)))
+    links = {bus.name: SerialLink(bus, str(tmp_path / "unused")) for bus in site.buses}
+    runtime = Runtime(site, clock=clock, links=links)  # type: ignore[arg-type]
+    for second in range(1800):  # two blocks: 100 kW with one 300 kW second, then 120 kW
+        clock.t = float(second)
+        runtime._demand(300.0 if second == 10 else (100.0 if second < 900 else 120.0), 1.0)
+    clock.t = 1800.0
+    runtime._demand(0.0, 1.0)
+    assert runtime.month_peak_kw == pytest.approx(120.0)  # the spike adds only 0.2 kW to its block's average
+    clock.t = 3600.0  # 00:00 on 1 August: a new billing month
+    runtime._demand(50.0, 1.0)
+    assert runtime.month_peak_kw == 0.0
