@@ -116,7 +116,7 @@ def apply_safety(
         the check at hand: at most what it draws now (export) or at most the limit (import, high)."""
         offered = _ev_kw(chargers[name], amps)
         if high or _following(measured, chargers[name]):
-            return offered if high else min(offered, max(offered, measured.ev_kw.get(name, 0.0)))
+            return offered
         return min(offered, measured.ev_kw.get(name, 0.0))
 
     cars_kw = sum(car_kw(n, a) for n, a in ev_amps.items())

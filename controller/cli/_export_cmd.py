@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 from config import ConfigError, load_site
-from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, Command
+from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, Command, refusal
 from controller.storage.atomic import write_atomic
 from controller.storage.timeseries import TimeSeriesStore
 
@@ -26,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         site = load_site(args.config)
     except ConfigError as err:
-        sys.stderr.write(f"{args.config}: INVALID\n" + "".join(f"  - {e}\n" for e in err.errors))
+        sys.stderr.write(refusal(args.config, err.errors))
         return EXIT_BAD_INPUT
     path = Path(args.store or site.storage.path)
     if not path.exists():

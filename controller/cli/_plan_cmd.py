@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME, Command
+from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME, Command, refusal
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         scenario = load_scenario(args.scenario)
     except ScenarioError as err:
-        sys.stderr.write(f"{err.source}: INVALID\n" + "".join(f"  - {line}\n" for line in err.errors))
+        sys.stderr.write(refusal(err.source, err.errors))
         return EXIT_BAD_INPUT
     plan = solve(scenario)
     if args.json:

@@ -13,7 +13,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from config import ConfigError, SiteConfig, load_site
-from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, Command
+from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, Command, refusal
 from controller.storage.timeseries import TimeSeriesStore
 from firmware_bridge.maps import check_site_devices
 
@@ -58,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         problems = err.errors
     if problems:
-        sys.stderr.write(f"{args.config}: INVALID\n" + "".join(f"  - {p}\n" for p in problems))
+        sys.stderr.write(refusal(args.config, problems))
         return EXIT_BAD_INPUT
     if not args.simulate and any(bus.simulated for bus in site.buses):
         names = ", ".join(bus.name for bus in site.buses if bus.simulated)
