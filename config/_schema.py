@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, time
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -380,6 +381,15 @@ class MqttConfig(_Model):
     ha_discovery_prefix: str = "homeassistant"
     remote_tuning: bool = Field(default=False, description="Accept config patches on the command topic")
     max_payload_bytes: int = Field(default=16_384, ge=256, le=1_048_576)
+    embedded_port: int = Field(
+        default=1883, ge=0, le=65_535, description="Port of the embedded broker on 127.0.0.1 (0: any free port)"
+    )
+    status_max_rate_hz: float = Field(
+        default=10.0, gt=0.0, le=1000.0, description="Status messages per second at most (accelerated runs sample)"
+    )
+    outbox_messages: int = Field(
+        default=20_000, ge=100, le=1_000_000, description="Status kept while the broker is away; oldest dropped"
+    )
 
     @field_validator("broker")
     @classmethod
@@ -399,6 +409,22 @@ class MqttConfig(_Model):
 class StorageConfig(_Model):
     path: str = Field(default="var/greensite.sqlite3", description="SQLite file for the time series")
     retention_days: int = Field(default=400, ge=1, le=3650)
+    tuning_path: str | None = Field(
+        default=None, description="Remote-tuning overrides (JSON); default: next to path, <stem>.tuning.json"
+    )
+
+    def _sibling(self, suffix: str) -> str:
+        base = Path(self.path)
+        return str(base.with_name(base.stem + suffix))
+
+    @property
+    def resolved_tuning_path(self) -> str:
+        return self.tuning_path or self._sibling(".tuning.json")
+
+    @property
+    def state_path(self) -> str:
+        """Controller state kept across restarts (counters, month peak, sessions)."""
+        return self._sibling(".state.json")
 
 
 class SiteConfig(_Model):

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 from config import DeviceKind, SiteConfig
 from controller.clock import Clock
 from controller.forecast import Forecaster
 from controller.safety import Measured, Setpoints, Targets, apply_safety
+from controller.storage.atomic import write_atomic
 from controller.storage.timeseries import TimeSeriesStore
 from firmware_bridge.bus import Bus
 from firmware_bridge.device import DeviceDriver, Readings
@@ -28,7 +32,7 @@ from firmware_bridge.scheduler import Measurement
 from firmware_bridge.transport import Link
 from optimiser import Plan, Scenario, solve
 
-__all__ = ["RunStats", "Runtime"]
+__all__ = ["Counters", "RunStats", "Runtime"]
 
 _log = logging.getLogger(__name__)
 
@@ -51,6 +55,25 @@ PV_DEADBAND_KW = 0.5
 # car stops drawing by itself): this much energy before this long. A later issue lets the driver say.
 DEFAULT_EV_NEED_KWH = 60.0
 DEFAULT_EV_STAY_H = 8.0
+# Controller state (counters, month peak, car sessions) is saved this often, so a restart loses at
+# most this much of the counters; the time series has its own flush.
+STATE_SAVE_PERIOD_S = 60.0
+_STATE_VERSION = 1
+
+
+@dataclass
+class Counters:
+    """Energy, money and carbon since commissioning, integrated from the measurements every tick."""
+
+    grid_import_kwh: float = 0.0
+    grid_export_kwh: float = 0.0
+    pv_kwh: float = 0.0
+    battery_charge_kwh: float = 0.0
+    battery_discharge_kwh: float = 0.0
+    ev_kwh: float = 0.0
+    energy_cost_cny: float = 0.0  # import at the TOU price in force, minus export revenue
+    carbon_kg: float = 0.0  # grid import × the grid emission factor
+    carbon_avoided_kg: float = 0.0  # PV energy used on site × the grid emission factor
 
 
 @dataclass
@@ -91,9 +114,19 @@ class Runtime:
         before_tick: Callable[[float], None] | None = None,
         on_tick: Callable[[float, Setpoints], None] | None = None,
         store: TimeSeriesStore | None = None,
+        state_path: str | Path | None = None,
     ) -> None:
-        """`before_tick(now_s)`: the simulation advances its plant here; `on_tick`: a recorder."""
+        """`before_tick(now_s)`: the simulation advances its plant here; `on_tick`: a recorder.
+        `state_path`: where counters, month peak and car sessions survive a restart (None: nowhere)."""
         self.site = site
+        self._pending_site: SiteConfig | None = None
+        self.listeners: list[Callable[[Runtime], None]] = []
+        self.services: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self.counters = Counters()
+        self.last_measured: Measured | None = None
+        self.last_setpoints: Setpoints | None = None
+        self.state_path = None if state_path is None else Path(state_path)
+        self._next_state_save_s = STATE_SAVE_PERIOD_S
         self.before_tick = before_tick
         self.store = store
         self._next_prune_s = 0.0
@@ -130,6 +163,7 @@ class Runtime:
         self._next_slow_poll_s = 0.0
         self._ev_declining: dict[str, bool] = {}
         self._next_plan_s = 0.0
+        self.restored = self._restore_state()
 
     # --- helpers ------------------------------------------------------------------------------------
 
@@ -160,13 +194,75 @@ class Runtime:
                 await stack.enter_async_context(bus)
             try:
                 async with asyncio.TaskGroup() as group:
-                    planner = group.create_task(self._planner(), name="planner")
+                    background = [group.create_task(self._planner(), name="planner")]
+                    background += [
+                        group.create_task(service(), name=getattr(service, "__name__", "service"))
+                        for service in self.services
+                    ]
                     await self._ticks(duration_s, stop or asyncio.Event())
-                    planner.cancel()
+                    for task in background:
+                        task.cancel()
             finally:
                 await self._leave_safe()
                 if self.store is not None:
                     self.store.flush()
+                self.save_state()
+
+    # --- configuration changes and restarts ---------------------------------------------------------------
+
+    def request_site(self, site: SiteConfig) -> None:
+        """A validated tuning change: takes effect at the next tick boundary, then a new plan is made."""
+        self._pending_site = site
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "site_id": self.site.site.id,
+            "saved_local": self.clock.local().isoformat(),
+            "counters": asdict(self.counters),
+            "month_peak_kw": self.month_peak_kw,
+            "demand_month": self._demand_month,
+            "ev_since": {name: at.isoformat() for name, at in self._ev_since.items()},
+            "ev_connected": self._ev_connected,
+        }
+
+    def save_state(self) -> None:
+        if self.state_path is None:
+            return
+        try:
+            write_atomic(self.state_path, json.dumps(self._state(), indent=1).encode())
+        except OSError as err:
+            _log.error("controller state not saved", extra={"file": str(self.state_path), "error": str(err)})
+
+    def _restore_state(self) -> bool:
+        """Counters always carry over; the month peak only within the same month; car sessions only if
+        the controller was away for less than the time a car stays (their age still counts)."""
+        if self.state_path is None or not self.state_path.exists():
+            return False
+        try:
+            body = json.loads(self.state_path.read_bytes())
+            if body.get("version") != _STATE_VERSION or body.get("site_id") != self.site.site.id:
+                raise ValueError("written by another site or version")
+            counters = Counters(**{k: float(v) for k, v in body["counters"].items()})
+            saved = datetime.fromisoformat(body["saved_local"])
+            peak = float(body["month_peak_kw"])
+            since = {str(k): datetime.fromisoformat(v) for k, v in body["ev_since"].items()}
+            connected = {str(k): bool(v) for k, v in body["ev_connected"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            _log.error("controller state not restored", extra={"file": str(self.state_path), "error": str(err)})
+            return False
+        now = self.clock.local()
+        self.counters = counters
+        if (saved.year, saved.month) == (now.year, now.month) and math.isfinite(peak):
+            self.month_peak_kw = max(0.0, peak)
+            self._demand_month = now.month
+        if timedelta(0) <= now - saved < timedelta(hours=DEFAULT_EV_STAY_H):
+            for name in self._ev_connected:
+                if connected.get(name) and name in since:
+                    self._ev_connected[name] = True
+                    self._ev_since[name] = since[name]
+        _log.warning("controller state restored", extra={"file": str(self.state_path), "saved": saved.isoformat()})
+        return True
 
     async def _leave_safe(self) -> None:
         """On the way out: battery idle, cars at their minimum, PV unrestricted only without zero export."""
@@ -235,6 +331,9 @@ class Runtime:
         """One control tick: fresh grid and battery readings, safety, setpoints out."""
         if self.before_tick is not None:
             self.before_tick(self.clock.now())
+        if self._pending_site is not None:
+            self.site, self._pending_site = self._pending_site, None
+            self._replan.set()  # the limits or the battery window moved: plan against them now
         if self.clock.now() >= self._next_plan_s:
             self._next_plan_s = self.clock.now() + self.site.replan_period_s
             self._replan.set()
@@ -274,6 +373,7 @@ class Runtime:
             load = grid + pv - battery - sum(ev_kw.values())
             self.forecaster.observe(self.clock.local(), load, pv, self._pv_limit_kw is not None)
             self._demand(max(grid, 0.0), dt_s)
+            self._count(grid, pv, battery, sum(ev_kw.values()), dt_s)
         self.stats.ticks += 1
         self.stats.safe_state_ticks += setpoints.safe_state
         self.stats.safety_actions += bool(setpoints.actions)
@@ -281,9 +381,29 @@ class Runtime:
         await self._apply(setpoints)
         if self.store is not None:
             self._record(measured, setpoints)
+        self.last_measured, self.last_setpoints = measured, setpoints
         if self.on_tick is not None:
             self.on_tick(self.clock.now(), setpoints)
+        for listener in self.listeners:
+            listener(self)
+        if self.clock.now() >= self._next_state_save_s:
+            self._next_state_save_s = self.clock.now() + STATE_SAVE_PERIOD_S
+            self.save_state()
         return setpoints
+
+    def _count(self, grid_kw: float, pv_kw: float, battery_kw: float, ev_kw: float, dt_s: float) -> None:
+        c, h = self.counters, dt_s / 3600
+        imported, exported = max(grid_kw, 0.0) * h, max(-grid_kw, 0.0) * h
+        c.grid_import_kwh += imported
+        c.grid_export_kwh += exported
+        c.pv_kwh += max(pv_kw, 0.0) * h
+        c.battery_charge_kwh += max(battery_kw, 0.0) * h
+        c.battery_discharge_kwh += max(-battery_kw, 0.0) * h
+        c.ev_kwh += max(ev_kw, 0.0) * h
+        price = self.site.tariff.band_at(self.clock.local())[1]
+        c.energy_cost_cny += imported * price - exported * self.site.tariff.export_price_cny_per_kwh
+        c.carbon_kg += imported * self.site.carbon_kg_per_kwh
+        c.carbon_avoided_kg += max(0.0, max(pv_kw, 0.0) * h - exported) * self.site.carbon_kg_per_kwh
 
     def _demand(self, import_kw: float, dt_s: float) -> None:
         """Month-to-date peak as the utility meters it: the largest 15-minute average import (aligned

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import shutil
 import signal
 import sys
 import time
@@ -15,6 +16,7 @@ from zoneinfo import ZoneInfo
 from config import ConfigError, SiteConfig, load_site
 from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, Command, refusal
 from controller.storage.timeseries import TimeSeriesStore
+from controller.tuning import TuningStore
 from firmware_bridge.maps import check_site_devices
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -47,7 +49,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start", type=datetime.fromisoformat, default=datetime(2026, 7, 6),
                         help="simulation start, local time (default Monday 2026-07-06 00:00, summer)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1, help="simulation random seed (clouds)")
-    parser.add_argument("--store", help="SQLite time-series file (default: storage.path of the site)")
+    parser.add_argument("--store", help="SQLite time-series file (default: storage.path of the site; with "
+                        "--simulate, a fresh var/simulation/<site id>/ each run)")  # fmt: skip
+    parser.add_argument("--no-mqtt", action="store_true", help="do not publish or listen on MQTT")
     parser.add_argument("--report", type=Path, metavar="DIR", help="write a PNG per day and summary.md here")
 
 
@@ -67,8 +71,30 @@ def _run(args: argparse.Namespace) -> int:
     return asyncio.run(_simulate(site, args) if args.simulate else _hardware(site, args))
 
 
+def _simulation_storage(site: SiteConfig, args: argparse.Namespace) -> SiteConfig:
+    """A simulated run starts from nothing (no series, counters or tuning left by the previous run) in
+    its own directory, unless --store names a file: then the caller keeps what is there."""
+    if args.store:
+        path = Path(args.store)
+    else:
+        folder = Path("var/simulation") / site.site.id
+        if folder.exists():
+            shutil.rmtree(folder)
+        path = folder / "series.sqlite3"
+    storage = site.storage.model_copy(update={"path": str(path), "tuning_path": None})
+    return site.model_copy(update={"storage": storage})
+
+
 def _store(site: SiteConfig, args: argparse.Namespace) -> TimeSeriesStore:
     return TimeSeriesStore(args.store or site.storage.path, site.storage.retention_days)
+
+
+def _tuned(site: SiteConfig) -> TuningStore:
+    """The site with its remote-tuning overrides; a refused overrides file is reported, not fatal."""
+    tuning = TuningStore(site)
+    for line in tuning.load_errors:
+        sys.stderr.write(f"tuning overrides ignored: {line}\n")
+    return tuning
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -82,16 +108,22 @@ def _stop_on_signals() -> asyncio.Event:
 
 async def _hardware(site: SiteConfig, args: argparse.Namespace) -> int:
     from controller.clock import RealClock  # noqa: PLC0415
+    from controller.mqtt import site_services  # noqa: PLC0415
     from controller.runtime import Runtime  # noqa: PLC0415
     from firmware_bridge.transport import Link, SerialLink  # noqa: PLC0415
 
     stop = _stop_on_signals()
     links: dict[str, Link] = {bus.name: SerialLink(bus) for bus in site.buses}
+    tuning = _tuned(site)
+    site = tuning.site
     store = _store(site, args)
     clock = RealClock(datetime.now(ZoneInfo(site.site.timezone)))
-    runtime = Runtime(site, clock=clock, links=links, store=store)
+    runtime = Runtime(site, clock=clock, links=links, store=store, state_path=site.storage.state_path)
     try:
-        await runtime.run(args.duration, stop)
+        async with site_services(runtime, tuning, mqtt=not args.no_mqtt) as mqtt:
+            if mqtt is not None:
+                sys.stdout.write(f"MQTT: {mqtt.host}:{mqtt.port}, topics {mqtt.topics.prefix}/#\n")
+            await runtime.run(args.duration, stop)
     finally:
         store.close()
     sys.stdout.write("".join(f"{key}: {value}\n" for key, value in runtime.summary_stats().items()))
@@ -100,6 +132,7 @@ async def _hardware(site: SiteConfig, args: argparse.Namespace) -> int:
 
 async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
     from controller.clock import SimClock  # noqa: PLC0415 - keeps `greensite validate` free of numba
+    from controller.mqtt import site_services  # noqa: PLC0415
     from controller.runtime import Runtime  # noqa: PLC0415
     from controller.simulation import Recorder, simulated_site  # noqa: PLC0415
     from controller.summary import summary_text  # noqa: PLC0415
@@ -108,15 +141,22 @@ async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
     duration = args.duration if args.duration is not None else 86400.0
     stop = _stop_on_signals()
     wall = time.perf_counter()
+    site = _simulation_storage(site, args)
+    tuning = _tuned(site)
+    site = tuning.site
     async with simulated_site(site, start, int(duration // 86400) + 1, seed=args.seed) as (plant, links, _sims):
         recorder = Recorder(site, plant)
         store = _store(site, args)
         runtime = Runtime(
             site, clock=SimClock(start, args.speed), links=links, line_timing=False,
-            before_tick=plant.advance, on_tick=recorder, store=store,
+            before_tick=plant.advance, on_tick=recorder, store=store, state_path=site.storage.state_path,
         )  # fmt: skip
         try:
-            await runtime.run(duration, stop)
+            async with site_services(runtime, tuning, mqtt=not args.no_mqtt) as mqtt:
+                if mqtt is not None:
+                    sys.stdout.write(f"MQTT: {mqtt.host}:{mqtt.port}, topics {mqtt.topics.prefix}/#\n")
+                    sys.stdout.flush()
+                await runtime.run(duration, stop)
             summary = summary_text(
                 site, plant, recorder, runtime, wall_s=time.perf_counter() - wall, interrupted=stop.is_set()
             )

@@ -1,0 +1,327 @@
+"""The MQTT side of a running controller: status out, tuning commands in.
+
+The control loop never waits on MQTT: a tick only appends to a bounded outbox (`offer`), and one
+background task owns the connection. While the broker is away, status piles up in the outbox (the
+oldest dropped first, and counted); on reconnect it is flushed in order, at least once (QoS 1).
+Commands are validated off the loop (a worker thread does the schema and the fsync) and answered on
+the reply topic with the command's correlation id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiomqtt
+
+from config import SiteConfig
+from controller.mqtt._payloads import Topics, discovery_messages, health_payload, plan_payload, state_payload
+from controller.runtime import Runtime
+from controller.tuning import TuningStore
+
+__all__ = ["Backoff", "MqttService", "Outbox", "broker_address"]
+
+_log = logging.getLogger(__name__)
+
+# Reconnect back-off: first retry soon (a broker restart takes a second or two), then capped so a
+# site whose broker is gone for hours still comes back within a minute of it returning.
+RECONNECT_INITIAL_S = 0.5
+RECONNECT_CAP_S = 30.0
+# A publish that gets no PUBACK in this long means the connection is dead, whatever TCP believes.
+PUBLISH_TIMEOUT_S = 5.0
+# On a clean stop, the last status and `offline` get this long to reach the broker.
+FINAL_FLUSH_TIMEOUT_S = 3.0
+# Device health is re-sent at least this often (wall time) even if nothing changed.
+HEALTH_PERIOD_S = 30.0
+KEEPALIVE_S = 15  # the broker declares us offline (last will) within 1.5× this of a dead link
+HA_STATUS_TOPIC_SUFFIX = "status"  # Home Assistant's birth/will topic under its discovery prefix
+MAX_CORRELATION_ID_CHARS = 200
+MAX_REQUESTED_BY_CHARS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+def _no_constants(name: str) -> Any:
+    """NaN and Infinity are not JSON, though Python's parser takes them; a limit of NaN compares false
+    with everything and would slip past every bound."""
+    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
+
+
+class Outbox:
+    """Two bounded queues: control messages (replies, config state, plan), never dropped below the
+    bound, and status, where the oldest goes first when full."""
+
+    def __init__(self, status_capacity: int, control_capacity: int = 1000) -> None:
+        self.status: deque[_Message] = deque()
+        self.control: deque[_Message] = deque()
+        self.status_capacity = status_capacity
+        self.control_capacity = control_capacity
+        self.dropped = 0
+        self.wakeup = asyncio.Event()
+
+    def put(self, message: _Message, *, control: bool = False) -> None:
+        queue, capacity = (self.control, self.control_capacity) if control else (self.status, self.status_capacity)
+        if len(queue) >= capacity:
+            queue.popleft()
+            self.dropped += 1
+        queue.append(message)
+        self.wakeup.set()
+
+    def peek(self) -> tuple[_Message, deque[_Message]] | None:
+        for queue in (self.control, self.status):
+            if queue:
+                return queue[0], queue
+        return None
+
+    def __len__(self) -> int:
+        return len(self.status) + len(self.control)
+
+
+class Backoff:
+    """Jittered, capped exponential back-off (full jitter over the upper half)."""
+
+    def __init__(self, initial_s: float = RECONNECT_INITIAL_S, cap_s: float = RECONNECT_CAP_S) -> None:
+        self.initial_s, self.cap_s = initial_s, cap_s
+        self._next_s = initial_s
+
+    def reset(self) -> None:
+        self._next_s = self.initial_s
+
+    def next_delay_s(self) -> float:
+        delay = self._next_s
+        self._next_s = min(self.cap_s, self._next_s * 2)
+        return random.uniform(delay / 2, delay)  # jitter, not cryptography
+
+
+def broker_address(site: SiteConfig, embedded_port: int | None) -> tuple[str, int, bool]:
+    """(host, port, tls) for the configured broker; `embedded_port` is where the embedded one listens."""
+    broker = site.mqtt.broker
+    if broker == "embedded":
+        if embedded_port is None:
+            raise ValueError('broker is "embedded" but no embedded broker is running')
+        return "127.0.0.1", embedded_port, False
+    parts = urlsplit(broker)
+    tls = parts.scheme == "mqtts"
+    if parts.hostname is None:
+        raise ValueError(f"broker {broker!r} has no host")
+    return parts.hostname, parts.port or (8883 if tls else 1883), tls
+
+
+class MqttService:
+    """Attach to a runtime with `attach()`; the runtime runs `service()` in its TaskGroup."""
+
+    def __init__(
+        self,
+        site: SiteConfig,
+        runtime: Runtime,
+        tuning: TuningStore,
+        *,
+        host: str,
+        port: int,
+        tls: bool = False,
+        identifier: str | None = None,
+    ) -> None:
+        self.site = site
+        self.runtime = runtime
+        self.tuning = tuning
+        self.host, self.port, self.tls = host, port, tls
+        self.identifier = identifier or f"greensite-{site.site.id}"
+        self.topics = Topics(site.topic_prefix)
+        self.outbox = Outbox(site.mqtt.outbox_messages)
+        self.connected = asyncio.Event()
+        self.connections = 0
+        self.commands_answered = 0
+        self._min_interval_s = 1.0 / site.mqtt.status_max_rate_hz
+        self._last_state_wall = -float("inf")
+        self._last_health_wall = -float("inf")
+        self._last_health_states: dict[str, str] = {}
+        self._plans_published = -1
+        self._apply_lock = asyncio.Lock()
+
+    def attach(self) -> None:
+        self.runtime.listeners.append(self._on_tick)
+        self.runtime.services.append(self.service)
+        self.publish_config_state()
+
+    def publish_config_state(self) -> None:
+        """The effective tuning, retained: after every accepted change, from MQTT or from a shell."""
+        self.outbox.put(self._json(self.topics.config_state, self.tuning.state(), retain=True), control=True)
+
+    # --- from the tick (synchronous, cheap) -----------------------------------------------------------
+
+    @staticmethod
+    def _json(topic: str, body: Any, *, retain: bool) -> _Message:
+        return _Message(topic, json.dumps(body, separators=(",", ":"), allow_nan=False, default=str).encode(), retain)
+
+    def _on_tick(self, runtime: Runtime) -> None:
+        wall = time.monotonic()
+        if wall - self._last_state_wall >= self._min_interval_s:
+            self._last_state_wall = wall
+            self.outbox.put(self._json(self.topics.state, state_payload(runtime), retain=True))
+        states = {name: str(runtime.buses[bus].health(name).state) for name, bus in runtime.bus_of.items()}
+        if states != self._last_health_states or wall - self._last_health_wall >= HEALTH_PERIOD_S:
+            self._last_health_states, self._last_health_wall = states, wall
+            body = health_payload(runtime, self.outbox.dropped)
+            self.outbox.put(self._json(self.topics.health, body, retain=True), control=True)
+        if runtime.stats.plans != self._plans_published:
+            self._plans_published = runtime.stats.plans
+            plan = plan_payload(runtime)
+            if plan is not None:
+                self.outbox.put(self._json(self.topics.plan, plan, retain=True), control=True)
+
+    # --- the connection ---------------------------------------------------------------------------------
+
+    def _client(self) -> aiomqtt.Client:
+        mqtt = self.site.mqtt
+        tls_params = None
+        if self.tls:
+            tls = mqtt.tls
+            tls_params = aiomqtt.TLSParameters(
+                ca_certs=tls.ca_file if tls else None,
+                certfile=tls.cert_file if tls else None,
+                keyfile=tls.key_file if tls else None,
+            )
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=self.identifier,
+            username=mqtt.username,
+            password=mqtt.password.get_secret_value() if mqtt.password is not None else None,
+            will=aiomqtt.Will(self.topics.availability, b"offline", qos=1, retain=True),
+            tls_params=tls_params,
+            keepalive=KEEPALIVE_S,
+            timeout=PUBLISH_TIMEOUT_S,
+            clean_session=True,
+        )
+
+    async def service(self) -> None:
+        """Connect, publish, listen; on any MQTT error wait (jittered, capped) and connect again."""
+        backoff = Backoff()
+        while True:
+            try:
+                async with self._client() as client:
+                    backoff.reset()
+                    self.connections += 1
+                    await self._session(client)
+            except* (aiomqtt.MqttError, OSError, TimeoutError) as group:
+                self.connected.clear()
+                _log.warning("MQTT connection lost", extra={"broker": f"{self.host}:{self.port}",
+                                                            "error": str(group.exceptions[0])[:300]})  # fmt: skip
+            await asyncio.sleep(backoff.next_delay_s())
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        try:
+            await client.publish(self.topics.availability, b"online", qos=1, retain=True)
+            await client.subscribe(self.topics.config_set, qos=1)
+            if self.site.mqtt.ha_discovery:
+                await client.subscribe(f"{self.site.mqtt.ha_discovery_prefix}/{HA_STATUS_TOPIC_SUFFIX}", qos=1)
+                await self._send_discovery(client)
+            self.connected.set()
+            _log.info("MQTT connected", extra={"broker": f"{self.host}:{self.port}", "queued": len(self.outbox)})
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._drain(client), name="mqtt-drain")
+                group.create_task(self._receive(client), name="mqtt-receive")
+        finally:
+            self.connected.clear()
+            if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                await self._final_flush(client)
+
+    async def _final_flush(self, client: aiomqtt.Client) -> None:
+        """On a clean stop: what is queued, then `offline` (a clean disconnect sends no last will)."""
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError, OSError):
+            async with asyncio.timeout(FINAL_FLUSH_TIMEOUT_S):
+                while (head := self.outbox.peek()) is not None:
+                    message, queue = head
+                    await client.publish(message.topic, message.payload, qos=1, retain=message.retain)
+                    queue.popleft()
+                await client.publish(self.topics.availability, b"offline", qos=1, retain=True)
+
+    async def _send_discovery(self, client: aiomqtt.Client) -> None:
+        for topic, payload in discovery_messages(self.site, self.topics):
+            await client.publish(topic, payload, qos=1, retain=True)
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        while True:
+            head = self.outbox.peek()
+            if head is None:
+                self.outbox.wakeup.clear()
+                await self.outbox.wakeup.wait()
+                continue
+            message, queue = head
+            await client.publish(message.topic, message.payload, qos=1, retain=message.retain)
+            if queue and queue[0] is message:  # removed only once the broker has it: at least once
+                queue.popleft()
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        ha_status = f"{self.site.mqtt.ha_discovery_prefix}/{HA_STATUS_TOPIC_SUFFIX}"
+        async for message in client.messages:
+            topic = str(message.topic)
+            payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+            if topic == ha_status:
+                if bytes(payload) == b"online" and self.site.mqtt.ha_discovery:
+                    await self._send_discovery(client)  # Home Assistant restarted: tell it again
+            elif topic == self.topics.config_set:
+                reply = await self.handle_command(bytes(payload))
+                self.outbox.put(self._json(self.topics.config_reply, reply, retain=False), control=True)
+
+    # --- commands ---------------------------------------------------------------------------------------
+
+    async def handle_command(self, payload: bytes) -> dict[str, Any]:
+        """Validate and apply one tuning command; always returns the reply (never raises on bad input)."""
+        self.commands_answered += 1
+        correlation_id: Any = None
+        cap = self.site.mqtt.max_payload_bytes
+        if len(payload) > cap:
+            return self._reply(None, [f"payload: {len(payload)} bytes, more than the cap of {cap}"])
+        try:
+            body = json.loads(payload, parse_constant=_no_constants)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            where = f" at byte offset {err.pos}" if isinstance(err, json.JSONDecodeError) else ""
+            return self._reply(None, [f"payload: not JSON{where}: {err}"])
+        if not isinstance(body, dict):
+            return self._reply(None, [f'payload: expected {{"correlation_id", "patch"}}, got {type(body).__name__}'])
+        correlation_id = body.get("correlation_id")
+        errors = []
+        if correlation_id is not None and (
+            not isinstance(correlation_id, str | int) or isinstance(correlation_id, bool)
+            or len(str(correlation_id)) > MAX_CORRELATION_ID_CHARS
+        ):  # fmt: skip
+            errors.append(f"correlation_id: a string or integer of at most {MAX_CORRELATION_ID_CHARS} characters")
+            correlation_id = None
+        unknown = sorted(set(body) - {"correlation_id", "patch", "requested_by"})
+        if unknown:
+            errors.append(f"payload: unknown keys {unknown}; expected correlation_id, patch, requested_by")
+        requested_by = body.get("requested_by", "anonymous")
+        if not isinstance(requested_by, str) or not 0 < len(requested_by) <= MAX_REQUESTED_BY_CHARS:
+            errors.append(f"requested_by: a string of 1 to {MAX_REQUESTED_BY_CHARS} characters")
+        if "patch" not in body:
+            errors.append("patch: missing; send the [tuning] fields to change as a JSON object")
+        if not self.site.mqtt.remote_tuning:
+            errors.append("remote tuning is disabled for this site (mqtt.remote_tuning = false in the site file)")
+        if errors:
+            return self._reply(correlation_id, errors)
+        async with self._apply_lock:  # one patch at a time, in arrival order
+            result = await asyncio.to_thread(self.tuning.apply, body["patch"], by=f"mqtt:{requested_by}", via="mqtt")
+        if not result.accepted:
+            return self._reply(correlation_id, result.errors)
+        assert result.site is not None
+        self.runtime.request_site(result.site)
+        self.publish_config_state()
+        return {"correlation_id": correlation_id, **result.to_json()}
+
+    def _reply(self, correlation_id: Any, errors: list[str]) -> dict[str, Any]:
+        _log.info("tuning command refused", extra={"correlation_id": correlation_id, "errors": errors[:5]})
+        return {"correlation_id": correlation_id, "accepted": False, "errors": errors}

@@ -1,0 +1,338 @@
+"""MQTT: status, Home Assistant discovery and remote tuning against a real Mosquitto (and the embedded
+broker), with the controller running the simulated school in accelerated time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiomqtt
+import pytest
+
+from config import SiteConfig, load_site
+from controller.clock import SimClock
+from controller.mqtt import SENSORS, MqttService, Topics, discovery_messages, site_services
+from controller.runtime import Runtime
+from controller.simulation import simulated_site
+from controller.tuning import TuningStore, merge_patch
+from tests.mqtt_fixtures import Mosquitto, mosquitto, subscribed, wait_for
+
+__all__ = ["mosquitto"]  # the fixture, imported for pytest
+
+SCHOOL = Path(__file__).parents[1] / "config" / "sites" / "zhongshan_school.toml"
+START = datetime(2026, 7, 6, 11, 0, tzinfo=ZoneInfo("Asia/Shanghai"))
+
+
+def school(tmp_path: Path, **mqtt: Any) -> SiteConfig:
+    data = load_site(SCHOOL, environment=False).model_dump()
+    data["mqtt"].update({"status_max_rate_hz": 1000.0, **mqtt})
+    data["storage"] = {"path": str(tmp_path / "series.sqlite3")}
+    return SiteConfig.model_validate(data)
+
+
+# --- tuning, without a broker ------------------------------------------------------------------------
+
+
+def test_merge_patch_follows_rfc_7396() -> None:
+    assert merge_patch({"a": {"b": 1, "c": 2}}, {"a": {"b": None, "d": 3}}) == {"a": {"c": 2, "d": 3}}
+    assert merge_patch({"a": 1}, {"a": [1, 2]}) == {"a": [1, 2]}
+
+
+def test_accepted_patch_is_persisted_atomically_with_the_previous_version_and_logged(tmp_path: Path) -> None:
+    site = school(tmp_path)
+    store = TuningStore(site)
+    first = store.apply({"grid": {"import_limit_kw": 150}}, by="cli:eng", via="cli")
+    assert first.accepted
+    assert first.changes == {"grid.import_limit_kw": [None, 150.0]}
+    assert first.site is not None
+    assert first.site.import_limit_kw == 150.0
+    second = store.apply({"battery": {"soc_min": 0.2}}, by="mqtt:ops", via="mqtt")
+    assert second.accepted
+    saved = json.loads(store.path.read_text())
+    assert saved["tuning"] == {"grid": {"import_limit_kw": 150}, "battery": {"soc_min": 0.2}}
+    assert json.loads((store.path.parent / (store.path.name + ".prev")).read_text())["tuning"] == {
+        "grid": {"import_limit_kw": 150}
+    }
+    audit = [json.loads(line) for line in store.audit_path.read_text().splitlines()]
+    assert [(a["by"], a["via"], list(a["changes"])) for a in audit] == [
+        ("cli:eng", "cli", ["grid.import_limit_kw"]),
+        ("mqtt:ops", "mqtt", ["battery.soc_min"]),
+    ]
+    # A controller starting later sees both; null hands a field back to the site file.
+    again = TuningStore(site)
+    assert again.site.import_limit_kw == 150.0
+    assert again.site.tuning.battery.soc_min == 0.2
+    assert again.apply({"grid": {"import_limit_kw": None}}, by="x", via="cli").site.import_limit_kw == 400.0  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("patch", "error"),
+    [
+        ({"grid": {"import_limit_kw": 900}}, "exceeds the grid rating 400"),
+        ({"battery": {"max_charge_kw": 500}}, "exceeds the rating"),
+        ({"battery": {"soc_min": "low"}}, "tuning.battery.soc_min"),
+        ({"battery": {"soc_min": 0.99}}, "soc_min"),
+        ({"mqtt": {"remote_tuning": False}}, "tuning.mqtt"),
+        ({"grid": {"import_relief_order": ["ev", "ev"]}}, "each relief lever"),
+        ([1, 2], "expected a JSON object"),
+        ({}, "empty"),
+        ({"a": {"b": {"c": {"d": {"e": 1}}}}}, "nested deeper"),
+    ],
+)
+def test_refused_patch_changes_nothing_and_names_the_field(tmp_path: Path, patch: Any, error: str) -> None:
+    store = TuningStore(school(tmp_path))
+    store.apply({"grid": {"import_limit_kw": 200}}, by="t", via="cli")
+    before = store.path.read_bytes(), store.audit_path.read_bytes(), store.site
+    result = store.apply(patch, by="t", via="mqtt")
+    assert not result.accepted
+    assert any(error in line for line in result.errors), result.errors
+    assert (store.path.read_bytes(), store.audit_path.read_bytes(), store.site) == before
+
+
+def test_damaged_overrides_file_falls_back_to_previous_version(tmp_path: Path) -> None:
+    site = school(tmp_path)
+    store = TuningStore(site)
+    store.apply({"grid": {"import_limit_kw": 200}}, by="t", via="cli")
+    store.apply({"grid": {"import_limit_kw": 180}}, by="t", via="cli")
+    store.path.write_text('{"version": 1, "tuning": {"grid": {"import_limit_kw": 18')  # torn by hand
+    again = TuningStore(site)
+    assert again.site.import_limit_kw == 200.0
+    assert any("not JSON" in line for line in again.load_errors)
+
+
+async def _hostile(service: MqttService) -> list[dict[str, Any]]:
+    payloads: list[bytes] = [
+        b"",
+        b"{",
+        b"\xff\xfe",
+        b"[]",
+        b"null",
+        b'"patch"',
+        json.dumps({"correlation_id": "c1"}).encode(),
+        json.dumps({"correlation_id": "c2", "patch": {"grid": {"import_limit_kw": -5}}}).encode(),
+        json.dumps({"correlation_id": "c3", "patch": {"grid": {"import_limit_kw": 1e4}}}).encode(),
+        json.dumps({"correlation_id": {"x": 1}, "patch": {"grid": {}}}).encode(),
+        json.dumps({"correlation_id": "c5", "patch": {"battery": {"soc_max": [1]}}, "extra": 1}).encode(),
+        json.dumps({"correlation_id": "c6", "patch": {"grid": {"import_limit_kw": 100}}, "requested_by": 7}).encode(),
+        b'{"correlation_id": "big", "patch": {"x": "' + b"a" * 20_000 + b'"}}',
+        b'{"patch": {"grid": {"import_limit_kw": NaN}}}',
+    ]
+    return [await service.handle_command(p) for p in payloads]
+
+
+async def test_hostile_commands_are_answered_with_errors_and_change_nothing(tmp_path: Path) -> None:
+    site = school(tmp_path, remote_tuning=True)
+    async with simulated_site(site, START, 1) as (plant, links, _sims):
+        runtime = Runtime(site, clock=SimClock(START, None), links=links, line_timing=False, before_tick=plant.advance)
+        store = TuningStore(site)
+        service = MqttService(site, runtime, store, host="127.0.0.1", port=1)
+        replies = await _hostile(service)
+    assert all(not r["accepted"] and r["errors"] for r in replies)
+    assert not store.path.exists()
+    by_id = {r["correlation_id"]: r["errors"] for r in replies}
+    assert any("byte offset 1" in e for e in replies[1]["errors"])
+    assert any("grid.import_limit_kw" in e for e in by_id["c2"])
+    assert any("exceeds the grid rating" in e for e in by_id["c3"])
+    assert any("unknown keys ['extra']" in e for e in by_id["c5"])
+    assert any("requested_by" in e for e in by_id["c6"])
+    assert any("more than the cap" in e for e in replies[12]["errors"])
+    assert any("NaN is not a JSON number" in e for e in replies[13]["errors"])
+    assert replies[9]["correlation_id"] is None
+    assert "correlation_id" in replies[9]["errors"][0]
+
+
+async def test_remote_tuning_is_refused_unless_enabled(tmp_path: Path) -> None:
+    site = school(tmp_path, remote_tuning=False)
+    async with simulated_site(site, START, 1) as (plant, links, _sims):
+        runtime = Runtime(site, clock=SimClock(START, None), links=links, line_timing=False, before_tick=plant.advance)
+        service = MqttService(site, runtime, TuningStore(site), host="127.0.0.1", port=1)
+        reply = await service.handle_command(b'{"correlation_id": 4, "patch": {"grid": {"import_limit_kw": 100}}}')
+    assert reply == {"correlation_id": 4, "accepted": False, "errors": [reply["errors"][0]]}
+    assert "remote tuning is disabled" in reply["errors"][0]
+
+
+def test_discovery_describes_energy_sensors_for_the_energy_dashboard(tmp_path: Path) -> None:
+    site = school(tmp_path)
+    messages = dict(discovery_messages(site, Topics(site.topic_prefix)))
+    assert len(messages) == len(SENSORS)
+    grid_import = json.loads(messages["homeassistant/sensor/greensite_zhongshan_school/grid_import_kwh/config"])
+    assert grid_import["device_class"] == "energy"
+    assert grid_import["state_class"] == "total_increasing"
+    assert grid_import["unit_of_measurement"] == "kWh"
+    assert grid_import["state_topic"] == "greensite/zhongshan-school/state"
+    assert grid_import["availability_topic"] == "greensite/zhongshan-school/availability"
+    assert len({json.loads(m)["unique_id"] for m in messages.values()}) == len(SENSORS)
+    cost = json.loads(messages["homeassistant/sensor/greensite_zhongshan_school/energy_cost_cny/config"])
+    assert (cost["device_class"], cost["state_class"], cost["unit_of_measurement"]) == ("monetary", "total", "CNY")
+
+
+# --- against a real broker -------------------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(self, runtime: Runtime, service: MqttService) -> None:
+        self.runtime, self.service = runtime, service
+
+
+@contextlib.asynccontextmanager
+async def running(site: SiteConfig, duration_s: float, speed: float) -> AsyncIterator[_Run]:
+    """The controller on the simulated school with MQTT; leaving the block waits for the run's end."""
+    async with simulated_site(site, START, 1) as (plant, links, _sims):
+        runtime = Runtime(site, clock=SimClock(START, speed), links=links, line_timing=False,
+                          before_tick=plant.advance)  # fmt: skip
+        async with site_services(runtime, TuningStore(site)) as service:
+            assert service is not None
+            task = asyncio.create_task(runtime.run(duration_s), name="runtime")
+            try:
+                yield _Run(runtime, service)
+            except BaseException:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise
+            await task
+
+
+async def test_every_tick_status_discovery_on_ha_birth_and_remote_tuning(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    site = school(tmp_path, broker=f"mqtt://127.0.0.1:{mosquitto.port}", remote_tuning=True)
+    topics = Topics(site.topic_prefix)
+    async with subscribed(mosquitto.port, f"{topics.prefix}/#", "homeassistant/#") as sub:
+        async with running(site, 60.0, speed=20.0) as run, aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+            await wait_for(lambda: len(sub.of(topics.state)) >= 10)
+            discovery = {t for t, _, _ in sub.messages if t.endswith("/config")}
+            assert len(discovery) == len(SENSORS)
+            # Home Assistant restarts: its birth message brings the discovery again.
+            await client.publish("homeassistant/status", b"online")
+            await wait_for(lambda: len([t for t, _, _ in sub.messages if t.endswith("/config")]) >= 2 * len(SENSORS))
+            command = {"correlation_id": "abc-1", "requested_by": "site engineer",
+                       "patch": {"grid": {"import_limit_kw": 120}}}  # fmt: skip
+            await client.publish(topics.config_set, json.dumps(command).encode(), qos=1)
+            await wait_for(lambda: len(sub.of(topics.config_reply)) >= 1)
+            bad = {"correlation_id": "abc-2", "patch": {"grid": {"import_limit_kw": 9999}}}
+            await client.publish(topics.config_set, json.dumps(bad).encode(), qos=1)
+            await wait_for(lambda: len(sub.of(topics.config_reply)) >= 2)
+            ok, refused = sub.of(topics.config_reply)
+            assert ok["correlation_id"] == "abc-1"
+            assert ok["accepted"]
+            assert ok["changes"] == {"grid.import_limit_kw": [None, 120.0]}
+            assert refused["correlation_id"] == "abc-2"
+            assert not refused["accepted"]
+            assert "exceeds the grid rating" in refused["errors"][0]
+            await wait_for(lambda: run.runtime.site.import_limit_kw == 120.0)  # applied at a tick boundary
+            await wait_for(lambda: sub.of(topics.state)[-1]["import_limit_kw"] == 120.0)
+            assert sub.of(topics.config_state)[-1]["tuning"]["grid"]["import_limit_kw"] == 120.0
+        await wait_for(lambda: sub.of(topics.availability)[-1:] == ["offline"])  # said on the way out
+    states = sub.of(topics.state)
+    ticks = [s["tick"] for s in states]
+    assert sorted(set(ticks)) == list(range(1, 62))  # every tick (at least once: QoS 1)
+    assert ticks == sorted(ticks)  # in order
+    assert run.runtime.stats.ticks == 61
+    last = states[-1]
+    assert {"grid_power_kw", "pv_power_kw", "battery_soc_pct", "grid_import_kwh", "energy_cost_cny"} <= set(last)
+    assert last["controller_state"] == "running"
+    assert sub.of(topics.health)[-1]["devices"]["grid-meter"]["state"] == "ok"
+    assert "cost_cny" in sub.of(topics.plan)[-1]
+
+
+async def test_broker_killed_mid_run_control_goes_on_and_buffered_status_is_delivered(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    site = school(tmp_path, broker=f"mqtt://127.0.0.1:{mosquitto.port}")
+    topics = Topics(site.topic_prefix)
+    async with subscribed(mosquitto.port, topics.state, identifier="hil-subscriber") as sub:
+        await asyncio.sleep(1.5)  # the broker's autosave has the subscriber's session
+        async with running(site, 120.0, speed=20.0) as run:
+            await wait_for(lambda: run.runtime.stats.ticks >= 20)
+            mosquitto.kill()
+            killed_at = run.runtime.stats.ticks
+            await wait_for(lambda: run.runtime.stats.ticks >= 60)
+            assert not run.service.connected.is_set()
+            queued = len(run.service.outbox)
+            await asyncio.to_thread(mosquitto.start)
+            restarted_at = run.runtime.stats.ticks
+        await wait_for(lambda: {s["tick"] for s in sub.of(topics.state)} >= set(range(killed_at + 2, 122)), 15.0)
+    assert queued >= 35  # status kept while the broker was away
+    assert run.service.connections >= 2
+    assert run.runtime.stats.ticks == 121  # the loop never waited on MQTT
+    assert run.runtime.stats.safe_state_ticks == 0
+    ticks = {s["tick"] for s in sub.of(topics.state)}
+    assert set(range(killed_at + 2, restarted_at)) <= ticks  # produced during the outage, delivered after
+
+
+async def test_a_thousand_hostile_payloads_over_the_broker_are_all_refused(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    site = school(tmp_path, broker=f"mqtt://127.0.0.1:{mosquitto.port}", remote_tuning=True)
+    topics = Topics(site.topic_prefix)
+    rng = random.Random(7)
+    shapes: list[bytes] = [
+        b"{", b"[]", b"\x00\x01\x02", b'{"patch": 5}', b'{"patch": {"grid": {"import_limit_kw": "x"}}}',
+        b'{"patch": {"battery": {"soc_min": 2}}}', b'{"patch": {"grid": {"export_limit_kw": 50}}}',
+        b'{"patch": {"nope": 1}}', b'{"patch": {"battery": {"max_charge_kw": 1e5}}}', b"x" * 40_000,
+    ]  # fmt: skip
+    async with (
+        subscribed(mosquitto.port, topics.config_reply) as sub,
+        running(site, 150.0, speed=20.0) as run,
+        aiomqtt.Client("127.0.0.1", mosquitto.port) as client,
+    ):
+        await wait_for(run.service.connected.is_set)
+        for index in range(1000):
+            payload = shapes[index % len(shapes)] if index % 3 else rng.randbytes(rng.randint(0, 300))
+            await client.publish(topics.config_set, payload, qos=1)
+        await wait_for(lambda: len(sub.of(topics.config_reply)) >= 1000, 60.0)
+        assert run.runtime.site.tuning == site.tuning
+    replies = sub.of(topics.config_reply)
+    assert len(replies) == 1000
+    assert all(isinstance(r, dict) and r["accepted"] is False and r["errors"] for r in replies)
+    assert not TuningStore(site).path.exists()
+    assert run.runtime.stats.ticks == 151
+    assert run.runtime.stats.safe_state_ticks == 0
+
+
+async def test_embedded_broker_serves_status_and_commands(tmp_path: Path) -> None:
+    site = school(tmp_path, broker="embedded", embedded_port=0, remote_tuning=True)
+    topics = Topics(site.topic_prefix)
+    async with running(site, 40.0, speed=20.0) as run:
+        await wait_for(run.service.connected.is_set)
+        async with (
+            subscribed(run.service.port, f"{topics.prefix}/#") as sub,
+            aiomqtt.Client("127.0.0.1", run.service.port) as client,
+        ):
+            await client.publish(
+                topics.config_set, b'{"correlation_id": "e1", "patch": {"battery": {"reserve_soc": 0.3}}}'
+            )
+            await wait_for(lambda: sub.of(topics.config_reply) and len(sub.of(topics.state)) >= 5)
+            assert sub.of(topics.config_reply)[0]["correlation_id"] == "e1"
+            assert sub.of(topics.config_reply)[0]["accepted"]
+            assert sub.of(topics.availability)[0] == "online"  # retained
+
+
+def test_config_set_from_a_shell_is_seen_by_a_running_controller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from controller.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the school's storage paths are relative: var/...
+    running_view = TuningStore(load_site(SCHOOL))
+    assert running_view.reload_if_changed() is None
+    assert main(["config", "set", str(SCHOOL), '{"battery": {"reserve_soc": 0.4}}', "--by", "wang"]) == 0
+    assert '"battery.reserve_soc"' in capsys.readouterr().out
+    changed = running_view.reload_if_changed()
+    assert changed is not None
+    assert changed.tuning.battery.reserve_soc == 0.4
+    assert main(["config", "set", str(SCHOOL), '{"battery": {"reserve_soc": 0.99}}']) == 2
+    assert "reserve_soc must lie between soc_min and soc_max" in capsys.readouterr().err
+    assert main(["config", "set", str(SCHOOL), "{oops"]) == 2
+    assert "byte offset 1" in capsys.readouterr().err
+    assert main(["config", "get", str(SCHOOL)]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert state["tuning"]["battery"]["reserve_soc"] == 0.4
+    audit = (tmp_path / "var" / "zhongshan-school.tuning.audit.jsonl").read_text().splitlines()
+    assert [json.loads(line)["by"] for line in audit] == ["cli:wang"]
