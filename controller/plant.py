@@ -9,11 +9,16 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
+from typing import Literal
 
 from config import DeviceKind, SiteConfig
 
-__all__ = ["EvArrival", "Plant", "school_arrivals"]
+__all__ = ["EvArrival", "Plant", "Weather", "school_arrivals"]
+
+Weather = Literal["sunny", "overcast", "passing_clouds"]
+# Overcast sky: this share of the clear-sky yield, with slow variation.
+OVERCAST_FACTOR = 0.3
 
 # State codes of the generic EV charger map (IEC 61851): A no vehicle, B connected, C charging.
 EV_NO_VEHICLE, EV_CONNECTED, EV_CHARGING = 0.0, 1.0, 2.0
@@ -27,13 +32,15 @@ class EvArrival:
     energy_kwh: float
 
 
-def school_arrivals(site: SiteConfig, start: datetime, days: int) -> list[EvArrival]:
-    """Weekday staff cars: one arrives 08:00 for 45 kWh, one 13:00 for 60 kWh (if two chargers)."""
+def school_arrivals(
+    site: SiteConfig, start: datetime, days: int, holidays: frozenset[date] = frozenset()
+) -> list[EvArrival]:
+    """School-day staff cars: one arrives 08:00 for 45 kWh, one 13:00 for 60 kWh (if two chargers)."""
     out: list[EvArrival] = []
     names = [c.name for c in site.ev_chargers]
     for day in range(days + 1):
         date = (start + timedelta(days=day)).replace(hour=0, minute=0, second=0, microsecond=0)
-        if date.weekday() >= 5:
+        if date.weekday() >= 5 or date.date() in holidays:
             continue
         plan = [(8, 17, 45.0), (13, 22, 60.0)]
         for name, (arrive_h, leave_h, energy) in zip(names, plan, strict=False):
@@ -57,6 +64,8 @@ class Plant:
     start: datetime  # local wall-clock time at simulated second 0
     seed: int = 1
     arrivals: list[EvArrival] = field(default_factory=list)
+    weather: Weather = "passing_clouds"
+    holidays: frozenset[date] = frozenset()  # school closed: the weekend load
     now_s: float = 0.0
     soc: float = 0.5
     battery_setpoint_kw: float = 0.0
@@ -80,6 +89,8 @@ class Plant:
     peak_15min_kw: float = 0.0
     baseline_peak_15min_kw: float = 0.0
     evs: dict[str, _Ev] = field(default_factory=dict)
+    # Sessions that ended: (arrival, delivered kWh), to judge "satisfied where physically possible".
+    finished: list[tuple[EvArrival, float]] = field(default_factory=list)
     _bucket: list[float] = field(default_factory=lambda: [-1.0, 0.0, 0.0])  # index, kWh actual, kWh baseline
     _baseline_ev_kwh: dict[str, float] = field(default_factory=dict)
     _random: random.Random = field(init=False)
@@ -100,6 +111,13 @@ class Plant:
     def local_time(self, at_s: float | None = None) -> datetime:
         return self.start + timedelta(seconds=self.now_s if at_s is None else at_s)
 
+    def pv_available_at(self, at_s: float) -> float:
+        """The truth, for baselines and the perfect-foresight reference (the controller never sees it)."""
+        return self._pv_available(at_s)
+
+    def load_at(self, at_s: float) -> float:
+        return self._load(at_s)
+
     def _pv_available(self, at_s: float) -> float:
         if self.site.pv is None:
             return 0.0
@@ -107,16 +125,19 @@ class Plant:
         hour = t.hour + t.minute / 60 + t.second / 3600
         sun = max(0.0, math.sin(math.pi * (hour - 6.2) / 12.6)) ** 1.3
         shade = 1.0
-        for centre, width, depth in self._clouds:
-            distance = abs(at_s - centre)
-            if distance < width:
-                shade *= 1 - depth * (1 - distance / width)
+        if self.weather == "overcast":
+            shade = OVERCAST_FACTOR * (1 + 0.3 * math.sin(at_s / 1800.0))
+        elif self.weather == "passing_clouds":
+            for centre, width, depth in self._clouds:
+                distance = abs(at_s - centre)
+                if distance < width:
+                    shade *= 1 - depth * (1 - distance / width)
         return float(self.site.pv.peak_kw * 0.82 * sun * shade)
 
     def _load(self, at_s: float) -> float:
         t = self.local_time(at_s)
         hour = t.hour + t.minute / 60
-        school_day = t.weekday() < 5
+        school_day = t.weekday() < 5 and t.date() not in self.holidays
         base = 45.0
         if school_day and 7.5 <= hour < 17.5:
             base += 120.0
@@ -135,6 +156,7 @@ class Plant:
         local = self.local_time()
         for name, ev in self.evs.items():
             if ev.arrival is not None and local >= ev.arrival.leave:
+                self.finished.append((ev.arrival, ev.delivered_kwh))
                 ev.arrival = None
                 ev.power_kw = 0.0
             if ev.arrival is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -45,6 +46,8 @@ _EVERY_TICK = {
     DeviceKind.EV_CHARGER: ("power_kw", "state_code"),  # cars follow their current limit within seconds
 }
 SLOW_POLL_S = 5.0
+# A grid reading older than this many ticks (a missed poll) freezes the setpoints until it is fresh.
+HOLD_AFTER_TICKS = 1.5
 # Demand charges are billed on the largest average import over aligned blocks of this length.
 DEMAND_BLOCK_MINUTES = 15
 # A setpoint is rewritten only when it moved by more than this (the bus has better things to do).
@@ -155,6 +158,7 @@ class Runtime:
         self._setpoint_battery_kw = 0.0
         self._written: dict[tuple[str, str], float] = {}
         self._pv_limit_kw: float | None = None
+        self._last_load_kw: float | None = None
         self.month_peak_kw = 0.0  # largest completed 15-minute average import this month
         self._demand_block: tuple[int, int] | None = None
         self._demand_month = 0
@@ -362,16 +366,26 @@ class Runtime:
             c.name: c.phases * c.voltage_v * self._written.get((c.device, "current_limit_a"), 0.0) / 1000
             for c in self.site.ev_chargers
         }
-        measured = Measured(grid, pv, battery, soc, ev_kw, connected, self._pv_limit_kw, offered)
+        if grid is not None:
+            self._last_load_kw = grid + pv - battery - sum(ev_kw.values())
+        measured = Measured(grid, pv, battery, soc, ev_kw, connected, self._pv_limit_kw, offered, self._last_load_kw)
         self._ev_declining = {
             c.name: connected[c.name] and offered[c.name] >= c.min_kw and ev_kw[c.name] < 0.1
             for c in self.site.ev_chargers
         }
         targets = self._targets()
-        setpoints = apply_safety(self.site, measured, targets, self._setpoint_battery_kw, dt_s)
-        if grid is not None:
-            load = grid + pv - battery - sum(ev_kw.values())
-            self.forecaster.observe(self.clock.local(), load, pv, self._pv_limit_kw is not None)
+        grid_age = max((self.clock.now() - self.latest[n].at_s for n in self._devices(DeviceKind.GRID_METER)
+                        if n in self.latest), default=math.inf)  # fmt: skip
+        held = self.last_setpoints
+        if grid is not None and grid_age > HOLD_AFTER_TICKS * dt_s and held is not None and not held.safe_state:
+            # The grid reading was not refreshed: the other readings moved on without it, so the limit
+            # arithmetic would mix old and new. Hold the levers as they are until it is fresh again
+            # (or stale: then the safe state).
+            setpoints = dataclasses.replace(held, actions=(f"holding: grid reading {grid_age:.0f} s old",))
+        else:
+            setpoints = apply_safety(self.site, measured, targets, self._setpoint_battery_kw, dt_s)
+        if grid is not None and self._last_load_kw is not None:
+            self.forecaster.observe(self.clock.local(), self._last_load_kw, pv, self._pv_limit_kw is not None)
             self._demand(max(grid, 0.0), dt_s)
             self._count(grid, pv, battery, sum(ev_kw.values()), dt_s)
         self.stats.ticks += 1

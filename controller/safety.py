@@ -35,6 +35,7 @@ class Measured:
     ev_connected: dict[str, bool]
     pv_limit_kw: float | None  # the PV limit in force now (None: unrestricted)
     ev_offered_kw: dict[str, float] = field(default_factory=dict)  # what each car was last allowed
+    last_load_kw: float | None = None  # the site load (without battery and cars) at the last trusted reading
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,11 @@ def _ev_kw(charger: ChargerRating, amps: float) -> float:
 
 # A car drawing this much less than it was allowed is limiting itself (full, or its own schedule).
 EV_FOLLOWING_MARGIN_KW = 1.0
+# A battery within this of its last setpoint is taken to follow it (rounding, deadband, a slow step).
+BATTERY_FOLLOWING_MARGIN_KW = 2.0
+# In the safe state PV is limited to this share of the last trusted load: loads fall by less than
+# this within the stale timeout plus a bus back-off, so zero export holds while blind.
+SAFE_STATE_LOAD_SHARE = 0.8
 
 
 def _following(measured: Measured, charger: ChargerRating) -> bool:
@@ -110,6 +116,14 @@ def apply_safety(
         ev_amps[name] = _ev_current(charger, kw)
     # The site without battery and cars, as measured: what our setpoints act on top of.
     base = measured.grid_kw - measured.battery_kw - sum(measured.ev_kw.values())
+    # An inverter that is not doing what it was told last tick (refusing setpoints, its BMS in the
+    # way) is not counted on: the limits are worked out with what it does now, by the other levers.
+    follows = abs(measured.battery_kw - previous_battery_kw) <= BATTERY_FOLLOWING_MARGIN_KW
+    if not follows:
+        actions.append(f"battery not following: {measured.battery_kw:+.1f} kW, set {previous_battery_kw:+.1f} kW")
+
+    def battery_effect() -> float:
+        return battery if follows else measured.battery_kw
 
     def car_kw(name: str, amps: float, *, high: bool = False) -> float:
         """What a car will draw at this limit: the limit if it follows. Otherwise, conservatively for
@@ -123,7 +137,7 @@ def apply_safety(
     if targets.planned_import_kw is not None and battery > 0:
         # The forecast was wrong (less sun, more load): charge only as far as the plan meant to import.
         battery = max(0.0, min(battery, targets.planned_import_kw - base - cars_kw))
-    if targets.peak_cap_kw is not None and base + battery + cars_kw > targets.peak_cap_kw:
+    if follows and targets.peak_cap_kw is not None and base + battery + cars_kw > targets.peak_cap_kw:
         shave = min(base + battery + cars_kw - targets.peak_cap_kw, battery + discharge_max)
         if shave > 0:
             battery -= shave
@@ -135,7 +149,7 @@ def apply_safety(
 
     def grid(pv_out: float, *, high: bool = False) -> float:
         cars = sum(car_kw(n, a, high=high) for n, a in ev_amps.items())
-        return base + measured.pv_kw - pv_out + battery + cars
+        return base + measured.pv_kw - pv_out + battery_effect() + cars
 
     pv_out = pv_potential if pv_limit is None else min(pv_potential, pv_limit)
     # Import limit: discharge, then slow the cars (to their minimum, then off), in the configured order.
@@ -143,14 +157,14 @@ def apply_safety(
     for import_lever in site.tuning.grid.import_relief_order:
         if excess <= 0:
             break
-        if import_lever == "battery":
+        if import_lever == "battery" and follows:
             room = battery + discharge_max
             step = min(room, excess)
             if step > 0:
                 battery -= step
                 excess -= step
                 actions.append(f"import limit: battery {-step:+.1f} kW")
-        else:
+        elif import_lever == "ev":
             for name in sorted(ev_amps, key=lambda n: -ev_amps[n]):
                 if excess <= 0:
                     break
@@ -166,7 +180,7 @@ def apply_safety(
         if surplus <= 0:
             break
         if lever == "battery":
-            step = min(charge_max - battery, surplus)
+            step = min(charge_max - battery, surplus) if follows else 0.0
             if step > 0:
                 battery += step
                 surplus -= step
@@ -194,10 +208,10 @@ def apply_safety(
     # of import for a second.
     if site.pv is not None and site.pv.curtailable and site.export_limit_kw <= LIMIT_MARGIN_KW:
         at_limit = measured.pv_limit_kw is not None and measured.pv_kw >= measured.pv_limit_kw - PV_AT_LIMIT_KW
-        if at_limit and pv_limit is None and "battery" in site.tuning.grid.export_relief_order:
+        if follows and at_limit and pv_limit is None and "battery" in site.tuning.grid.export_relief_order:
             probe = min(PV_PROBE_KW, max(0.0, charge_max - battery))
             battery += probe
-        consumption = base + measured.pv_kw + battery + sum(car_kw(n, a) for n, a in ev_amps.items())
+        consumption = base + measured.pv_kw + battery_effect() + sum(car_kw(n, a) for n, a in ev_amps.items())
         limit = max(0.0, consumption + site.export_limit_kw - HEADROOM_KW)
         if pv_limit is None or limit < pv_limit:
             pv_limit = limit if limit < site.pv.peak_kw else None
@@ -223,8 +237,10 @@ def _safe_state(site: SiteConfig, measured: Measured, chargers: dict[str, Charge
         if safe.pv == "off":
             pv_limit = 0.0
         elif safe.pv == "zero_export_limit":
-            # Without a grid reading the load is unknown; hold PV at what it was allowed or gave.
-            pv_limit = measured.pv_limit_kw if measured.pv_limit_kw is not None else measured.pv_kw
+            # Blind, with the battery idle: PV may cover at most a share of the last trusted load (the
+            # load may fall while we cannot see it). Not what PV gave: a charging battery took part of that.
+            load = measured.last_load_kw
+            pv_limit = 0.0 if load is None else max(0.0, SAFE_STATE_LOAD_SHARE * load - HEADROOM_KW)
     return Setpoints(
         battery_kw=0.0,
         ev_current_a=amps,

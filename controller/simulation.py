@@ -29,6 +29,8 @@ class Recorder:
     soc_out_of_bounds_ticks: int = 0
     _run: int = 0
     grid_kw: list[float] = field(default_factory=list)
+    # Runs of more than one tick beyond a limit: (first second, ticks, worst grid kW), for the reports.
+    long_breaches: list[tuple[float, int, float]] = field(default_factory=list)
 
     def __call__(self, now_s: float, setpoints: Setpoints) -> None:
         grid = self.plant.grid_kw
@@ -37,6 +39,11 @@ class Recorder:
             grid > self.site.import_limit_kw + LIMIT_MARGIN_KW or grid < -self.site.export_limit_kw - LIMIT_MARGIN_KW
         )
         self._run = self._run + 1 if breach else 0
+        if self._run == 2:
+            self.long_breaches.append((now_s - 1, 2, grid))
+        elif self._run > 2:
+            first, _, worst = self.long_breaches[-1]
+            self.long_breaches[-1] = (first, self._run, grid if abs(grid) > abs(worst) else worst)
         self.breach_ticks += breach
         self.longest_breach_ticks = max(self.longest_breach_ticks, self._run)
         b = self.site.battery
@@ -46,12 +53,20 @@ class Recorder:
 
 @contextlib.asynccontextmanager
 async def simulated_site(
-    site: SiteConfig, start: datetime, days: int, *, seed: int = 1, wire_time: bool = False
+    site: SiteConfig,
+    start: datetime,
+    days: int,
+    *,
+    seed: int = 1,
+    wire_time: bool = False,
+    plant: Plant | None = None,
 ) -> AsyncIterator[tuple[Plant, dict[str, Link], dict[str, SimulatedBus]]]:
-    """Plant and simulated buses for every bus of the site; yields the links the controller opens."""
-    plant = Plant(site, start, seed=seed, arrivals=school_arrivals(site, start, days))
-    if site.battery is not None:
-        plant.soc = max(site.tuning.battery.soc_min, min(site.tuning.battery.soc_max, 0.5))
+    """Plant and simulated buses for every bus of the site; yields the links the controller opens.
+    `plant`: a plant built by the caller (weather, calendar, cars); default the school on a cloudy day."""
+    if plant is None:
+        plant = Plant(site, start, seed=seed, arrivals=school_arrivals(site, start, days))
+        if site.battery is not None:
+            plant.soc = max(site.tuning.battery.soc_min, min(site.tuning.battery.soc_max, 0.5))
     async with contextlib.AsyncExitStack() as stack:
         links: dict[str, Link] = {}
         sims: dict[str, SimulatedBus] = {}
@@ -64,8 +79,8 @@ async def simulated_site(
                         name,
                         load_map(device.model),
                         device.address,
-                        source=lambda kind=kind, name=name: plant.readings(kind, name),  # type: ignore[misc]
-                        sink=lambda q, v, kind=kind, name=name: plant.write(kind, name, q, v),  # type: ignore[misc]
+                        source=lambda kind=kind, name=name, p=plant: p.readings(kind, name),  # type: ignore[misc]
+                        sink=lambda q, v, kind=kind, name=name, p=plant: p.write(kind, name, q, v),  # type: ignore[misc]
                         ct_ratio=device.ct_ratio,
                     )
                 )

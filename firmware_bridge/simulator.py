@@ -49,6 +49,7 @@ class Fault:
     probability: float = 1.0
     late_s: float = 1.0
     exception_code: int = 0x04  # Modbus: server device failure; DL/T 645 ERR bit0 "other"
+    writes_only: bool = False  # a device that still answers reads but refuses its setpoints
 
 
 @dataclass
@@ -269,6 +270,8 @@ class SimulatedBus:
         device.requests_seen += 1
         fault = device.fault
         active = fault.mode is not FaultMode.NONE and self._random.random() < fault.probability
+        if fault.writes_only and not isinstance(request, modbus.WriteSingleRequest | modbus.WriteMultipleRequest):
+            active = False
         mode = fault.mode if active else FaultMode.NONE
         if mode is FaultMode.SILENT:
             return

@@ -22,7 +22,7 @@ from controller.mqtt import SENSORS, MqttService, Topics, discovery_messages, si
 from controller.runtime import Runtime
 from controller.simulation import simulated_site
 from controller.tuning import TuningStore, merge_patch
-from tests.mqtt_fixtures import Mosquitto, mosquitto, subscribed, wait_for
+from hil_tests.broker import Mosquitto, mosquitto, subscribed, wait_for
 
 __all__ = ["mosquitto"]  # the fixture, imported for pytest
 

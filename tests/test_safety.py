@@ -33,7 +33,9 @@ def measured(**kw: object) -> Measured:
 
 def test_zero_export_surplus_goes_to_battery_then_curtailment(site: SiteConfig) -> None:
     # 200 kW of PV against 60 kW of load: 140 kW surplus, battery takes 100, PV is limited for the rest.
-    out = apply_safety(site, measured(grid_kw=-140.0, pv_kw=200.0), Targets(), previous_battery_kw=100.0, dt_s=1.0)
+    # The battery already charges at 100 kW (as it was told).
+    now = measured(grid_kw=-40.0, pv_kw=200.0, battery_kw=100.0)
+    out = apply_safety(site, now, Targets(), previous_battery_kw=100.0, dt_s=1.0)
     assert out.battery_kw == pytest.approx(100.0)
     assert out.predicted_grid_kw is not None
     assert out.predicted_grid_kw >= -site.export_limit_kw - 1e-9
@@ -98,4 +100,26 @@ def test_stale_grid_reading_enters_the_safe_state(site: SiteConfig) -> None:
     assert out.safe_state
     assert out.battery_kw == 0.0
     assert out.ev_current_a == {"ev1": 6.0, "ev2": 0.0}
-    assert out.pv_limit_kw == pytest.approx(90.0)
+    assert out.pv_limit_kw == 0.0  # no trusted load seen yet: zero export means no PV
+
+
+def test_a_battery_that_ignores_its_setpoint_is_not_counted_on(site: SiteConfig) -> None:
+    # Told to charge 100 kW, it stays at 60 kW (refusing setpoints): PV must be limited by what it
+    # really takes, not by what it was told.
+    now = measured(grid_kw=-80.0, pv_kw=200.0, battery_kw=60.0)  # 60 kW load, 200 kW PV
+    out = apply_safety(site, now, Targets(battery_kw=100.0), previous_battery_kw=100.0, dt_s=1.0)
+    assert any("battery not following" in a for a in out.actions)
+    assert out.pv_limit_kw == pytest.approx(60.0 + 60.0 - HEADROOM_KW)
+    assert out.predicted_grid_kw is not None
+    assert out.predicted_grid_kw >= -site.export_limit_kw - 1e-9
+
+
+def test_safe_state_limits_pv_to_a_share_of_the_last_trusted_load(site: SiteConfig) -> None:
+    from controller.safety import SAFE_STATE_LOAD_SHARE
+
+    blind = measured(grid_kw=None, pv_kw=150.0, battery_kw=80.0, pv_limit_kw=None, last_load_kw=70.0)
+    out = apply_safety(site, blind, Targets(battery_kw=80.0), previous_battery_kw=80.0, dt_s=1.0)
+    assert out.safe_state
+    assert out.battery_kw == 0.0
+    # Not the 150 kW PV gave while the battery took 80 of it: that would export once the battery idles.
+    assert out.pv_limit_kw == pytest.approx(SAFE_STATE_LOAD_SHARE * 70.0 - HEADROOM_KW)

@@ -65,4 +65,6 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMAND = Command("config", "read or change the tunable parameters (validated, persisted, logged)", _add_arguments, _run)
+COMMAND = Command(
+    "config", "read or change the tunable parameters (validated, persisted, logged)", _add_arguments, _run
+)

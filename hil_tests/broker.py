@@ -1,4 +1,5 @@
-"""A real Mosquitto broker on a free loopback port, which a test may kill and restart (same port)."""
+"""A real Mosquitto broker on a free loopback port (which a test may kill and restart on the same port),
+and a subscriber that records what it hears. Used by the MQTT tests and the HIL suite."""
 
 from __future__ import annotations
 

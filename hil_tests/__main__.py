@@ -1,0 +1,43 @@
+"""`python -m hil_tests --report DIR [--short] [--only NAME ...]`: run the scenario matrix, write
+DIR/report.md (a table of every scenario) and DIR/<scenario>.png. Exit 1 if any scenario failed."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+from controller.logs import configure_logging
+from hil_tests.harness import run_scenario
+from hil_tests.report import markdown, write_png
+from hil_tests.scenario import load_scenarios
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hil_tests", description=__doc__)
+    parser.add_argument("--report", type=Path, required=True, metavar="DIR")
+    parser.add_argument("--short", action="store_true", help="the shortened runs of the default test suite")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these scenarios")
+    args = parser.parse_args(argv)
+    configure_logging("ERROR")
+    scenarios = [s for s in load_scenarios() if not args.only or s.name in args.only]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="greensite-hil-") as work:
+        for scenario in scenarios:
+            result = asyncio.run(run_scenario(scenario, Path(work) / scenario.name, short=args.short))
+            results.append(result)
+            write_png(result, args.report / f"{scenario.name}.png")
+            verdict = "PASS" if result.passed else "FAIL " + "; ".join(result.failures)
+            length_h = result.simulated_s / 3600
+            sys.stdout.write(f"{scenario.name}: {verdict} ({length_h:.1f} h in {result.wall_s:.0f} s)\n")
+            sys.stdout.flush()
+    args.report.mkdir(parents=True, exist_ok=True)
+    (args.report / "report.md").write_text(markdown(results))
+    sys.stdout.write(f"report: {args.report / 'report.md'}\n")
+    return 0 if all(r.passed for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""Runs one HIL scenario: the simulated site (plant, meters on ptys speaking the real protocols), the
+real controller (runtime, safety layer, planner, storage, MQTT) in accelerated time, the scenario's
+faults at their times, and a recorder judging every tick by the plant's truth."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiomqtt
+
+from config import SiteConfig, load_site
+from controller.clock import SimClock
+from controller.mqtt import MqttService, Topics, site_services
+from controller.plant import EvArrival, Plant, school_arrivals
+from controller.runtime import Runtime
+from controller.safety import Setpoints
+from controller.simulation import Recorder, simulated_site
+from controller.storage.timeseries import TimeSeriesStore
+from controller.tuning import TuningStore
+from firmware_bridge.bus import LOST_BACKOFF_MAX_S
+from firmware_bridge.simulator import Fault as SimFault
+from firmware_bridge.simulator import FaultMode
+from hil_tests.baselines import Outcome, bill_cny, no_battery, perfect_foresight, self_consumption, true_profiles
+from hil_tests.broker import Mosquitto, Subscriber, subscribed
+from hil_tests.scenario import FaultKind, HilScenario
+
+__all__ = ["ScenarioResult", "run_scenario"]
+
+_log = logging.getLogger(__name__)
+
+SITES = Path(__file__).parents[1] / "config" / "sites"
+SAMPLE_EVERY_S = 60  # one point per simulated minute for the PNG
+# After a fault ends, data must be trusted again within the stale timeout plus the longest bus
+# back-off (a lost device is retried at most this late) plus a few ticks.
+RECOVERY_SLACK_S = 5.0
+# Wall time to let MQTT settle at the end (outbox drained, replies in) before judging.
+MQTT_SETTLE_S = 10.0
+_MODES = {
+    FaultKind.SILENT: FaultMode.SILENT,
+    FaultKind.BAD_CRC: FaultMode.BAD_CRC,
+    FaultKind.EXCEPTION: FaultMode.EXCEPTION,
+    FaultKind.REFUSE_SETPOINTS: FaultMode.EXCEPTION,
+}
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    description: str
+    short: bool
+    simulated_s: float = 0.0
+    wall_s: float = 0.0
+    ticks: int = 0
+    logged_ticks: int = 0
+    breach_ticks: int = 0
+    longest_breach_ticks: int = 0
+    soc_out_of_bounds_ticks: int = 0
+    safe_state_ticks: int = 0
+    safe_entered_s: float | None = None
+    safe_left_s: float | None = None
+    ended_safe: bool = False
+    ev_requested_kwh: float = 0.0
+    ev_delivered_kwh: float = 0.0
+    ev_shortfall_kwh: float = 0.0  # on finished sessions, below what was physically possible
+    ev_sessions_finished: int = 0
+    write_failures: int = 0
+    bus_errors: int = 0
+    mqtt_connections: int = 0
+    mqtt_states_after_restart: int = 0
+    patch_replies: list[dict[str, Any]] = field(default_factory=list)
+    counters_continuous: bool = True
+    realised: Outcome | None = None
+    baselines: list[Outcome] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    series: dict[str, list[float]] = field(default_factory=dict)
+    fault_windows: list[tuple[float, float, str]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def outcome(self, name: str) -> Outcome | None:
+        return next((o for o in self.baselines if o.name == name), None)
+
+
+def _site(scenario: HilScenario, workdir: Path, broker_port: int | None) -> SiteConfig:
+    data = load_site(SITES / f"{scenario.site}.toml", environment=False).model_dump()
+    data["storage"] = {"path": str(workdir / "series.sqlite3")}
+    if broker_port is None:
+        data["mqtt"]["enabled"] = False
+    else:
+        data["mqtt"].update({"broker": f"mqtt://127.0.0.1:{broker_port}", "remote_tuning": True,
+                             "status_max_rate_hz": 20.0})  # fmt: skip
+    return SiteConfig.model_validate(data)
+
+
+class _Run:
+    """The mutable state of one scenario run (faults fire from the tick callback)."""
+
+    def __init__(self, scenario: HilScenario, site: SiteConfig, plant: Plant, result: ScenarioResult) -> None:
+        self.scenario, self.site, self.plant, self.result = scenario, site, plant, result
+        self.recorder = Recorder(site, plant)
+        self.sims: dict[str, Any] = {}
+        self.broker: Mosquitto | None = None
+        self.service: MqttService | None = None
+        self.fired: set[int] = set()
+        self.cleared: set[int] = set()
+        self.random = random.Random(scenario.seed)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.broker_restarted_wall: float | None = None
+        self.stop = asyncio.Event()
+        self.restart_due: tuple[float, float] | None = None  # (stop at s, down for s)
+        self.safe: list[bool] = []
+
+    def bus_of(self, device: str) -> str:
+        return next(bus.name for bus, d in self.site.devices() if d.name == device)
+
+    def on_tick(self, now_plant_s: float, setpoints: Setpoints) -> None:
+        self.recorder(now_plant_s, setpoints)
+        self.safe.append(setpoints.safe_state)
+        if setpoints.safe_state and self.result.safe_entered_s is None:
+            self.result.safe_entered_s = now_plant_s
+        if not setpoints.safe_state and self.result.safe_entered_s is not None and self.result.safe_left_s is None:
+            self.result.safe_left_s = now_plant_s
+        if int(now_plant_s) % SAMPLE_EVERY_S == 0:
+            s = self.result.series
+            for key, value in (("t_h", now_plant_s / 3600), ("grid_kw", self.plant.grid_kw),
+                               ("pv_kw", self.plant.pv_kw), ("load_kw", self.plant.load_kw),
+                               ("battery_kw", self.plant.battery_kw), ("soc", self.plant.soc),
+                               ("ev_kw", sum(e.power_kw for e in self.plant.evs.values())),
+                               ("safe", float(setpoints.safe_state))):  # fmt: skip
+                s.setdefault(key, []).append(value)
+        self._faults(now_plant_s)
+
+    def _faults(self, now_s: float) -> None:
+        for index, fault in enumerate(self.scenario.faults):
+            if index not in self.fired and now_s >= fault.at:
+                self.fired.add(index)
+                self._start(fault, index)
+            if index in self.fired and index not in self.cleared and fault.for_ > 0 and now_s >= fault.until:
+                self.cleared.add(index)
+                self._end(fault)
+            noisy = fault.kind is FaultKind.NOISE and index in self.fired and index not in self.cleared
+            if noisy and fault.bus is not None and int(now_s) % 1 == 0:
+                self.sims[fault.bus].inject_noise(self.random.randbytes(self.random.randint(1, 24)))
+
+    def _start(self, fault: Any, index: int) -> None:
+        self.result.fault_windows.append((fault.at, fault.until, str(fault.kind)))
+        kind = fault.kind
+        if kind in _MODES:
+            self.sims[self.bus_of(fault.device)].set_fault(
+                fault.device,
+                SimFault(_MODES[kind], probability=fault.probability, writes_only=kind is FaultKind.REFUSE_SETPOINTS),
+            )
+        elif kind is FaultKind.UNPLUG:
+            self.sims[fault.bus].unplug()
+        elif kind is FaultKind.BROKER_RESTART and self.broker is not None:
+            self.broker.kill()
+        elif kind is FaultKind.PATCH:
+            self.tasks.append(asyncio.get_running_loop().create_task(self._send_patch(fault, index)))
+        elif kind is FaultKind.RESTART:
+            self.restart_due = (fault.at, fault.for_)
+            self.stop.set()
+
+    def _end(self, fault: Any) -> None:
+        kind = fault.kind
+        if kind in _MODES:
+            self.sims[self.bus_of(fault.device)].set_fault(fault.device, SimFault())
+        elif kind is FaultKind.UNPLUG:
+            self.sims[fault.bus].replug()
+        elif kind is FaultKind.BROKER_RESTART and self.broker is not None:
+            self.broker.start()
+            self.broker_restarted_wall = time.monotonic()
+
+    async def _send_patch(self, fault: Any, index: int) -> None:
+        assert self.broker is not None
+        assert fault.payload is not None
+        payload = fault.payload.replace("$ID", f"hil-{index}").encode()
+        async with aiomqtt.Client("127.0.0.1", self.broker.port) as client:
+            await client.publish(Topics(self.site.topic_prefix).config_set, payload, qos=1)
+
+
+async def run_scenario(scenario: HilScenario, workdir: Path, *, short: bool = True) -> ScenarioResult:
+    """Run a scenario (shortened or full length) and judge it; `workdir` gets the series and state."""
+    await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
+    result = ScenarioResult(scenario.name, scenario.description, short)
+    duration = scenario.short_duration if short else scenario.duration
+    wall = time.perf_counter()
+    async with contextlib.AsyncExitStack() as stack:
+        broker = None
+        if scenario.mqtt:
+            broker = Mosquitto(workdir)
+            broker.start()
+            stack.callback(broker.kill)
+        site = _site(scenario, workdir, broker.port if broker else None)
+        zone = ZoneInfo(site.site.timezone)
+        start = scenario.start.replace(tzinfo=zone) if scenario.start.tzinfo is None else scenario.start
+        days = int(duration // 86400) + 1
+        holidays = frozenset({start.date()}) if scenario.calendar == "holiday" else frozenset()
+        arrivals = school_arrivals(site, start, days, holidays) if scenario.cars == "school" else []
+        plant = Plant(site, start, seed=scenario.seed, arrivals=list(arrivals), weather=scenario.weather,
+                      holidays=holidays)  # fmt: skip
+        soc_initial = plant.soc = max(site.tuning.battery.soc_min, min(site.tuning.battery.soc_max, 0.5))
+        run = _Run(scenario, site, plant, result)
+        run.broker = broker
+        subscriber: Subscriber | None = None
+        if broker is not None:
+            topics = Topics(site.topic_prefix)
+            subscriber = await stack.enter_async_context(
+                subscribed(broker.port, topics.state, topics.config_reply, identifier=f"hil-{scenario.name}")
+            )
+        _, links, sims = await stack.enter_async_context(simulated_site(site, start, days, plant=plant))
+        run.sims = sims
+        store = TimeSeriesStore(site.storage.path, site.storage.retention_days)
+        stack.callback(store.close)
+        tuning = TuningStore(site)
+        offset, counters_before = 0.0, None
+        while True:
+            clock = SimClock(start + timedelta(seconds=offset), scenario.speed)
+            segment_offset = offset
+            runtime = Runtime(
+                tuning.site, clock=clock, links=links, line_timing=False, store=store,
+                state_path=site.storage.state_path,
+                before_tick=lambda t, o=segment_offset: plant.advance(o + t),  # type: ignore[misc]
+                on_tick=lambda t, sp, o=segment_offset: run.on_tick(o + t, sp),  # type: ignore[misc]
+            )  # fmt: skip
+            if counters_before is not None:
+                result.counters_continuous = runtime.restored and runtime.counters == counters_before
+            async with site_services(runtime, tuning, mqtt=broker is not None) as service:
+                run.service = service
+                await runtime.run(duration - offset, run.stop)
+                if service is not None:
+                    result.mqtt_connections += service.connections
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(MQTT_SETTLE_S):
+                            while len(service.outbox) or any(not t.done() for t in run.tasks):  # noqa: ASYNC110
+                                await asyncio.sleep(0.05)  # polled: the outbox has no "empty" event
+            result.ticks += runtime.stats.ticks
+            result.write_failures += runtime.stats.write_failures
+            result.bus_errors += runtime.stats.bus_errors
+            result.safe_state_ticks += runtime.stats.safe_state_ticks
+            if run.restart_due is None:
+                break
+            _, down_s = run.restart_due
+            run.restart_due = None
+            run.stop = asyncio.Event()
+            counters_before = runtime.counters
+            offset = plant.now_s + down_s  # the controller is away; the plant holds the last setpoints
+        if subscriber is not None:
+            await asyncio.sleep(0.2)
+            topics = Topics(site.topic_prefix)
+            result.patch_replies = [r for r in subscriber.of(topics.config_reply) if isinstance(r, dict)]
+            if run.broker_restarted_wall is not None:
+                result.mqtt_states_after_restart = len(subscriber.of(topics.state))
+        store.flush()
+        result.logged_ticks = sum(1 for _ in store.rows(like="state.safe"))
+    result.wall_s = time.perf_counter() - wall
+    result.simulated_s = plant.now_s
+    _judge(scenario, site, plant, run, result, arrivals, soc_initial)
+    return result
+
+
+def _judge(  # noqa: PLR0917 - one call site, every piece of the run it judges
+    scenario: HilScenario,
+    site: SiteConfig,
+    plant: Plant,
+    run: _Run,
+    result: ScenarioResult,
+    arrivals: list[EvArrival],
+    soc_initial: float,
+) -> None:
+    fail = result.failures.append
+    result.breach_ticks = run.recorder.breach_ticks
+    result.longest_breach_ticks = run.recorder.longest_breach_ticks
+    result.soc_out_of_bounds_ticks = run.recorder.soc_out_of_bounds_ticks
+    result.ended_safe = bool(run.safe and run.safe[-1])
+    if result.longest_breach_ticks > 1:
+        runs = run.recorder.long_breaches[:3]
+        where = ", ".join(f"{n} ticks from {t:.0f} s (worst {kw:+.1f} kW)" for t, n, kw in runs)
+        fail(f"a grid limit was breached for more than one tick in a row: {where}")
+    if result.soc_out_of_bounds_ticks:
+        fail(f"SoC outside its bounds for {result.soc_out_of_bounds_ticks} ticks")
+    if result.logged_ticks != result.ticks:
+        fail(f"time-series log has {result.logged_ticks} ticks, the controller ran {result.ticks}")
+    if not result.counters_continuous:
+        fail("counters were not restored after the restart")
+    # Cars: satisfied where physically possible (sessions that ended within the run).
+    result.ev_requested_kwh = plant.requested_kwh
+    result.ev_delivered_kwh = plant.delivered_kwh
+    for arrival, delivered in plant.finished:
+        charger = next(c for c in site.ev_chargers if c.name == arrival.charger)
+        possible = min(arrival.energy_kwh, charger.max_kw * (arrival.leave - arrival.arrive).total_seconds() / 3600)
+        result.ev_sessions_finished += 1
+        result.ev_shortfall_kwh += max(0.0, possible - delivered)
+    if result.ev_shortfall_kwh > 0.5:
+        fail(f"cars left {result.ev_shortfall_kwh:.1f} kWh short of what was possible")
+    # Safe state as specified.
+    stale = site.control.stale_data_timeout_s
+    expect = scenario.expect.safe_state
+    if expect == "never" and result.safe_state_ticks:
+        fail(f"safe state entered for {result.safe_state_ticks} ticks; expected never")
+    if expect == "enters_and_leaves":
+        window = next(((a, b) for a, b, _ in result.fault_windows), None)
+        if result.safe_entered_s is None or window is None:
+            fail("safe state never entered")
+        else:
+            if not window[0] <= result.safe_entered_s <= window[0] + stale + 2:
+                fail(f"safe state entered at {result.safe_entered_s:.0f} s; fault began at {window[0]:.0f} s")
+            latest = window[1] + stale + LOST_BACKOFF_MAX_S + RECOVERY_SLACK_S
+            if result.safe_left_s is None or result.safe_left_s > latest:
+                fail(f"safe state not left by {latest:.0f} s (fault ended at {window[1]:.0f} s)")
+            if result.ended_safe:
+                fail("the run ended in the safe state")
+    # Faults with their own expectations.
+    for fault in scenario.faults:
+        if fault.kind is FaultKind.PATCH:
+            replies = [r for r in result.patch_replies if str(r.get("correlation_id", "")).startswith("hil-")]
+            if not replies:
+                fail("no reply to the remote config patch")
+            for reply in replies:
+                if bool(reply.get("accepted")) != fault.expect_accepted:
+                    fail(f"patch reply accepted={reply.get('accepted')}, expected {fault.expect_accepted}")
+                if fault.expect_error and not any(fault.expect_error in e for e in reply.get("errors", [])):
+                    fail(f"patch refusal does not say {fault.expect_error!r}: {reply.get('errors')}")
+            if not fault.expect_accepted and TuningStore(site).path.exists():
+                fail("a refused patch changed the tuning file")
+        if fault.kind is FaultKind.BROKER_RESTART:
+            if result.mqtt_connections < 2:
+                fail("the controller did not reconnect to the restarted broker")
+            if result.mqtt_states_after_restart == 0:
+                fail("no status after the broker restart")
+    # Money and carbon against the baselines, from the true profiles.
+    days = plant.now_s / 86400
+    realised_energy = plant.cost_cny
+    result.realised = Outcome("realised", realised_energy, plant.peak_15min_kw,
+                              bill_cny(site, realised_energy, plant.peak_15min_kw, days), plant.grid_import_kwh,
+                              plant.grid_export_kwh, plant.grid_import_kwh * site.carbon_kg_per_kwh,
+                              plant.delivered_kwh)  # fmt: skip
+    profiles = true_profiles(site, plant, plant.now_s, arrivals)
+    per_session = list(plant.finished) + [(ev.arrival, ev.delivered_kwh) for ev in plant.evs.values() if ev.arrival]
+    result.baselines = [no_battery(site, profiles), self_consumption(site, profiles, soc_initial)]
+    try:
+        result.baselines.append(perfect_foresight(site, profiles, soc_initial, plant.soc, per_session))
+    except (ValueError, RuntimeError) as err:
+        _log.warning("perfect-foresight reference failed", extra={"error": str(err)})
+    if not result.short:
+        optimum, rule = result.outcome("perfect foresight"), result.outcome("self-consumption")
+        gap = scenario.expect.max_gap_to_optimum
+        if gap is not None and optimum is not None and result.realised.bill_cny > optimum.bill_cny * (1 + gap):
+            fail(f"bill {result.realised.bill_cny:.0f} CNY is more than {gap:.0%} above the optimum "
+                 f"{optimum.bill_cny:.0f} CNY")  # fmt: skip
+        if scenario.expect.beats_self_consumption and rule is not None and result.realised.bill_cny >= rule.bill_cny:
+            fail(f"bill {result.realised.bill_cny:.0f} CNY is not below self-consumption's {rule.bill_cny:.0f} CNY")
+
+
+def run_sync(scenario: HilScenario, workdir: Path, *, short: bool = True) -> ScenarioResult:
+    return asyncio.run(run_scenario(scenario, workdir, short=short))
+

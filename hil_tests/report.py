@@ -1,0 +1,89 @@
+"""The HIL report: a markdown table of every scenario and a PNG per scenario."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hil_tests.harness import ScenarioResult
+
+__all__ = ["markdown", "write_png"]
+
+
+def _money(result: ScenarioResult, name: str) -> str:
+    outcome = result.realised if name == "realised" else result.outcome(name)
+    return "n/a" if outcome is None else f"{outcome.bill_cny:.0f}"
+
+
+def _carbon(result: ScenarioResult, name: str) -> str:
+    outcome = result.realised if name == "realised" else result.outcome(name)
+    return "n/a" if outcome is None else f"{outcome.carbon_kg:.0f}"
+
+
+def markdown(results: list[ScenarioResult]) -> str:
+    lines = [
+        "# greensite HIL report",
+        "",
+        "Bills in CNY (energy at TOU prices + demand charge pro rata for the run's length), CO2 in kg from"
+        " grid import. Baselines from the plant's true profiles: no battery (no control), rule-based"
+        " self-consumption, and the perfect-foresight optimum (HiGHS LP on 15-min averages, same car energy"
+        " and final SoC as the run). The controller only sees its meters and its own forecasts.",
+        "",
+        "| scenario | length | result | longest breach (ticks) | SoC out of bounds | safe state | EV kWh"
+        " delivered/requested | log ticks/ticks | bill: run / no battery / self-cons. / optimum | gap to"
+        " optimum | kgCO2: run / no battery / self-cons. | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        optimum = r.outcome("perfect foresight")
+        gap = "n/a"
+        if optimum is not None and r.realised is not None and optimum.bill_cny > 0:
+            gap = f"{100 * (r.realised.bill_cny / optimum.bill_cny - 1):+.1f} %"
+        safe = "never"
+        if r.safe_entered_s is not None:
+            left = "not left" if r.safe_left_s is None else f"left {r.safe_left_s:.0f} s"
+            safe = f"entered {r.safe_entered_s:.0f} s, {left}"
+        verdict = "PASS" if r.passed else "FAIL: " + "; ".join(r.failures)
+        lines.append(
+            f"| {r.name} | {r.simulated_s / 3600:.1f} h | {verdict} | {r.longest_breach_ticks} |"
+            f" {r.soc_out_of_bounds_ticks} | {safe} | {r.ev_delivered_kwh:.1f}/{r.ev_requested_kwh:.1f} |"
+            f" {r.logged_ticks}/{r.ticks} | {_money(r, 'realised')} / {_money(r, 'no battery')} /"
+            f" {_money(r, 'self-consumption')} / {_money(r, 'perfect foresight')} | {gap} |"
+            f" {_carbon(r, 'realised')} / {_carbon(r, 'no battery')} / {_carbon(r, 'self-consumption')} |"
+            f" {r.wall_s:.1f} |"
+        )
+    lines += ["", "## Scenarios", ""]
+    lines += [f"- **{r.name}**: {r.description}" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def write_png(result: ScenarioResult, path: Path) -> Path:
+    import matplotlib  # the plot extra; only the report needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result.series
+    fig, (power, soc) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, height_ratios=[2, 1])
+    t = s.get("t_h", [])
+    for key, label in (("grid_kw", "grid"), ("pv_kw", "PV"), ("load_kw", "load"), ("battery_kw", "battery"),
+                       ("ev_kw", "EVs")):  # fmt: skip
+        power.plot(t, s.get(key, []), label=label, linewidth=1)
+    for start, end, kind in result.fault_windows:
+        for axis in (power, soc):
+            axis.axvspan(start / 3600, max(end, start + 30) / 3600, color="red", alpha=0.15)
+        power.text(start / 3600, power.get_ylim()[1] * 0.9, kind, color="red", fontsize=8)
+    power.axhline(0, color="black", linewidth=0.5)
+    power.set_ylabel("kW")
+    power.legend(loc="upper right", fontsize=8, ncol=5)
+    verdict = "PASS" if result.passed else "FAIL"
+    power.set_title(f"{result.name}: {verdict}")
+    soc.plot(t, [100 * x for x in s.get("soc", [])], color="green", label="SoC %")
+    soc.fill_between(t, 0, [100 * x for x in s.get("safe", [])], color="orange", alpha=0.3, label="safe state")
+    soc.set_ylabel("SoC %")
+    soc.set_xlabel("hours from start")
+    soc.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,153 @@
+"""HIL scenarios are data: a TOML file per scenario in `hil_tests/scenarios/`.
+
+    name = "grid-meter-silent"
+    description = "..."
+    site = "zhongshan_school"          # config/sites/<site>.toml
+    start = 2026-07-06T11:00:00        # local time of the site
+    duration = "6h"                    # full length (-m long_hil, python -m hil_tests)
+    short_duration = "20m"             # the default test run
+    weather = "sunny"                  # sunny | overcast | passing_clouds
+    calendar = "weekday"               # weekday | weekend | holiday (the start date is a holiday)
+    cars = "school"                    # school | none
+    mqtt = false                       # start a Mosquitto for this scenario
+    [[faults]]                         # at/for are offsets from the start; keep them inside short_duration
+    at = "5m"
+    for = "30s"
+    kind = "silent"                    # see FaultKind
+    device = "grid-meter"
+    [expect]
+    safe_state = "enters_and_leaves"   # never | enters_and_leaves | any
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from config import ConfigError, format_validation_error
+
+__all__ = ["SCENARIO_DIR", "Expect", "Fault", "FaultKind", "HilScenario", "load_scenarios", "seconds"]
+
+SCENARIO_DIR = Path(__file__).parent / "scenarios"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def seconds(text: Any) -> float:
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return float(text)
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", str(text).strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 30s, 5m, 2h or 7d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+Seconds = Annotated[float, BeforeValidator(seconds), Field(ge=0.0)]
+
+
+class FaultKind(StrEnum):
+    SILENT = "silent"  # the device does not answer
+    BAD_CRC = "bad_crc"  # replies with a broken CRC/checksum, with `probability`
+    EXCEPTION = "exception"  # Modbus exception / DL/T 645 error reply to everything
+    REFUSE_SETPOINTS = "refuse_setpoints"  # exception replies to writes only
+    UNPLUG = "unplug"  # the bus's serial adapter vanishes for `for`, then returns
+    NOISE = "noise"  # garbage bytes on the bus every second for `for`
+    BROKER_RESTART = "broker_restart"  # the MQTT broker is killed, restarted after `for`
+    PATCH = "patch"  # a remote config patch (`payload`) arrives over MQTT
+    RESTART = "restart"  # the controller process stops cleanly and starts again after `for`
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Fault(_Model):
+    at: Seconds
+    for_: Seconds = Field(default=0.0, alias="for")
+    kind: FaultKind
+    device: str | None = None
+    bus: str | None = None
+    probability: float = Field(default=1.0, gt=0.0, le=1.0)
+    payload: str | None = None  # PATCH: the raw MQTT payload
+    expect_accepted: bool = False  # PATCH: whether the controller should take it
+    expect_error: str | None = None  # PATCH: a phrase the refusal must contain
+
+    @model_validator(mode="after")
+    def _targets(self) -> Self:
+        needs_device = {FaultKind.SILENT, FaultKind.BAD_CRC, FaultKind.EXCEPTION, FaultKind.REFUSE_SETPOINTS}
+        if self.kind in needs_device and self.device is None:
+            raise ValueError(f"a {self.kind} fault names its device")
+        if self.kind in {FaultKind.UNPLUG, FaultKind.NOISE} and self.bus is None:
+            raise ValueError(f"a {self.kind} fault names its bus")
+        if self.kind is FaultKind.PATCH and self.payload is None:
+            raise ValueError("a patch fault carries its payload")
+        return self
+
+    @property
+    def until(self) -> float:
+        return self.at + self.for_
+
+
+class Expect(_Model):
+    safe_state: Literal["never", "enters_and_leaves", "any"] = "never"
+    # The goal of issue 7 on the week: realised bill below the self-consumption baseline's and within
+    # this share of the perfect-foresight optimum (checked on full-length runs only).
+    max_gap_to_optimum: float | None = None
+    beats_self_consumption: bool = False
+
+
+class HilScenario(_Model):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,60}$")
+    description: str
+    site: str = "zhongshan_school"
+    start: datetime
+    duration: Seconds
+    short_duration: Seconds
+    weather: Literal["sunny", "overcast", "passing_clouds"] = "sunny"
+    calendar: Literal["weekday", "weekend", "holiday"] = "weekday"
+    cars: Literal["school", "none"] = "school"
+    mqtt: bool = False
+    speed: float | None = Field(default=None, gt=0.0, description="simulated s per wall s; None: as fast as possible")
+    seed: int = 1
+    faults: list[Fault] = Field(default_factory=list)
+    expect: Expect = Expect()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if not 0 < self.short_duration <= self.duration:
+            raise ValueError("short_duration must be above 0 and at most duration")
+        weekend = self.start.weekday() >= 5
+        if self.calendar == "weekend" and not weekend:
+            raise ValueError(f"calendar is weekend but {self.start.date()} is a weekday")
+        if self.calendar in {"weekday", "holiday"} and weekend:
+            raise ValueError(f"calendar is {self.calendar} but {self.start.date()} is a weekend day")
+        for index, fault in enumerate(self.faults):
+            if fault.until > self.short_duration:
+                raise ValueError(f"faults.{index}: ends after short_duration; the short run must see it")
+            if fault.kind in {FaultKind.BROKER_RESTART, FaultKind.PATCH} and not self.mqtt:
+                raise ValueError(f"faults.{index}: a {fault.kind} fault needs mqtt = true")
+        return self
+
+
+def load_scenario(path: Path) -> HilScenario:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(str(path), [str(err)]) from None
+    try:
+        return HilScenario.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(str(path), format_validation_error(err)) from None
+
+
+def load_scenarios(folder: Path = SCENARIO_DIR) -> list[HilScenario]:
+    scenarios = [load_scenario(path) for path in sorted(folder.glob("*.toml"))]
+    names = [s.name for s in scenarios]
+    if len(set(names)) != len(names):
+        raise ConfigError(str(folder), ["scenario names must be unique"])
+    return scenarios
