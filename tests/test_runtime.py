@@ -151,3 +151,24 @@ def test_month_peak_is_the_largest_15_minute_average_not_a_spike(site: SiteConfi
     clock.t = 3600.0  # 00:00 on 1 August: a new billing month
     runtime._demand(50.0, 1.0)
     assert runtime.month_peak_kw == 0.0
+
+
+async def test_live_view_shows_what_the_site_does_and_why(site: SiteConfig) -> None:
+    from rich.console import Console
+
+    from controller.live import render
+
+    start = datetime(2026, 7, 6, 12, 0, tzinfo=ZoneInfo(site.site.timezone))
+    async with simulated_site(site, start, 1) as (plant, links, _sims):
+        runtime = Runtime(site, clock=SimClock(start, None), links=links, line_timing=False, before_tick=plant.advance)
+        await runtime.run(30)
+    console = Console(record=True, width=160)
+    console.print(render(runtime, mqtt="127.0.0.1:1883"))
+    text = console.export_text()
+    assert "RUNNING" in text
+    assert "2026-07-06T12:00:30+08:00" in text
+    assert f"{runtime.last_measured.grid_kw:+8.1f} kW" in text  # type: ignore[union-attr]
+    assert "battery SoC" in text
+    assert "grid-meter" in text
+    assert "ok" in text
+    assert "plan from 2026-07-06T12:00" in text

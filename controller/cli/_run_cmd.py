@@ -52,6 +52,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", help="SQLite time-series file (default: storage.path of the site; with "
                         "--simulate, a fresh var/simulation/<site id>/ each run)")  # fmt: skip
     parser.add_argument("--no-mqtt", action="store_true", help="do not publish or listen on MQTT")
+    parser.add_argument("--live", action=argparse.BooleanOptionalAction, default=None,
+                        help="live terminal view (default: on a terminal, unless --speed max)")  # fmt: skip
     parser.add_argument("--report", type=Path, metavar="DIR", help="write a PNG per day and summary.md here")
 
 
@@ -89,6 +91,12 @@ def _store(site: SiteConfig, args: argparse.Namespace) -> TimeSeriesStore:
     return TimeSeriesStore(args.store or site.storage.path, site.storage.retention_days)
 
 
+def _wants_live(args: argparse.Namespace) -> bool:
+    if args.live is not None:
+        return bool(args.live)
+    return sys.stdout.isatty() and not (args.simulate and args.speed is None)
+
+
 def _tuned(site: SiteConfig) -> TuningStore:
     """The site with its remote-tuning overrides; a refused overrides file is reported, not fatal."""
     tuning = TuningStore(site)
@@ -108,6 +116,7 @@ def _stop_on_signals() -> asyncio.Event:
 
 async def _hardware(site: SiteConfig, args: argparse.Namespace) -> int:
     from controller.clock import RealClock  # noqa: PLC0415
+    from controller.live import LiveView  # noqa: PLC0415
     from controller.mqtt import site_services  # noqa: PLC0415
     from controller.runtime import Runtime  # noqa: PLC0415
     from firmware_bridge.transport import Link, SerialLink  # noqa: PLC0415
@@ -121,8 +130,11 @@ async def _hardware(site: SiteConfig, args: argparse.Namespace) -> int:
     runtime = Runtime(site, clock=clock, links=links, store=store, state_path=site.storage.state_path)
     try:
         async with site_services(runtime, tuning, mqtt=not args.no_mqtt) as mqtt:
-            if mqtt is not None:
-                sys.stdout.write(f"MQTT: {mqtt.host}:{mqtt.port}, topics {mqtt.topics.prefix}/#\n")
+            address = None if mqtt is None else f"{mqtt.host}:{mqtt.port}, topics {mqtt.topics.prefix}/#"
+            if address is not None:
+                sys.stdout.write(f"MQTT: {address}\n")
+            if _wants_live(args):
+                LiveView(runtime, mqtt=address).attach()
             await runtime.run(args.duration, stop)
     finally:
         store.close()
@@ -132,6 +144,7 @@ async def _hardware(site: SiteConfig, args: argparse.Namespace) -> int:
 
 async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
     from controller.clock import SimClock  # noqa: PLC0415 - keeps `greensite validate` free of numba
+    from controller.live import LiveView  # noqa: PLC0415
     from controller.mqtt import site_services  # noqa: PLC0415
     from controller.runtime import Runtime  # noqa: PLC0415
     from controller.simulation import Recorder, simulated_site  # noqa: PLC0415
@@ -153,9 +166,12 @@ async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
         )  # fmt: skip
         try:
             async with site_services(runtime, tuning, mqtt=not args.no_mqtt) as mqtt:
-                if mqtt is not None:
-                    sys.stdout.write(f"MQTT: {mqtt.host}:{mqtt.port}, topics {mqtt.topics.prefix}/#\n")
+                address = None if mqtt is None else f"{mqtt.host}:{mqtt.port}, topics {mqtt.topics.prefix}/#"
+                if address is not None:
+                    sys.stdout.write(f"MQTT: {address}\n")
                     sys.stdout.flush()
+                if _wants_live(args):
+                    LiveView(runtime, mqtt=address).attach()
                 await runtime.run(duration, stop)
             summary = summary_text(
                 site, plant, recorder, runtime, wall_s=time.perf_counter() - wall, interrupted=stop.is_set()
