@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 import shutil
 import socket
@@ -41,9 +42,10 @@ class Mosquitto:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         conf = self.folder / "mosquitto.conf"
         # Persistence (saved every second) lets a subscriber's session outlive a killed broker.
+        # Started as root, mosquitto drops to its own user, which cannot write our temp folder: stay us.
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {self.folder}/\nautosave_interval 1\n"
+            f"persistence_location {self.folder}/\nautosave_interval 1\nuser {getpass.getuser()}\n"
         )
         log = (self.folder / "mosquitto.log").open("ab")
         self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
