@@ -46,6 +46,8 @@ _EVERY_TICK = {
     DeviceKind.EV_CHARGER: ("power_kw", "state_code"),  # cars follow their current limit within seconds
 }
 SLOW_POLL_S = 5.0
+# A setpoint that keeps failing is logged on the first failure and then every this many.
+WRITE_FAILURE_LOG_EVERY = 60
 # A grid reading older than this many ticks (a missed poll) freezes the setpoints until it is fresh.
 HOLD_AFTER_TICKS = 1.5
 # Demand charges are billed on the largest average import over aligned blocks of this length.
@@ -157,6 +159,7 @@ class Runtime:
         self._ev_since: dict[str, datetime] = {}
         self._setpoint_battery_kw = 0.0
         self._written: dict[tuple[str, str], float] = {}
+        self._write_failed: dict[tuple[str, str], int] = {}
         self._pv_limit_kw: float | None = None
         self._last_load_kw: float | None = None
         self.month_peak_kw = 0.0  # largest completed 15-minute average import this month
@@ -281,8 +284,15 @@ class Runtime:
             await self.buses[self.bus_of[device]].transact(self.drivers[device].write_exchange(quantity, value))
         except (BridgeError, ValueError) as err:
             self.stats.write_failures += 1
-            _log.warning("setpoint not written", extra={"device": device, "quantity": quantity, "error": str(err)})
+            key = (device, quantity)
+            failed = self._write_failed.get(key, 0) + 1
+            self._write_failed[key] = failed
+            if failed == 1 or failed % WRITE_FAILURE_LOG_EVERY == 0:  # a dead bus must not flood the log
+                fields = {"device": device, "quantity": quantity, "error": str(err), "failures_in_a_row": failed}
+                _log.warning("setpoint not written", extra=fields)
             return False
+        if self._write_failed.pop((device, quantity), 0):
+            _log.warning("setpoint written again", extra={"device": device, "quantity": quantity})
         self._written[(device, quantity)] = value
         return True
 
