@@ -37,15 +37,18 @@ class Mosquitto:
     folder: Path
     port: int = field(default_factory=_free_port)
     process: subprocess.Popen[bytes] | None = None
+    extra_config: str = ""  # TLS, password file, ... appended to the listener's settings
 
     def start(self) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         conf = self.folder / "mosquitto.conf"
         # Persistence (saved every second) lets a subscriber's session outlive a killed broker.
         # Started as root, mosquitto drops to its own user, which cannot write our temp folder: stay us.
+        anonymous = "allow_anonymous" not in self.extra_config
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"listener {self.port} 127.0.0.1\n{'allow_anonymous true' if anonymous else ''}\npersistence true\n"
             f"persistence_location {self.folder}/\nautosave_interval 1\nuser {getpass.getuser()}\n"
+            + self.extra_config
         )
         log = (self.folder / "mosquitto.log").open("ab")
         self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)

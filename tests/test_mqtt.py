@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import random
+import subprocess
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -336,3 +337,51 @@ def test_config_set_from_a_shell_is_seen_by_a_running_controller(
     assert state["tuning"]["battery"]["reserve_soc"] == 0.4
     audit = (tmp_path / "var" / "zhongshan-school.tuning.audit.jsonl").read_text().splitlines()
     assert [json.loads(line)["by"] for line in audit] == ["cli:wang"]
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _test_pki(folder: Path) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate signed by it; a password file."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+             "-subj", "/CN=greensite test CA", "-days", "2", cwd=folder)  # fmt: skip
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, subject in (("server", "/CN=127.0.0.1"), ("client", "/CN=greensite-zhongshan-school")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", subject, cwd=folder)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", *(["-extfile", "san.ext"] if name == "server" else []),
+                 cwd=folder)  # fmt: skip
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(folder / "passwd"), "school", "s3cret"], check=True)
+
+
+async def test_tls_with_client_certificate_and_password(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    _test_pki(pki)
+    broker = Mosquitto(tmp_path, extra_config=(
+        f"cafile {pki}/ca.pem\ncertfile {pki}/server.pem\nkeyfile {pki}/server.key\nrequire_certificate true\n"
+        f"allow_anonymous false\npassword_file {pki}/passwd\n"))  # fmt: skip
+    broker.start()
+    tls = {"ca_file": str(pki / "ca.pem"), "cert_file": str(pki / "client.pem"), "key_file": str(pki / "client.key")}
+    try:
+        good = school(tmp_path / "good", broker=f"mqtts://127.0.0.1:{broker.port}", username="school",
+                      password="s3cret", tls=tls)  # fmt: skip
+        async with running(good, 20.0, speed=20.0) as run:
+            await wait_for(run.service.connected.is_set)
+        assert run.service.connections == 1
+        wrong = school(tmp_path / "wrong", broker=f"mqtts://127.0.0.1:{broker.port}", username="school",
+                       password="guess", tls=tls)  # fmt: skip
+        async with running(wrong, 20.0, speed=20.0) as run:
+            pass
+        assert run.service.connections == 0  # refused, retried, and the loop ran anyway
+        assert run.runtime.stats.ticks == 21
+        no_cert = school(tmp_path / "nocert", broker=f"mqtts://127.0.0.1:{broker.port}", username="school",
+                         password="s3cret", tls={"ca_file": str(pki / "ca.pem")})  # fmt: skip
+        async with running(no_cert, 20.0, speed=20.0) as run:
+            pass
+        assert run.service.connections == 0
+    finally:
+        broker.kill()
