@@ -470,13 +470,13 @@ class Runtime:
         step = int((self.clock.local() - start).total_seconds() // (plan.step_minutes * 60))
         if not 0 <= step < plan.steps:
             return Targets()
+        demand = self.site.tariff.demand_charge_cny_per_kw_month > 0
         return Targets(
             battery_kw=float(plan.battery_kw[step]),
             ev_kw={name: float(kw[step]) for name, kw in plan.ev_kw.items()},
             planned_import_kw=float(plan.grid_import_kw[step]),
-            peak_cap_kw=max(self.month_peak_kw, plan.peak_import_kw)
-            if self.site.tariff.demand_charge_cny_per_kw_month > 0
-            else None,
+            peak_cap_kw=max(self.month_peak_kw, plan.peak_import_kw) if demand else None,
+            charge_cap_kw=self.month_peak_kw if demand else None,
         )
 
     async def _apply(self, setpoints: Setpoints) -> None:

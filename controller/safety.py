@@ -46,6 +46,9 @@ class Targets:
     # and import above peak_cap_kw (the demand charge's peak) is shaved with the battery.
     planned_import_kw: float | None = None
     peak_cap_kw: float | None = None
+    # With a demand charge: charging from the grid never sets a new month peak (the month's largest
+    # 15-minute import so far). A plan that means to is built on a forecast; the peak is paid for sure.
+    charge_cap_kw: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +140,10 @@ def apply_safety(
     if targets.planned_import_kw is not None and battery > 0:
         # The forecast was wrong (less sun, more load): charge only as far as the plan meant to import.
         battery = max(0.0, min(battery, targets.planned_import_kw - base - cars_kw))
+    if targets.charge_cap_kw is not None and battery > 0 and base + battery + cars_kw > targets.charge_cap_kw:
+        capped = max(0.0, targets.charge_cap_kw - base - cars_kw)
+        actions.append(f"no new peak for charging: battery {capped - battery:+.1f} kW")
+        battery = capped
     if follows and targets.peak_cap_kw is not None and base + battery + cars_kw > targets.peak_cap_kw:
         shave = min(base + battery + cars_kw - targets.peak_cap_kw, battery + discharge_max)
         if shave > 0:

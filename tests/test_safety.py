@@ -123,3 +123,15 @@ def test_safe_state_limits_pv_to_a_share_of_the_last_trusted_load(site: SiteConf
     assert out.battery_kw == 0.0
     # Not the 150 kW PV gave while the battery took 80 of it: that would export once the battery idles.
     assert out.pv_limit_kw == pytest.approx(SAFE_STATE_LOAD_SHARE * 70.0 - HEADROOM_KW)
+
+
+def test_grid_charging_never_sets_a_new_month_peak(site: SiteConfig) -> None:
+    # Night, 45 kW of load, the plan wants 66 kW into the battery; the month's peak so far is 80 kW.
+    night = measured(grid_kw=45.0, pv_kw=0.0, soc=0.3)
+    out = apply_safety(site, night, Targets(battery_kw=66.0, charge_cap_kw=80.0), previous_battery_kw=66.0, dt_s=1.0)
+    assert out.battery_kw == pytest.approx(35.0)
+    assert any("no new peak" in a for a in out.actions)
+    # Charging from PV surplus is not limited by it.
+    noon = measured(grid_kw=-60.0, pv_kw=200.0, soc=0.3)
+    out = apply_safety(site, noon, Targets(battery_kw=60.0, charge_cap_kw=0.0), previous_battery_kw=0.0, dt_s=1.0)
+    assert out.battery_kw >= 60.0  # the whole surplus (zero export), whatever the cap
