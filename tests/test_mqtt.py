@@ -385,3 +385,16 @@ async def test_tls_with_client_certificate_and_password(tmp_path: Path) -> None:
         assert run.service.connections == 0
     finally:
         broker.kill()
+
+
+def test_reconnect_back_off_is_jittered_capped_and_reset() -> None:
+    from controller.mqtt import Backoff
+
+    backoff = Backoff(initial_s=0.5, cap_s=30.0)
+    delays = [backoff.next_delay_s() for _ in range(12)]
+    assert 0.25 <= delays[0] <= 0.5
+    assert all(d <= 30.0 for d in delays)
+    assert min(delays[-4:]) >= 15.0  # capped at 30 s, jittered over its upper half
+    assert len(set(delays)) == len(delays)  # jitter: two controllers do not retry in step
+    backoff.reset()
+    assert backoff.next_delay_s() <= 0.5
