@@ -34,6 +34,8 @@ _log = logging.getLogger(__name__)
 # A tuning patch is a handful of numbers; deeper nesting than the schema has is refused before merging.
 MAX_PATCH_DEPTH = 4
 _FORMAT_VERSION = 1
+# An overrides file is a few hundred bytes; a megabyte is damage (or hostile), not tuning.
+MAX_TUNING_FILE_BYTES = 1_048_576
 # How often (wall time) a running controller looks for a change made by `greensite config set`.
 TUNING_FILE_POLL_S = 2.0
 
@@ -125,7 +127,7 @@ class TuningStore:
 
     def _read(self, path: Path) -> dict[str, Any]:
         raw = path.read_bytes()
-        if len(raw) > 1_048_576:
+        if len(raw) > MAX_TUNING_FILE_BYTES:
             raise ConfigError(str(path), [f"file is {len(raw)} bytes; a tuning file is a few hundred"])
         try:
             body = json.loads(raw)

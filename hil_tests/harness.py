@@ -150,7 +150,7 @@ class _Run:
                 self.cleared.add(index)
                 self._end(fault)
             noisy = fault.kind is FaultKind.NOISE and index in self.fired and index not in self.cleared
-            if noisy and fault.bus is not None and int(now_s) % 1 == 0:
+            if noisy and fault.bus is not None:  # a burst every tick
                 self.sims[fault.bus].inject_noise(self.random.randbytes(self.random.randint(1, 24)))
 
     def _start(self, fault: Any, index: int) -> None:

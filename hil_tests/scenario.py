@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import re
 import tomllib
 from datetime import datetime
 from enum import StrEnum
@@ -31,20 +30,17 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from config import ConfigError, format_validation_error
+from controller.durations import parse_duration_s
 
 __all__ = ["SCENARIO_DIR", "Expect", "Fault", "FaultKind", "HilScenario", "load_scenarios", "seconds"]
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def seconds(text: Any) -> float:
     if isinstance(text, int | float) and not isinstance(text, bool):
         return float(text)
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", str(text).strip())
-    if not match:
-        raise ValueError(f"{text!r} is not a duration like 30s, 5m, 2h or 7d")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    return parse_duration_s(str(text))
 
 
 Seconds = Annotated[float, BeforeValidator(seconds), Field(ge=0.0)]

@@ -4,29 +4,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import shutil
 import signal
 import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from config import ConfigError, SiteConfig, load_site
 from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, Command, refusal
+from controller.durations import parse_duration_s
 from controller.storage.timeseries import TimeSeriesStore
 from controller.tuning import TuningStore
 from firmware_bridge.maps import check_site_devices
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
+if TYPE_CHECKING:
+    from controller.runtime import Runtime
 
 def duration_s(text: str) -> float:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 15m, 2h or 1d")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        return parse_duration_s(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def speed(text: str) -> float | None:
@@ -97,6 +98,23 @@ def _wants_live(args: argparse.Namespace) -> bool:
     return sys.stdout.isatty() and not (args.simulate and args.speed is None)
 
 
+async def _run_attached(
+    runtime: Runtime, tuning: TuningStore, args: argparse.Namespace, duration_s: float | None, stop: asyncio.Event
+) -> None:
+    """One run with its tuning file followed, MQTT (its address on stdout) and the live view."""
+    from controller.live import LiveView  # noqa: PLC0415
+    from controller.mqtt import site_services  # noqa: PLC0415
+
+    async with site_services(runtime, tuning, mqtt=not args.no_mqtt) as mqtt:
+        address = None if mqtt is None else f"{mqtt.host}:{mqtt.port}, topics {mqtt.topics.prefix}/#"
+        if address is not None:
+            sys.stdout.write(f"MQTT: {address}\n")
+            sys.stdout.flush()
+        if _wants_live(args):
+            LiveView(runtime, mqtt=address).attach()
+        await runtime.run(duration_s, stop)
+
+
 def _tuned(site: SiteConfig) -> TuningStore:
     """The site with its remote-tuning overrides; a refused overrides file is reported, not fatal."""
     tuning = TuningStore(site)
@@ -116,8 +134,6 @@ def _stop_on_signals() -> asyncio.Event:
 
 async def _hardware(site: SiteConfig, args: argparse.Namespace) -> int:
     from controller.clock import RealClock  # noqa: PLC0415
-    from controller.live import LiveView  # noqa: PLC0415
-    from controller.mqtt import site_services  # noqa: PLC0415
     from controller.runtime import Runtime  # noqa: PLC0415
     from firmware_bridge.transport import Link, SerialLink  # noqa: PLC0415
 
@@ -129,13 +145,7 @@ async def _hardware(site: SiteConfig, args: argparse.Namespace) -> int:
     clock = RealClock(datetime.now(ZoneInfo(site.site.timezone)))
     runtime = Runtime(site, clock=clock, links=links, store=store, state_path=site.storage.state_path)
     try:
-        async with site_services(runtime, tuning, mqtt=not args.no_mqtt) as mqtt:
-            address = None if mqtt is None else f"{mqtt.host}:{mqtt.port}, topics {mqtt.topics.prefix}/#"
-            if address is not None:
-                sys.stdout.write(f"MQTT: {address}\n")
-            if _wants_live(args):
-                LiveView(runtime, mqtt=address).attach()
-            await runtime.run(args.duration, stop)
+        await _run_attached(runtime, tuning, args, args.duration, stop)
     finally:
         store.close()
     sys.stdout.write("".join(f"{key}: {value}\n" for key, value in runtime.summary_stats().items()))
@@ -144,8 +154,6 @@ async def _hardware(site: SiteConfig, args: argparse.Namespace) -> int:
 
 async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
     from controller.clock import SimClock  # noqa: PLC0415 - keeps `greensite validate` free of numba
-    from controller.live import LiveView  # noqa: PLC0415
-    from controller.mqtt import site_services  # noqa: PLC0415
     from controller.runtime import Runtime  # noqa: PLC0415
     from controller.simulation import Recorder, simulated_site  # noqa: PLC0415
     from controller.summary import summary_text  # noqa: PLC0415
@@ -165,14 +173,7 @@ async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
             before_tick=plant.advance, on_tick=recorder, store=store, state_path=site.storage.state_path,
         )  # fmt: skip
         try:
-            async with site_services(runtime, tuning, mqtt=not args.no_mqtt) as mqtt:
-                address = None if mqtt is None else f"{mqtt.host}:{mqtt.port}, topics {mqtt.topics.prefix}/#"
-                if address is not None:
-                    sys.stdout.write(f"MQTT: {address}\n")
-                    sys.stdout.flush()
-                if _wants_live(args):
-                    LiveView(runtime, mqtt=address).attach()
-                await runtime.run(duration, stop)
+            await _run_attached(runtime, tuning, args, duration, stop)
             summary = summary_text(
                 site, plant, recorder, runtime, wall_s=time.perf_counter() - wall, interrupted=stop.is_set()
             )
