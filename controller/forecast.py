@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from datetime import datetime, timedelta
+from typing import Any
 
 from config import SiteConfig
 
@@ -52,6 +53,30 @@ class Forecaster:
         sky = clear_sky_kw(self._peak_kw, local)
         if sky > 0.1 * self._peak_kw and not pv_limited:  # a curtailed inverter says nothing of the sun
             self._yield.append((pv_kw, sky))
+
+    def to_json(self) -> dict[str, Any]:
+        """What was learned, for the state file: a restart must not begin from a cold forecast."""
+        return {
+            "slot_minutes": self._slot_minutes,
+            "profile": {f"{int(school)}:{slot}": kw for (school, slot), kw in self._profile.items()},
+            "yield": [list(pair) for pair in self._yield],
+        }
+
+    def restore(self, body: dict[str, Any]) -> None:
+        """Take back what `to_json` saved; raises ValueError (or KeyError/TypeError) on a damaged body."""
+        if int(body["slot_minutes"]) != self._slot_minutes:
+            raise ValueError("saved with another step length")
+        profile: dict[tuple[bool, int], float] = {}
+        for key, kw in body["profile"].items():
+            school, slot = str(key).split(":")
+            value = float(kw)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"profile {key}: {kw!r}")
+            profile[(school == "1", int(slot))] = value
+        pairs = [(float(p), float(s)) for p, s in body["yield"]]
+        self._profile = profile
+        self._yield.clear()
+        self._yield.extend(pairs[-YIELD_WINDOW:])
 
     def yield_ratio(self) -> float:
         measured = sum(p for p, _ in self._yield)

@@ -64,6 +64,8 @@ DEFAULT_EV_STAY_H = 8.0
 # most this much of the counters; the time series has its own flush.
 STATE_SAVE_PERIOD_S = 60.0
 _STATE_VERSION = 1
+# A learned load profile older than this says little about the site now: start cold instead.
+FORECAST_KEEP_DAYS = 14
 
 
 @dataclass
@@ -231,6 +233,7 @@ class Runtime:
             "demand_month": self._demand_month,
             "ev_since": {name: at.isoformat() for name, at in self._ev_since.items()},
             "ev_connected": self._ev_connected,
+            "forecaster": self.forecaster.to_json(),
         }
 
     def save_state(self) -> None:
@@ -260,6 +263,11 @@ class Runtime:
             return False
         now = self.clock.local()
         self.counters = counters
+        if timedelta(0) <= now - saved < timedelta(days=FORECAST_KEEP_DAYS) and "forecaster" in body:
+            try:
+                self.forecaster.restore(body["forecaster"])
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                _log.error("forecast history not restored", extra={"error": str(err)})
         if (saved.year, saved.month) == (now.year, now.month) and math.isfinite(peak):
             self.month_peak_kw = max(0.0, peak)
             self._demand_month = now.month

@@ -223,7 +223,7 @@ async def run_scenario(scenario: HilScenario, workdir: Path, *, short: bool = Tr
         store = TimeSeriesStore(site.storage.path, site.storage.retention_days)
         stack.callback(store.close)
         tuning = TuningStore(site)
-        offset, counters_before = 0.0, None
+        offset, counters_before, forecast_before = 0.0, None, {}
         while True:
             clock = SimClock(start + timedelta(seconds=offset), scenario.speed)
             segment_offset = offset
@@ -234,7 +234,11 @@ async def run_scenario(scenario: HilScenario, workdir: Path, *, short: bool = Tr
                 on_tick=lambda t, sp, o=segment_offset: run.on_tick(o + t, sp),  # type: ignore[misc]
             )  # fmt: skip
             if counters_before is not None:
-                result.counters_continuous = runtime.restored and runtime.counters == counters_before
+                result.counters_continuous = (
+                    runtime.restored
+                    and runtime.counters == counters_before
+                    and runtime.forecaster.to_json() == forecast_before
+                )
             async with site_services(runtime, tuning, mqtt=broker is not None) as service:
                 run.service = service
                 await runtime.run(duration - offset, run.stop)
@@ -253,7 +257,7 @@ async def run_scenario(scenario: HilScenario, workdir: Path, *, short: bool = Tr
             _, down_s = run.restart_due
             run.restart_due = None
             run.stop = asyncio.Event()
-            counters_before = runtime.counters
+            counters_before, forecast_before = runtime.counters, runtime.forecaster.to_json()
             offset = plant.now_s + down_s  # the controller is away; the plant holds the last setpoints
         if subscriber is not None:
             await asyncio.sleep(0.2)
@@ -292,7 +296,7 @@ def _judge(  # noqa: PLR0917 - one call site, every piece of the run it judges
     if result.logged_ticks != result.ticks:
         fail(f"time-series log has {result.logged_ticks} ticks, the controller ran {result.ticks}")
     if not result.counters_continuous:
-        fail("counters were not restored after the restart")
+        fail("counters or the learned forecast were not restored after the restart")
     # Cars: satisfied where physically possible (sessions that ended within the run).
     result.ev_requested_kwh = plant.requested_kwh
     result.ev_delivered_kwh = plant.delivered_kwh
