@@ -19,6 +19,9 @@ __all__ = ["Forecaster", "clear_sky_kw"]
 PROFILE_WEIGHT = 0.3
 # The yield ratio (measured / clear sky) is taken over this many recent observations in sun.
 YIELD_WINDOW = 900
+# A kind of day is known once the profile holds this share of its slots; before that, plans built
+# on the fallback (the recent mean load) are not trusted with the battery.
+KNOWN_DAY_SHARE = 0.9
 
 
 def clear_sky_kw(peak_kw: float, local: datetime) -> float:
@@ -77,6 +80,13 @@ class Forecaster:
         self._profile = profile
         self._yield.clear()
         self._yield.extend(pairs[-YIELD_WINDOW:])
+
+    def knows_day(self, local: datetime, share: float = KNOWN_DAY_SHARE) -> bool:
+        """Whether the load profile covers this kind of day (school day or not) well enough to plan on."""
+        school = local.weekday() < 5
+        slots = 24 * 60 // self._slot_minutes
+        known = sum(1 for (day, _slot) in self._profile if day == school)
+        return known >= share * slots
 
     def yield_ratio(self) -> float:
         measured = sum(p for p, _ in self._yield)

@@ -480,6 +480,7 @@ class Runtime:
             return Targets()
         demand = self.site.tariff.demand_charge_cny_per_kw_month > 0
         return Targets(
+            self_consumption=not self.forecaster.knows_day(self.clock.local()),
             battery_kw=float(plan.battery_kw[step]),
             ev_kw={name: float(kw[step]) for name, kw in plan.ev_kw.items()},
             planned_import_kw=float(plan.grid_import_kw[step]),

@@ -49,6 +49,9 @@ class Targets:
     # With a demand charge: charging from the grid never sets a new month peak (the month's largest
     # 15-minute import so far). A plan that means to is built on a forecast; the peak is paid for sure.
     charge_cap_kw: float | None = None
+    # No load history for this kind of day yet (commissioning, the first weekend): the plan rests on
+    # a flat guess, so the battery runs the self-consumption rule instead (store surplus, cover import).
+    self_consumption: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +140,9 @@ def apply_safety(
         return min(offered, measured.ev_kw.get(name, 0.0))
 
     cars_kw = sum(car_kw(n, a) for n, a in ev_amps.items())
+    if targets.self_consumption and follows:
+        battery = max(previous_battery_kw - ramp, min(previous_battery_kw + ramp, -(base + cars_kw)))
+        battery = max(-discharge_max, min(charge_max, battery))
     if targets.planned_import_kw is not None and battery > 0:
         # The forecast was wrong (less sun, more load): charge only as far as the plan meant to import.
         battery = max(0.0, min(battery, targets.planned_import_kw - base - cars_kw))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -172,3 +172,15 @@ async def test_live_view_shows_what_the_site_does_and_why(site: SiteConfig) -> N
     assert "grid-meter" in text
     assert "ok" in text
     assert "plan from 2026-07-06T12:00" in text
+
+
+def test_forecaster_knows_a_kind_of_day_only_after_seeing_it(site: SiteConfig) -> None:
+    from controller.forecast import Forecaster
+
+    forecaster = Forecaster(site, 15)
+    monday = datetime(2026, 7, 6, tzinfo=ZoneInfo(site.site.timezone))
+    assert not forecaster.knows_day(monday)
+    for minute in range(0, 24 * 60 + 15, 5):
+        forecaster.observe(monday + timedelta(minutes=minute), 50.0, 0.0, pv_limited=False)
+    assert forecaster.knows_day(monday + timedelta(days=1))  # another school day
+    assert not forecaster.knows_day(monday + timedelta(days=5))  # Saturday: not seen yet

@@ -135,3 +135,19 @@ def test_grid_charging_never_sets_a_new_month_peak(site: SiteConfig) -> None:
     noon = measured(grid_kw=-60.0, pv_kw=200.0, soc=0.3)
     out = apply_safety(site, noon, Targets(battery_kw=60.0, charge_cap_kw=0.0), previous_battery_kw=0.0, dt_s=1.0)
     assert out.battery_kw >= 60.0  # the whole surplus (zero export), whatever the cap
+
+
+def test_without_load_history_the_battery_runs_self_consumption(site: SiteConfig) -> None:
+    # The plan (built on a flat guess) says idle; the site imports 30 kW: the battery covers it.
+    evening = measured(grid_kw=30.0, pv_kw=20.0, battery_kw=0.0, soc=0.6)
+    out = apply_safety(site, evening, Targets(battery_kw=0.0, self_consumption=True), previous_battery_kw=0.0,
+                       dt_s=1.0)  # fmt: skip
+    assert out.battery_kw == pytest.approx(-30.0 + HEADROOM_KW)  # zero export: 1 kW of import kept
+    # A 40 kW surplus goes into the battery, whatever the plan said.
+    noon = measured(grid_kw=-40.0, pv_kw=200.0, battery_kw=0.0, soc=0.6)
+    out = apply_safety(site, noon, Targets(battery_kw=-20.0, self_consumption=True), previous_battery_kw=0.0,
+                       dt_s=1.0)  # fmt: skip
+    assert out.battery_kw >= 40.0
+    # With history the plan rules: idle stays idle.
+    out = apply_safety(site, evening, Targets(battery_kw=0.0), previous_battery_kw=0.0, dt_s=1.0)
+    assert out.battery_kw == 0.0
