@@ -400,6 +400,8 @@ def grid_objective(
 # segments and the infimal convolution is a merge of two short sorted lists. No quantisation.
 
 _SLOPE_EPS = 1e-12
+# Kinks of one step cost without cars: both ends, zero, four grid thresholds.
+_KINKS = 8
 
 
 @njit("f8(f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8)", cache=True, nogil=True)
@@ -490,37 +492,39 @@ def _left_slope_cost(xs: np.ndarray, ys: np.ndarray, start: int, stop: int, x: f
 
 
 @njit(
-    "f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8[:], f8[:])",
+    "void(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8, f8, f8[:, :], f8[:, :], i8[:])",
     cache=True,
     nogil=True,
 )
-def battery_pwl(
-    net_kw: np.ndarray,
-    price_import: np.ndarray,
-    price_export: np.ndarray,
-    import_cap_kw: np.ndarray,
-    export_cap_kw: np.ndarray,
-    curtail_max_kw: np.ndarray,
-    dt_h: float,
+def step_tables(
+    net_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray, import_cap_kw: np.ndarray,
+    export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float, eta_c: float, eta_d: float, wear: float,
+    d_max: float, c_max: float, out_delta: np.ndarray, out_value: np.ndarray, out_count: np.ndarray,
+) -> None:  # fmt: skip
+    """Each step's cost as a function of the stored-energy change: its kinks (row t, sorted) and values."""
+    for t in range(net_kw.shape[0]):
+        out_count[t] = _step_breakpoints(net_kw[t], dt_h, price_import[t], price_export[t], import_cap_kw[t],
+                                         export_cap_kw[t], curtail_max_kw[t], eta_c, eta_d, wear, d_max, c_max,
+                                         out_delta[t], out_value[t])  # fmt: skip
+
+
+@njit("f8(f8[:, :], f8[:, :], i8[:], f8, f8, f8, f8, f8, f8, f8[:], f8[:])", cache=True, nogil=True)
+def battery_pwl_tables(
+    step_delta: np.ndarray,
+    step_value: np.ndarray,
+    step_count: np.ndarray,
     e_min: float,
     e_max: float,
     e_start: float,
     d_max: float,
     c_max: float,
-    eta_c: float,
-    eta_d: float,
-    wear: float,
     final_min_kwh: float,
     out_energy: np.ndarray,
     out_marginal: np.ndarray,
 ) -> float:
-    """Exact optimal stored-energy trajectory (T + 1 values into out_energy); returns its cost,
-    or NaN when some step cost is not convex (the caller then uses the grid kernel).
-
-    out_marginal[t]: what one kWh less in store after step t would cost later (the left slope of
-    the value function, a shadow price); inf at the lower SoC bound.
-    """
-    steps = net_kw.shape[0]
+    """The exact DP on step costs given as tables (step_tables, step_tables_cars): the optimal
+    stored-energy path into out_energy and its cost, or NaN when some step cost is not convex."""
+    steps = step_count.shape[0]
     capacity = 64 * (steps + 1)
     xs = np.empty(capacity)
     ys = np.empty(capacity)
@@ -542,12 +546,8 @@ def battery_pwl(
     starts = np.zeros(steps + 1, dtype=np.int64)
     stops = np.zeros(steps + 1, dtype=np.int64)
     starts[steps], stops[steps] = 0, n
-    fd = np.empty(8)
-    fv = np.empty(8)
     for t in range(steps - 1, -1, -1):
-        m = _step_breakpoints(net_kw[t], dt_h, price_import[t], price_export[t], import_cap_kw[t],
-                              export_cap_kw[t], curtail_max_kw[t], eta_c, eta_d, wear, d_max, c_max,
-                              fd, fv)  # fmt: skip
+        fd, fv, m = step_delta[t], step_value[t], step_count[t]
         # Slopes of f~(u) = f(-u): f's segments reversed, slopes negated; check convexity on the way.
         prev = -np.inf
         for i in range(m - 1, 0, -1):
@@ -627,9 +627,7 @@ def battery_pwl(
     energy = min(max(e_start, e_min), e_max)
     out_energy[0] = energy
     for t in range(steps):
-        m = _step_breakpoints(net_kw[t], dt_h, price_import[t], price_export[t], import_cap_kw[t],
-                              export_cap_kw[t], curtail_max_kw[t], eta_c, eta_d, wear, d_max, c_max,
-                              fd, fv)  # fmt: skip
+        fd, fv, m = step_delta[t], step_value[t], step_count[t]
         lo = max(-d_max, e_min - energy)
         hi = min(c_max, e_max - energy)
         a0, a1 = starts[t + 1], stops[t + 1]
@@ -643,9 +641,7 @@ def battery_pwl(
                 if d < lo - 1e-12 or d > hi + 1e-12:
                     continue
                 d = min(max(d, lo), hi)
-                value = _step_cost_at(d, net_kw[t], dt_h, price_import[t], price_export[t], import_cap_kw[t],
-                                      export_cap_kw[t], curtail_max_kw[t], eta_c, eta_d, wear,
-                                      PENALTY_CNY_PER_KWH) + _pwl_value(xs, ys, a0, a1, energy + d)  # fmt: skip
+                value = _pwl_value(fd, fv, 0, m, d) + _pwl_value(xs, ys, a0, a1, energy + d)
                 # On ties prefer the smaller move: no cycling the battery for nothing.
                 if value < best - 1e-9 or (value <= best + 1e-9 and abs(d) < abs(best_d)):
                     best = min(best, value)
@@ -654,6 +650,421 @@ def battery_pwl(
         out_energy[t + 1] = energy
         out_marginal[t] = _left_slope_cost(xs, ys, a0, a1, energy)
     return _pwl_value(xs, ys, starts[0], stops[0], min(max(e_start, e_min), e_max))
+
+
+@njit(
+    "f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8[:], f8[:])",
+    cache=True,
+    nogil=True,
+)
+def battery_pwl(
+    net_kw: np.ndarray,
+    price_import: np.ndarray,
+    price_export: np.ndarray,
+    import_cap_kw: np.ndarray,
+    export_cap_kw: np.ndarray,
+    curtail_max_kw: np.ndarray,
+    dt_h: float,
+    e_min: float,
+    e_max: float,
+    e_start: float,
+    d_max: float,
+    c_max: float,
+    eta_c: float,
+    eta_d: float,
+    wear: float,
+    final_min_kwh: float,
+    out_energy: np.ndarray,
+    out_marginal: np.ndarray,
+) -> float:
+    """Exact optimal stored-energy trajectory (T + 1 values into out_energy); returns its cost,
+    or NaN when some step cost is not convex (the caller then uses the grid kernel).
+
+    out_marginal[t]: what one kWh less in store after step t would cost later (the left slope of
+    the value function, a shadow price); inf at the lower SoC bound.
+    """
+    steps = net_kw.shape[0]
+    delta = np.empty((steps, _KINKS))
+    value = np.empty((steps, _KINKS))
+    count = np.empty(steps, dtype=np.int64)
+    step_tables(net_kw, price_import, price_export, import_cap_kw, export_cap_kw, curtail_max_kw, dt_h, eta_c,
+                eta_d, wear, d_max, c_max, delta, value, count)  # fmt: skip
+    return battery_pwl_tables(delta, value, count, e_min, e_max, e_start, d_max, c_max, final_min_kwh, out_energy,
+                              out_marginal)  # fmt: skip
+
+
+# --- cars priced into the step costs (Lagrangian pricing for column generation) ---------------------
+#
+# With a value per kWh for each car (the master problem's dual), a step's cheapest use of the grid,
+# the battery and the cars together is F(y) = min over car powers of f(y + sum e) - dt * sum value * e,
+# the infimal convolution of the grid cost f with each car's linear value: f's slope sequence with a
+# segment of width max_kw and slope value*dt inserted per car. It stays convex and piecewise linear, so
+# the exact DP runs on it unchanged. A car whose segment lies right of y charges fully, left of it not.
+
+
+@njit("f8(f8, f8[:], f8[:], i8, f8, f8)", cache=True, nogil=True)
+def _convex_at(y: float, xs: np.ndarray, vs: np.ndarray, n: int, slope_left: float, slope_right: float) -> float:
+    """Value at y of the convex function with breakpoints xs/vs[:n], extended by the end slopes."""
+    if y <= xs[0]:
+        return float(vs[0] + slope_left * (y - xs[0]))
+    if y >= xs[n - 1]:
+        return float(vs[n - 1] + slope_right * (y - xs[n - 1]))
+    return _pwl_value(xs, vs, 0, n, y)
+
+
+@njit(
+    "void(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8, f8, i8[:], i8[:], f8[:], f8[:],"
+    " f8[:, :], f8[:, :], i8[:], f8[:, :], b1)",
+    cache=True,
+    nogil=True,
+)
+def step_tables_cars(
+    base_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray, import_cap_kw: np.ndarray,
+    export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float, eta_c: float, eta_d: float, wear: float,
+    d_max: float, c_max: float, arrival: np.ndarray, departure: np.ndarray, car_max_kw: np.ndarray,
+    car_cny_per_kwh: np.ndarray, out_delta: np.ndarray, out_value: np.ndarray, out_count: np.ndarray,
+    out_car_edge: np.ndarray, only_car_steps: bool,
+) -> None:  # fmt: skip
+    """step_tables for net load `base_kw` without the cars, each car valued at car_cny_per_kwh.
+
+    out_car_edge[t, i]: the car charges min(max(edge - y, 0), max_kw) at net load y (battery included):
+    +inf for a car that always charges at its value, -inf for one that never does or is away.
+    `only_car_steps`: leave the rows of steps without a car as they are (they do not depend on values).
+    """
+    cars = arrival.shape[0]
+    seg_slope = np.empty(3 + cars)
+    seg_width = np.empty(3 + cars)
+    seg_car = np.empty(3 + cars, dtype=np.int64)
+    xs = np.empty(4 + cars)
+    vs = np.empty(4 + cars)
+    for t in range(base_kw.shape[0]):
+        if only_car_steps:
+            present = False
+            for i in range(cars):
+                present = present or arrival[i] <= t < departure[i]
+            if not present:
+                continue
+        p_imp, p_exp, cap = price_import[t], price_export[t], import_cap_kw[t]
+        exp_cap, curt = export_cap_kw[t], curtail_max_kw[t]
+        # The grid cost's kinks and slopes (CNY per kW over the step), as in grid_cost.
+        g1 = -(exp_cap + curt)
+        g2 = -exp_cap if p_exp >= 0.0 else -curt
+        s0 = -PENALTY_CNY_PER_KWH * dt_h if p_exp >= 0.0 else (p_exp - PENALTY_CNY_PER_KWH) * dt_h
+        s1 = 0.0 if p_exp >= 0.0 else p_exp * dt_h
+        s2 = p_exp * dt_h if p_exp >= 0.0 else 0.0
+        s3 = p_imp * dt_h
+        s4 = (p_imp + PENALTY_CNY_PER_KWH) * dt_h
+        n_seg = 0
+        for slope, width in ((s1, g2 - g1), (s2, -g2), (s3, cap)):
+            seg_slope[n_seg], seg_width[n_seg], seg_car[n_seg] = slope, max(width, 0.0), -1
+            n_seg += 1
+        on_kw = 0.0
+        on_value = 0.0
+        for i in range(cars):
+            out_car_edge[t, i] = -np.inf
+            if not arrival[i] <= t < departure[i]:
+                continue
+            slope = car_cny_per_kwh[i] * dt_h
+            if slope <= s0:
+                continue
+            on_kw += car_max_kw[i]
+            on_value += slope * car_max_kw[i]
+            if slope >= s4:
+                out_car_edge[t, i] = np.inf
+                continue
+            seg_slope[n_seg], seg_width[n_seg], seg_car[n_seg] = slope, car_max_kw[i], i
+            n_seg += 1
+        # Insertion sort by slope (stable: the grid's own segments first on ties).
+        for a in range(1, n_seg):
+            j = a
+            while j > 0 and seg_slope[j - 1] > seg_slope[j]:
+                seg_slope[j - 1], seg_slope[j] = seg_slope[j], seg_slope[j - 1]
+                seg_width[j - 1], seg_width[j] = seg_width[j], seg_width[j - 1]
+                seg_car[j - 1], seg_car[j] = seg_car[j], seg_car[j - 1]
+                j -= 1
+        # Left of everything every car that values energy charges: F(y) = f(y + on_kw) - values.
+        xs[0] = g1 - on_kw
+        vs[0] = grid_cost(g1, dt_h, p_imp, p_exp, cap, exp_cap, curt, PENALTY_CNY_PER_KWH) - on_value
+        n = 1
+        for j in range(n_seg):
+            x = xs[n - 1] + seg_width[j]
+            v = vs[n - 1] + seg_slope[j] * seg_width[j]
+            if seg_car[j] >= 0:
+                out_car_edge[t, seg_car[j]] = x
+            if seg_width[j] <= 1e-12:
+                continue
+            xs[n], vs[n] = x, v
+            n += 1
+        # Kinks in the stored-energy change: both ends, zero, and every kink of F.
+        row_d, row_v = out_delta[t], out_value[t]
+        m = 0
+        for j in range(n + 3):
+            if j == 0:
+                d = -d_max
+            elif j == 1:
+                d = c_max
+            elif j == 2:
+                d = 0.0
+            else:
+                b = xs[j - 3] - base_kw[t]
+                d = b * eta_c * dt_h if b >= 0.0 else b * dt_h / eta_d
+                if not -d_max < d < c_max:
+                    continue
+            k = m
+            while k > 0 and row_d[k - 1] > d:
+                row_d[k] = row_d[k - 1]
+                k -= 1
+            row_d[k] = d
+            m += 1
+        kept = 0
+        for j in range(m):
+            d = row_d[j]
+            if kept > 0 and d - row_d[kept - 1] <= 1e-9:
+                continue
+            battery = battery_kw_for(d, dt_h, eta_c, eta_d)
+            row_d[kept] = d
+            row_v[kept] = _convex_at(base_kw[t] + battery, xs, vs, n, s0, s4) + wear * abs(battery) * dt_h
+            kept += 1
+        out_count[t] = kept
+
+
+@njit("void(f8[:], f8[:], f8, f8, f8, i8[:], i8[:], f8[:], f8[:, :], f8[:, :])", cache=True, nogil=True)
+def car_allocation(
+    base_kw: np.ndarray, energy: np.ndarray, dt_h: float, eta_c: float, eta_d: float, arrival: np.ndarray,
+    departure: np.ndarray, car_max_kw: np.ndarray, car_edge: np.ndarray, out_kw: np.ndarray,
+) -> None:  # fmt: skip
+    """Each car's kW per step for a battery path priced with step_tables_cars (into out_kw[car, t])."""
+    for t in range(base_kw.shape[0]):
+        y = base_kw[t] + battery_kw_for(energy[t + 1] - energy[t], dt_h, eta_c, eta_d)
+        for i in range(arrival.shape[0]):
+            if arrival[i] <= t < departure[i]:
+                out_kw[i, t] = min(max(car_edge[t, i] - y, 0.0), car_max_kw[i])
+            else:
+                out_kw[i, t] = 0.0
+
+
+@njit("f8(f8[:, :], f8[:], f8[:], f8, f8[:], f8[:])", cache=True, nogil=True)
+def master_lp(
+    car_kwh: np.ndarray,
+    cost: np.ndarray,
+    need_kwh: np.ndarray,
+    penalty: float,
+    out_weight: np.ndarray,
+    out_dual: np.ndarray,
+) -> float:
+    """Cheapest convex combination of plans that gives each car its energy (a shortfall costs `penalty`
+    per kWh): min cost.w st. sum_j w_j car_kwh[j, i] + short_i = need_kwh[i], sum w = 1, w, short >= 0.
+
+    Revised simplex with Bland's rule, started from the basis {shortfalls, plan 0} (plan 0 must not
+    deliver more than any need). Writes the weights and the duals (one per car, then the convexity
+    row's) and returns the objective.
+    """
+    plans, cars = car_kwh.shape
+    rows = cars + 1
+    columns = plans + cars  # plans, then one shortfall per car
+
+    def column(j: int, out: np.ndarray) -> float:
+        out[:] = 0.0
+        if j < plans:
+            for i in range(cars):
+                out[i] = car_kwh[j, i]
+            out[cars] = 1.0
+            return float(cost[j])
+        out[j - plans] = 1.0
+        return penalty
+
+    basis = np.empty(rows, dtype=np.int64)
+    inverse = np.zeros((rows, rows))
+    x = np.empty(rows)
+    for i in range(cars):
+        basis[i] = plans + i
+        inverse[i, i] = 1.0
+        inverse[i, cars] = -car_kwh[0, i]
+        x[i] = max(need_kwh[i] - car_kwh[0, i], 0.0)
+    basis[cars] = 0
+    inverse[cars, cars] = 1.0
+    x[cars] = 1.0
+    a = np.empty(rows)
+    alpha = np.empty(rows)
+    c_basis = np.empty(rows)
+    dual = np.empty(rows)
+    scale = 1.0
+    for j in range(plans):
+        scale = max(scale, abs(cost[j]))
+    for _ in range(50 * (rows + columns)):
+        for i in range(rows):
+            c_basis[i] = column(basis[i], a)
+        for r in range(rows):
+            total = 0.0
+            for i in range(rows):
+                total += c_basis[i] * inverse[i, r]
+            dual[r] = total
+        entering = -1
+        for j in range(columns):
+            in_basis = False
+            for i in range(rows):
+                if basis[i] == j:
+                    in_basis = True
+            if in_basis:
+                continue
+            reduced = column(j, a)
+            for r in range(rows):
+                reduced -= dual[r] * a[r]
+            if reduced < -1e-10 * scale:
+                entering = j
+                break
+        if entering < 0:
+            break
+        column(entering, a)
+        for i in range(rows):
+            total = 0.0
+            for r in range(rows):
+                total += inverse[i, r] * a[r]
+            alpha[i] = total
+        leaving = -1
+        best = np.inf
+        for i in range(rows):
+            if alpha[i] > 1e-12:
+                ratio = x[i] / alpha[i]
+                if ratio < best - 1e-15 or (ratio <= best + 1e-15 and leaving >= 0 and basis[i] < basis[leaving]):
+                    best = ratio
+                    leaving = i
+        if leaving < 0:
+            break  # unbounded cannot happen (the weights sum to one and shortfalls cost); stop safely
+        pivot = alpha[leaving]
+        for r in range(rows):
+            inverse[leaving, r] /= pivot
+        x[leaving] /= pivot
+        for i in range(rows):
+            if i != leaving and alpha[i] != 0.0:
+                factor = alpha[i]
+                for r in range(rows):
+                    inverse[i, r] -= factor * inverse[leaving, r]
+                x[i] -= factor * x[leaving]
+        basis[leaving] = entering
+    out_weight[:] = 0.0
+    objective = 0.0
+    for i in range(rows):
+        value = max(x[i], 0.0)
+        objective += column(basis[i], a) * value
+        if basis[i] < plans:
+            out_weight[basis[i]] = value
+    for r in range(rows):
+        out_dual[r] = dual[r]
+    return objective
+
+
+@njit(
+    "f8(f8[:], f8[:], f8[:, :], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8)",
+    cache=True,
+    nogil=True,
+)
+def _priced_cost(
+    base_kw: np.ndarray, energy: np.ndarray, ev_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray,
+    import_cap_kw: np.ndarray, export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float, eta_c: float,
+    eta_d: float, wear: float, final_min_kwh: float,
+) -> float:  # fmt: skip
+    """A plan's cost as the DP counts it: grid (penalty above the cap), wear, and a final SoC shortfall."""
+    total = PENALTY_CNY_PER_KWH * max(0.0, final_min_kwh - energy[energy.shape[0] - 1])
+    for t in range(base_kw.shape[0]):
+        battery = battery_kw_for(energy[t + 1] - energy[t], dt_h, eta_c, eta_d)
+        net = base_kw[t] + battery
+        for i in range(ev_kw.shape[0]):
+            net += ev_kw[i, t]
+        total += grid_cost(net, dt_h, price_import[t], price_export[t], import_cap_kw[t], export_cap_kw[t],
+                           curtail_max_kw[t], PENALTY_CNY_PER_KWH) + wear * abs(battery) * dt_h  # fmt: skip
+    return float(total)
+
+
+@njit(
+    "i8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, i8[:], i8[:], f8[:],"
+    " f8[:], f8[:, :], f8[:, :, :], i8, f8[:], f8[:])",
+    cache=True,
+    nogil=True,
+)
+def column_generation(
+    base_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray, import_cap_kw: np.ndarray,
+    export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float, eta_c: float, eta_d: float, wear: float,
+    d_max: float, c_max: float, e_min: float, e_max: float, e_start: float, final_min_kwh: float,
+    arrival: np.ndarray, departure: np.ndarray, car_max_kw: np.ndarray, need_kwh: np.ndarray,
+    plan_energy: np.ndarray, plan_ev: np.ndarray, initial: int, start_price: np.ndarray, out_weight: np.ndarray,
+) -> int:  # fmt: skip
+    """Optimal battery and car plan by column generation over plans (battery path, car kW).
+
+    Plans [0, initial) are given, except plan 0's battery path: the optimal one for plan 0's cars
+    (which must not deliver more than any need). New plans are priced
+    into plan_energy/plan_ev until no plan improves the master problem or the arrays are full.
+    `start_price`: a first guess of each car's CNY/kWh; the prices of the best bound are written back.
+    Returns the number of plans, with the optimal combination's weights in out_weight; -1 when some
+    step cost is not convex (the DP cannot price).
+    """
+    steps, cars, capacity = base_kw.shape[0], arrival.shape[0], plan_energy.shape[0]
+    kwh = np.empty((capacity, cars))
+    cost = np.empty(capacity)
+    width = _KINKS + cars
+    delta = np.empty((steps, width))
+    value = np.empty((steps, width))
+    count = np.empty(steps, dtype=np.int64)
+    marginal = np.empty(steps)
+    net = base_kw.copy()
+    for i in range(cars):
+        net += plan_ev[0, i]
+    step_tables(net, price_import, price_export, import_cap_kw, export_cap_kw, curtail_max_kw, dt_h, eta_c, eta_d,
+                wear, d_max, c_max, delta, value, count)  # fmt: skip
+    if np.isnan(battery_pwl_tables(delta, value, count, e_min, e_max, e_start, d_max, c_max, final_min_kwh,
+                                   plan_energy[0], marginal)):  # fmt: skip
+        return -1
+    for j in range(initial):
+        cost[j] = _priced_cost(base_kw, plan_energy[j], plan_ev[j], price_import, price_export, import_cap_kw,
+                               export_cap_kw, curtail_max_kw, dt_h, eta_c, eta_d, wear, final_min_kwh)  # fmt: skip
+        for i in range(cars):
+            kwh[j, i] = min(plan_ev[j, i].sum() * dt_h, need_kwh[i]) if j == 0 else plan_ev[j, i].sum() * dt_h
+    edge = np.empty((steps, cars))
+    duals = np.empty(cars + 1)
+    # The first master's duals are degenerate (shortfall prices): the first plan is priced at
+    # `start_price` instead, later ones at the master's duals.
+    price = start_price.copy()
+    best_bound = -np.inf
+    n = initial
+    tables_ready = False
+    while n < capacity:
+        objective = master_lp(kwh[:n], cost[:n], need_kwh, PENALTY_CNY_PER_KWH, out_weight[:n], duals)
+        tolerance = 1e-9 * max(1.0, abs(objective))
+        if objective - best_bound <= tolerance:
+            break  # the combination is proven optimal
+        if tables_ready:
+            price[:] = duals[:cars]
+        step_tables_cars(base_kw, price_import, price_export, import_cap_kw, export_cap_kw, curtail_max_kw, dt_h,
+                         eta_c, eta_d, wear, d_max, c_max, arrival, departure, car_max_kw, price, delta, value,
+                         count, edge, tables_ready)  # fmt: skip
+        guess = not tables_ready
+        tables_ready = True
+        lagrangian = battery_pwl_tables(delta, value, count, e_min, e_max, e_start, d_max, c_max, final_min_kwh,
+                                        plan_energy[n], marginal)  # fmt: skip
+        if np.isnan(lagrangian):
+            return -1
+        # Lagrangian bound on the optimum (none where a price exceeds the shortfall penalty).
+        bound = lagrangian
+        for i in range(cars):
+            bound = bound + price[i] * need_kwh[i] if price[i] <= PENALTY_CNY_PER_KWH else -np.inf
+        if bound > best_bound:
+            best_bound = bound
+            start_price[:] = price
+        car_allocation(base_kw, plan_energy[n], dt_h, eta_c, eta_d, arrival, departure, car_max_kw, edge,
+                       plan_ev[n])  # fmt: skip
+        cost[n] = _priced_cost(base_kw, plan_energy[n], plan_ev[n], price_import, price_export, import_cap_kw,
+                               export_cap_kw, curtail_max_kw, dt_h, eta_c, eta_d, wear, final_min_kwh)  # fmt: skip
+        reduced = cost[n] - duals[cars]
+        for i in range(cars):
+            kwh[n, i] = plan_ev[n, i].sum() * dt_h
+            reduced -= duals[i] * kwh[n, i]
+        if reduced >= -tolerance:
+            if guess:
+                continue  # the guess added nothing; price at the master's duals
+            break  # no plan improves the combination: it is optimal
+        n += 1
+    return n
+    return n
 
 
 @njit("void(f8[:], f8[:], f8, f8, f8, f8, f8, f8[:], f8[:], f8[:])", cache=True, nogil=True)

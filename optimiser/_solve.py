@@ -28,6 +28,10 @@ MAX_LEVEL_POWER_KW = 1.5
 EV_CHUNK_KWH = 2.0
 # Battery DP and EV placement alternate until the cost stops improving, at most this often.
 MAX_ROUNDS = 6
+# Exact car placement (column generation): at most this many plans priced per import cap (a few
+# per car suffice; the school's 48 h case with four sessions needs about 20).
+MAX_PRICED_PLANS = 80
+PRICED_PLANS_PER_CAR = 16
 # Demand-charge cap search: stop when the bracket is this narrow (kW). At 32 CNY/kW, 0.02 kW is 0.64 CNY.
 CAP_TOLERANCE_KW = 0.02
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -218,6 +222,12 @@ def _battery(s: Scenario, a: _Arrays, net: FloatArray, import_cap: FloatArray) -
         )  # fmt: skip
         energy = a.e_low_kwh + levels.astype(np.float64) * a.level_kwh
         marginal = np.full(s.steps, np.inf)
+    return _battery_from(s, a, energy, marginal)
+
+
+def _battery_from(s: Scenario, a: _Arrays, energy: FloatArray, marginal: FloatArray) -> _Battery:
+    b = s.battery
+    assert b is not None
     out = _Battery(np.empty(s.steps), energy, np.empty(s.steps), np.empty(s.steps), marginal)
     k.battery_outputs(
         energy, marginal, a.dt_h, b.charge_efficiency, b.discharge_efficiency, b.wear_cost_cny_per_kwh,
@@ -292,10 +302,17 @@ def _final_shortfall(s: Scenario, a: _Arrays, battery: _Battery) -> float:
     return max(0.0, a.final_min_kwh - float(battery.energy_kwh[-1]))
 
 
-def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | None) -> _Candidate:
+def _solve_with_cap(
+    s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | None, pool: _PlanPool | None = None
+) -> _Candidate:
     """Alternate the battery DP and the EV placement (priced with the battery's shadow prices)."""
     import_cap = np.minimum(a.import_limit, cap_kw)
     base = a.load - a.pv
+    if pool is not None and _column_generation_applies(s, a):
+        # Exact, so the alternation below is not needed. The master starts from the last cap's cars.
+        exact = _exact_cars(s, a, base, import_cap, None if warm is None else warm.ev, pool=pool)
+        if exact is not None:
+            return exact
     ev = np.zeros((len(s.ev_sessions), s.steps)) if warm is None else warm.ev.copy()
     if s.ev_sessions and warm is None:
         _fill_evs(s, a, base, ev, import_cap, battery=_idle(s, a))
@@ -315,6 +332,89 @@ def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | N
     return best
 
 
+def _column_generation_applies(s: Scenario, a: _Arrays) -> bool:
+    """Exact car placement needs a battery and cars without a minimum power (off-or-min is not convex)."""
+    cars = s.ev_sessions
+    return s.battery is not None and a.n_levels > 1 and bool(cars) and all(x.min_kw == 0 for x in cars)
+
+
+def _exact_cars(
+    s: Scenario, a: _Arrays, base: FloatArray, import_cap: FloatArray, start_ev: FloatArray | None, *, pool: _PlanPool
+) -> _Candidate | None:
+    """The optimal battery and car plan for this import cap by column generation (None when some
+    step cost is not convex).
+
+    The master problem picks the cheapest convex combination of battery-and-car plans that gives each
+    car its energy; its duals value each car's kWh; the exact DP, with each car priced into the step
+    costs at that value, finds the plan that most improves the master, until none does. The combined
+    cars are then fixed and the battery planned for them exactly. The first plan is the battery's
+    for `start_ev` (no car charging by default); plans priced for other import caps (`pool`) seed the
+    master too: they stay valid plans, only their cost changes.
+    """
+    b = s.battery
+    assert b is not None
+    cars = len(s.ev_sessions)
+    seeds = min(pool.count, MAX_PRICED_PLANS)
+    room = 1 + seeds + min(MAX_PRICED_PLANS, PRICED_PLANS_PER_CAR * (cars + 1))
+    energy = np.empty((room, s.steps + 1))
+    ev = np.empty((room, cars, s.steps))
+    ev[0] = 0.0 if start_ev is None else start_ev
+    if seeds:
+        energy[1 : 1 + seeds] = pool.energy[pool.count - seeds : pool.count]
+        ev[1 : 1 + seeds] = pool.ev[pool.count - seeds : pool.count]
+    weights = np.zeros(energy.shape[0])
+    count = k.column_generation(
+        base, a.price_import, a.price_export, import_cap, a.export_cap, a.curtail_max, a.dt_h, b.charge_efficiency,
+        b.discharge_efficiency, b.wear_cost_cny_per_kwh, b.max_discharge_kw * a.dt_h / b.discharge_efficiency,
+        b.max_charge_kw * a.dt_h * b.charge_efficiency, b.soc_min * b.capacity_kwh, b.soc_max * b.capacity_kwh,
+        a.e_low_kwh + a.start_level * a.level_kwh, a.final_min_kwh, pool.arrival, pool.departure, pool.max_kw,
+        pool.need_kwh, energy, ev, 1 + seeds, pool.price, weights,
+    )  # fmt: skip
+    if count < 0:
+        return None
+    pool.energy, pool.ev, pool.count = energy, ev, count
+    used = np.flatnonzero(weights[:count] > 0.0)
+    combined = np.tensordot(weights[used], ev[used], axes=1)
+    path = weights[used] @ energy[used]
+    moves = np.diff(energy[used], axis=1)
+    if ((moves.max(axis=0) > 1e-9) & (moves.min(axis=0) < -1e-9)).any():
+        # Plans that charge and discharge in the same step lose more combined than on average:
+        # plan the battery again for the combined cars (exact, and no dearer).
+        battery = _battery(s, a, base + combined.sum(axis=0), import_cap)
+    else:
+        battery = _battery_from(s, a, path, np.full(s.steps, np.inf))
+    return _Candidate(battery, combined, _objective(s, a, battery, combined))
+
+
+@dataclass
+class _PlanPool:
+    """The sessions as kernel arrays, and the plans column generation priced so far in this solve."""
+
+    arrival: npt.NDArray[np.int64]
+    departure: npt.NDArray[np.int64]
+    max_kw: FloatArray
+    need_kwh: FloatArray
+    energy: FloatArray = field(default_factory=lambda: np.empty((0, 0)))
+    ev: FloatArray = field(default_factory=lambda: np.empty((0, 0, 0)))
+    count: int = 0
+    price: FloatArray = field(default_factory=lambda: np.empty(0))  # each car's CNY/kWh, last known
+
+    @classmethod
+    def of(cls, s: Scenario, a: _Arrays) -> _PlanPool:
+        sessions = s.ev_sessions
+        pool = cls(
+            np.fromiter((x.arrival_step for x in sessions), dtype=np.int64, count=len(sessions)),
+            np.fromiter((x.departure_step for x in sessions), dtype=np.int64, count=len(sessions)),
+            np.fromiter((x.max_kw for x in sessions), dtype=np.float64, count=len(sessions)),
+            np.fromiter((x.energy_kwh for x in sessions), dtype=np.float64, count=len(sessions)),
+        )
+        # First guess of each car's CNY/kWh: its window's mean import price (column generation refines it).
+        pool.price = np.zeros(len(sessions))
+        for i, x in enumerate(sessions):
+            pool.price[i] = a.price_import[x.arrival_step : x.departure_step].mean()
+        return pool
+
+
 def solve(scenario: Scenario) -> Plan:
     """Plan battery, EV charging and curtailment for a validated scenario."""
     started = time.perf_counter()
@@ -324,7 +424,7 @@ def solve(scenario: Scenario) -> Plan:
     if s.grid.demand_charge_cny_per_kw > 0:
         best = _search_cap(s, a, s.grid.peak_import_so_far_kw)
     else:
-        best = _solve_with_cap(s, a, math.inf, None)
+        best = _solve_with_cap(s, a, math.inf, None, _PlanPool.of(s, a))
     return _plan(s, a, best, notes, time.perf_counter() - started)
 
 
@@ -339,11 +439,12 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     best: _Candidate | None = None
     warm: _Candidate | None = None
     results: dict[float, _Candidate] = {}
+    pool = _PlanPool.of(s, a)
 
     def evaluate(cap: float) -> _Candidate:
         nonlocal best, warm
         if cap not in results:
-            candidate = _solve_with_cap(s, a, cap, warm)
+            candidate = _solve_with_cap(s, a, cap, warm, pool)
             warm = results[cap] = candidate
             if best is None or candidate.objective < best.objective:
                 best = candidate
@@ -359,9 +460,12 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     if peak(evaluate(low)) < low - CAP_TOLERANCE_KW:
         assert best is not None
         return best  # the cap does not bind: the plan is the uncapped optimum and adds no demand charge
-    if holds(low) and evaluate(low).objective <= evaluate(low + CAP_TOLERANCE_KW).objective:
+    if holds(low) and (
+        _raising_cap_cannot_pay(s, a, evaluate(low), low)
+        or evaluate(low).objective <= evaluate(low + CAP_TOLERANCE_KW).objective
+    ):
         assert best is not None
-        return best  # the usual case: two solves
+        return best  # the usual case: holding the month's peak
     high = max(peak(evaluate(math.inf)), floor_kw)
     if not holds(low):
         lo, hi = low, high
@@ -390,6 +494,29 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
             f2 = evaluate(x2).objective
     assert best is not None
     return best
+
+
+def _raising_cap_cannot_pay(s: Scenario, a: _Arrays, c: _Candidate, cap_kw: float) -> bool:
+    """Whether a bound proves that raising the import cap above cap_kw saves less than its demand charge.
+
+    Raising the cap helps only at steps importing at the cap, by the dual of that limit: what one more
+    kWh there is worth minus its price. While the plan pays no penalty, a kWh is worth at most the
+    dearest price of the horizon (it can only displace an import or be exported), so the saving per kW
+    is at most dt * sum over those steps of (dearest price - price). The LP's cost is convex in the cap,
+    so if that is below the demand charge per kW, no higher cap pays.
+    """
+    net = a.load - a.pv + c.battery.kw + c.ev.sum(axis=0)
+    tolerance_kw = 1e-6
+    if (net > cap_kw + tolerance_kw).any() or (net > a.import_limit + tolerance_kw).any():
+        return False
+    if (-net > a.export_cap + a.curtail_max + tolerance_kw).any() or _final_shortfall(s, a, c.battery) > 1e-9:
+        return False
+    if any(float(c.ev[i].sum()) * a.dt_h < x.energy_kwh - 1e-6 for i, x in enumerate(s.ev_sessions)):
+        return False
+    dearest = max(float(a.price_import.max()), float(a.price_export.max()))
+    at_cap = net >= np.minimum(a.import_limit, cap_kw) - tolerance_kw
+    saving_per_kw = a.dt_h * float(np.maximum(dearest - a.price_import[at_cap], 0.0).sum())
+    return saving_per_kw < s.grid.demand_charge_cny_per_kw
 
 
 def _plan(s: Scenario, a: _Arrays, c: _Candidate, notes: list[str], elapsed_s: float) -> Plan:

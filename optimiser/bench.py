@@ -79,11 +79,14 @@ def random_scenario(rng: np.random.Generator, *, cars: bool) -> dict[str, Any]:
             "soc_final_min": float(rng.uniform(soc_min, soc_initial)),
             "wear_cost_cny_per_kwh": float(rng.uniform(0, 0.1)),
         },
+        "ev_sessions": sessions,
     }
 
 
 def survey(count: int) -> None:
     """Cost gap to the LP over random scenarios, without and with cars."""
+    if count <= 0:
+        return
     rng = np.random.default_rng(7)
     for cars in (False, True):
         gaps = []
