@@ -1067,6 +1067,76 @@ def column_generation(
     return n
 
 
+@njit("f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8[:], f8[:], f8[:])", cache=True, nogil=True)
+def grid_flows(
+    net_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray, export_cap_kw: np.ndarray,
+    curtail_max_kw: np.ndarray, dt_h: float, out_import: np.ndarray, out_export: np.ndarray,
+    out_curtail: np.ndarray,
+) -> float:  # fmt: skip
+    """Import, export and curtailment per step for a net grid power (curtailing as grid_cost does:
+    beyond the export limit at a non-negative price, before exporting at a negative one; what can be
+    neither is exported, limit or not); returns the energy cost in CNY."""
+    cost = 0.0
+    for t in range(net_kw.shape[0]):
+        net = net_kw[t]
+        surplus = max(-net, 0.0)
+        # At a non-negative price export first, at a negative one curtail first.
+        exported = min(surplus, export_cap_kw[t]) if price_export[t] >= 0.0 else max(surplus - curtail_max_kw[t], 0.0)
+        curtailed = min(surplus - exported, curtail_max_kw[t])
+        out_import[t] = max(net, 0.0)
+        out_export[t] = surplus - curtailed
+        out_curtail[t] = curtailed
+        cost += (price_import[t] * out_import[t] - price_export[t] * out_export[t]) * dt_h
+    return cost
+
+
+@njit("b1(f8[:], f8[:, :], f8[:, :, :], i8, f8[:, :], f8[:])", cache=True, nogil=True)
+def combine_plans(
+    weight: np.ndarray, plan_energy: np.ndarray, plan_ev: np.ndarray, count: int, out_ev: np.ndarray,
+    out_energy: np.ndarray,
+) -> bool:  # fmt: skip
+    """The weighted combination of plans [0, count) into out_ev/out_energy; True where two plans with
+    weight move the battery in opposite directions in the same step."""
+    out_ev[:] = 0.0
+    out_energy[:] = 0.0
+    for j in range(count):
+        if weight[j] > 0.0:
+            out_ev += weight[j] * plan_ev[j]
+            out_energy += weight[j] * plan_energy[j]
+    for t in range(plan_energy.shape[1] - 1):
+        up = False
+        down = False
+        for j in range(count):
+            if weight[j] > 0.0:
+                move = plan_energy[j, t + 1] - plan_energy[j, t]
+                up = up or move > 1e-9
+                down = down or move < -1e-9
+        if up and down:
+            return True
+    return False
+
+
+@njit("f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8)", cache=True, nogil=True)
+def cap_saving_bound(
+    net_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray, import_limit_kw: np.ndarray,
+    export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float, cap_kw: float,
+) -> float:  # fmt: skip
+    """An upper bound on what one more kW of import cap could save (CNY): dt * sum over the steps
+    importing at the cap of (dearest price of the horizon - price there); inf while a limit is broken."""
+    tolerance_kw = 1e-6
+    dearest = -np.inf
+    for t in range(net_kw.shape[0]):
+        dearest = max(dearest, price_import[t], price_export[t])
+    saving = 0.0
+    for t in range(net_kw.shape[0]):
+        cap = min(cap_kw, import_limit_kw[t])
+        if net_kw[t] > cap + tolerance_kw or -net_kw[t] > export_cap_kw[t] + curtail_max_kw[t] + tolerance_kw:
+            return np.inf
+        if net_kw[t] >= cap - tolerance_kw:
+            saving += max(dearest - price_import[t], 0.0) * dt_h
+    return saving
+
+
 @njit("void(f8[:], f8[:], f8, f8, f8, f8, f8, f8[:], f8[:], f8[:])", cache=True, nogil=True)
 def battery_outputs(
     energy: np.ndarray,

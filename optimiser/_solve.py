@@ -129,6 +129,7 @@ class _Arrays:
     import_limit: FloatArray
     export_cap: FloatArray
     curtail_max: FloatArray
+    need_kwh: FloatArray  # each car session's energy
     level_kwh: float = 0.0
     n_levels: int = 1
     start_level: int = 0
@@ -150,6 +151,7 @@ def _arrays(s: Scenario, notes: list[str]) -> _Arrays:
         import_limit=np.full(steps, s.grid.import_limit_kw),
         export_cap=np.full(steps, s.grid.export_limit_kw),
         curtail_max=pv.copy() if s.pv_curtailable else np.zeros(steps),
+        need_kwh=np.fromiter((x.energy_kwh for x in s.ev_sessions), dtype=np.float64, count=len(s.ev_sessions)),
     )
     b = s.battery
     if b is None or (b.max_charge_kw == 0 and b.max_discharge_kw == 0):
@@ -279,11 +281,20 @@ class _Candidate:
     battery: _Battery
     ev: FloatArray
     objective: float
+    net_kw: FloatArray  # grid power before curtailment
+
+    @classmethod
+    def of(cls, s: Scenario, a: _Arrays, battery: _Battery, ev: FloatArray) -> _Candidate:
+        net = a.load - a.pv + battery.kw + ev.sum(axis=0)
+        return cls(battery, ev, _objective(s, a, battery, ev, net), net)
+
+    @property
+    def peak_kw(self) -> float:
+        return float(self.net_kw.max(initial=0.0))
 
 
-def _objective(s: Scenario, a: _Arrays, battery: _Battery, ev: FloatArray) -> float:
+def _objective(s: Scenario, a: _Arrays, battery: _Battery, ev: FloatArray, net: FloatArray) -> float:
     """What the plan would cost, with every broken limit and unmet need at the planner's penalty."""
-    net = a.load - a.pv + battery.kw + ev.sum(axis=0)
     total = k.grid_objective(
         net, a.price_import, a.price_export, a.import_limit, a.export_cap, a.curtail_max, a.dt_h,
         s.grid.demand_charge_cny_per_kw, s.grid.peak_import_so_far_kw,
@@ -305,24 +316,52 @@ def _final_shortfall(s: Scenario, a: _Arrays, battery: _Battery) -> float:
 def _solve_with_cap(
     s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | None, pool: _PlanPool | None = None
 ) -> _Candidate:
-    """Alternate the battery DP and the EV placement (priced with the battery's shadow prices)."""
+    """The best plan under this import cap: exact by column generation where it applies; where a car
+    has a minimum power (off or at least min_kw, not convex) the exact plan of the relaxation is
+    re-placed under that rule and improved by alternating the battery DP and the car placement."""
     import_cap = np.minimum(a.import_limit, cap_kw)
     base = a.load - a.pv
-    if pool is not None and _column_generation_applies(s, a):
-        # Exact, so the alternation below is not needed. The master starts from the last cap's cars.
-        exact = _exact_cars(s, a, base, import_cap, None if warm is None else warm.ev, pool=pool)
-        if exact is not None:
-            return exact
-    ev = np.zeros((len(s.ev_sessions), s.steps)) if warm is None else warm.ev.copy()
-    if s.ev_sessions and warm is None:
-        _fill_evs(s, a, base, ev, import_cap, battery=_idle(s, a))
+    if pool is None or not _column_generation_applies(s, a):
+        return _alternate(s, a, base, import_cap, warm)
+    relaxed = _exact_cars(s, a, base, import_cap, None if warm is None else warm.ev, pool=pool)
+    if relaxed is None:
+        return _alternate(s, a, base, import_cap, warm)
+    if _respects_minimum(s, relaxed.ev):
+        return relaxed
+    ev = relaxed.ev.copy()
+    _fill_evs(s, a, base, ev, import_cap, battery=relaxed.battery)
+    repaired = _alternate(s, a, base, import_cap, None, ev=ev)
+    fresh = _alternate(s, a, base, import_cap, None)
+    return repaired if repaired.objective <= fresh.objective else fresh
+
+
+def _respects_minimum(s: Scenario, ev: FloatArray) -> bool:
+    """Whether every car is off or at least at its minimum power at every step."""
+    tolerance_kw = 1e-6
+    return all(
+        bool(((ev[i] <= tolerance_kw) | (ev[i] >= x.min_kw - tolerance_kw)).all())
+        for i, x in enumerate(s.ev_sessions)
+        if x.min_kw > 0
+    )
+
+
+def _alternate(
+    s: Scenario, a: _Arrays, base: FloatArray, import_cap: FloatArray, warm: _Candidate | None, *,
+    ev: FloatArray | None = None,
+) -> _Candidate:  # fmt: skip
+    """Alternate the battery DP and the EV placement (priced with the battery's shadow prices) from
+    `ev`, the warm plan's cars, or cars placed against an idle battery."""
+    if ev is None:
+        ev = np.zeros((len(s.ev_sessions), s.steps)) if warm is None else warm.ev.copy()
+        if s.ev_sessions and warm is None:
+            _fill_evs(s, a, base, ev, import_cap, battery=_idle(s, a))
     best: _Candidate | None = None
     for _ in range(MAX_ROUNDS):
         battery = _battery(s, a, base + ev.sum(axis=0), import_cap)
-        objective = _objective(s, a, battery, ev)
-        if best is not None and objective >= best.objective - 1e-7:
+        candidate = _Candidate.of(s, a, battery, ev.copy())
+        if best is not None and candidate.objective >= best.objective - 1e-7:
             break
-        best = _Candidate(battery, ev.copy(), objective)
+        best = candidate
         if not s.ev_sessions:
             break
         _fill_evs(s, a, base, ev, import_cap, battery=battery)
@@ -333,9 +372,8 @@ def _solve_with_cap(
 
 
 def _column_generation_applies(s: Scenario, a: _Arrays) -> bool:
-    """Exact car placement needs a battery and cars without a minimum power (off-or-min is not convex)."""
-    cars = s.ev_sessions
-    return s.battery is not None and a.n_levels > 1 and bool(cars) and all(x.min_kw == 0 for x in cars)
+    """Column generation needs a battery and cars (a minimum power is relaxed, then repaired)."""
+    return s.battery is not None and a.n_levels > 1 and bool(s.ev_sessions)
 
 
 def _exact_cars(
@@ -373,17 +411,14 @@ def _exact_cars(
     if count < 0:
         return None
     pool.energy, pool.ev, pool.count = energy, ev, count
-    used = np.flatnonzero(weights[:count] > 0.0)
-    combined = np.tensordot(weights[used], ev[used], axes=1)
-    path = weights[used] @ energy[used]
-    moves = np.diff(energy[used], axis=1)
-    if ((moves.max(axis=0) > 1e-9) & (moves.min(axis=0) < -1e-9)).any():
+    combined, path = np.empty((cars, s.steps)), np.empty(s.steps + 1)
+    if k.combine_plans(weights, energy, ev, count, combined, path):
         # Plans that charge and discharge in the same step lose more combined than on average:
         # plan the battery again for the combined cars (exact, and no dearer).
         battery = _battery(s, a, base + combined.sum(axis=0), import_cap)
     else:
         battery = _battery_from(s, a, path, np.full(s.steps, np.inf))
-    return _Candidate(battery, combined, _objective(s, a, battery, combined))
+    return _Candidate.of(s, a, battery, combined)
 
 
 @dataclass
@@ -406,7 +441,7 @@ class _PlanPool:
             np.fromiter((x.arrival_step for x in sessions), dtype=np.int64, count=len(sessions)),
             np.fromiter((x.departure_step for x in sessions), dtype=np.int64, count=len(sessions)),
             np.fromiter((x.max_kw for x in sessions), dtype=np.float64, count=len(sessions)),
-            np.fromiter((x.energy_kwh for x in sessions), dtype=np.float64, count=len(sessions)),
+            a.need_kwh,
         )
         # First guess of each car's CNY/kWh: its window's mean import price (column generation refines it).
         pool.price = np.zeros(len(sessions))
@@ -450,14 +485,11 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
                 best = candidate
         return results[cap]
 
-    def peak(candidate: _Candidate) -> float:
-        return float((a.load - a.pv + candidate.battery.kw + candidate.ev.sum(axis=0)).max(initial=0.0))
-
     def holds(cap: float) -> bool:
-        return peak(evaluate(cap)) <= cap + CAP_TOLERANCE_KW
+        return evaluate(cap).peak_kw <= cap + CAP_TOLERANCE_KW
 
     low = floor_kw
-    if peak(evaluate(low)) < low - CAP_TOLERANCE_KW:
+    if evaluate(low).peak_kw < low - CAP_TOLERANCE_KW:
         assert best is not None
         return best  # the cap does not bind: the plan is the uncapped optimum and adds no demand charge
     if holds(low) and (
@@ -466,7 +498,7 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     ):
         assert best is not None
         return best  # the usual case: holding the month's peak
-    high = max(peak(evaluate(math.inf)), floor_kw)
+    high = max(evaluate(math.inf).peak_kw, floor_kw)
     if not holds(low):
         lo, hi = low, high
         while hi - lo > CAP_TOLERANCE_KW:
@@ -505,31 +537,20 @@ def _raising_cap_cannot_pay(s: Scenario, a: _Arrays, c: _Candidate, cap_kw: floa
     is at most dt * sum over those steps of (dearest price - price). The LP's cost is convex in the cap,
     so if that is below the demand charge per kW, no higher cap pays.
     """
-    net = a.load - a.pv + c.battery.kw + c.ev.sum(axis=0)
-    tolerance_kw = 1e-6
-    if (net > cap_kw + tolerance_kw).any() or (net > a.import_limit + tolerance_kw).any():
+    if _final_shortfall(s, a, c.battery) > 1e-9 or (c.ev.sum(axis=1) * a.dt_h < a.need_kwh - 1e-6).any():
         return False
-    if (-net > a.export_cap + a.curtail_max + tolerance_kw).any() or _final_shortfall(s, a, c.battery) > 1e-9:
-        return False
-    if any(float(c.ev[i].sum()) * a.dt_h < x.energy_kwh - 1e-6 for i, x in enumerate(s.ev_sessions)):
-        return False
-    dearest = max(float(a.price_import.max()), float(a.price_export.max()))
-    at_cap = net >= np.minimum(a.import_limit, cap_kw) - tolerance_kw
-    saving_per_kw = a.dt_h * float(np.maximum(dearest - a.price_import[at_cap], 0.0).sum())
-    return saving_per_kw < s.grid.demand_charge_cny_per_kw
+    saving = k.cap_saving_bound(
+        c.net_kw, a.price_import, a.price_export, a.import_limit, a.export_cap, a.curtail_max, a.dt_h, cap_kw
+    )
+    return saving < s.grid.demand_charge_cny_per_kw
 
 
 def _plan(s: Scenario, a: _Arrays, c: _Candidate, notes: list[str], elapsed_s: float) -> Plan:
     dt = a.dt_h
-    net = a.load - a.pv + c.battery.kw + c.ev.sum(axis=0)
-    grid_import = np.maximum(net, 0.0)
-    surplus = np.maximum(-net, 0.0)
-    exported = np.where(
-        a.price_export >= 0, np.minimum(surplus, a.export_cap), np.maximum(surplus - a.curtail_max, 0.0)
+    grid_import, exported, curtailed = np.empty(s.steps), np.empty(s.steps), np.empty(s.steps)
+    energy_cost = k.grid_flows(
+        c.net_kw, a.price_import, a.price_export, a.export_cap, a.curtail_max, dt, grid_import, exported, curtailed
     )
-    curtailed = np.minimum(surplus - exported, a.curtail_max)
-    exported = surplus - curtailed  # whatever cannot be curtailed is exported, limit or not
-    energy_cost = float((a.price_import * grid_import - a.price_export * exported).sum() * dt)
     wear = 0.0 if s.battery is None else s.battery.wear_cost_cny_per_kwh * float(np.abs(c.battery.kw).sum()) * dt
     peak = float(grid_import.max(initial=0.0))
     demand = s.grid.demand_charge_cny_per_kw * max(0.0, peak - s.grid.peak_import_so_far_kw)
