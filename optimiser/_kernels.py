@@ -415,6 +415,41 @@ def _step_cost_at(
     )
 
 
+@njit("i8(f8[:], i8, f8, f8, f8, f8, f8, f8, f8[:])", cache=True, nogil=True)
+def _energy_kinks(
+    grid_kinks_kw: np.ndarray, count: int, net: float, dt_h: float, eta_c: float, eta_d: float, d_max: float,
+    c_max: float, out_delta: np.ndarray,
+) -> int:  # fmt: skip
+    """The stored-energy changes where a step cost can kink: both ends, zero, and where the grid
+    power (net + battery) reaches one of grid_kinks_kw[:count]. Sorted, deduplicated; returns how many."""
+    n = 0
+    for j in range(count + 3):
+        if j == 0:
+            d = -d_max
+        elif j == 1:
+            d = c_max
+        elif j == 2:
+            d = 0.0
+        else:
+            b = grid_kinks_kw[j - 3] - net
+            d = b * eta_c * dt_h if b >= 0.0 else b * dt_h / eta_d
+            if not -d_max < d < c_max:
+                continue
+        k = n
+        while k > 0 and out_delta[k - 1] > d:
+            out_delta[k] = out_delta[k - 1]
+            k -= 1
+        out_delta[k] = d
+        n += 1
+    m = 0
+    for j in range(n):
+        if m > 0 and out_delta[j] - out_delta[m - 1] <= 1e-9:  # the same kink from two sources, up to rounding
+            continue
+        out_delta[m] = out_delta[j]
+        m += 1
+    return m
+
+
 @njit("i8(f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8[:], f8[:])", cache=True, nogil=True)
 def _step_breakpoints(
     net: float, dt_h: float, p_imp: float, p_exp: float, imp_cap: float, exp_cap: float, curt_max: float,
@@ -422,43 +457,13 @@ def _step_breakpoints(
     out_delta: np.ndarray, out_value: np.ndarray,
 ) -> int:  # fmt: skip
     """Kinks of the step cost in the energy change, sorted, with values; returns how many."""
-    # At most 7 candidates (2 ends, 0, 4 thresholds): insertion-sorted straight into out_delta.
-    n = 0
-    for i in range(7):
-        if i == 0:
-            d = -d_max
-        elif i == 1:
-            d = c_max
-        elif i == 2:
-            d = 0.0
-        else:
-            if i == 3:
-                g = 0.0
-            elif i == 4:
-                g = imp_cap
-            elif i == 5:
-                g = -exp_cap if p_exp >= 0.0 else -curt_max
-            else:
-                g = -(exp_cap + curt_max)
-            b = g - net
-            d = b * eta_c * dt_h if b >= 0.0 else b * dt_h / eta_d
-            if not -d_max < d < c_max:
-                continue
-        j = n
-        while j > 0 and out_delta[j - 1] > d:
-            out_delta[j] = out_delta[j - 1]
-            j -= 1
-        out_delta[j] = d
-        n += 1
-    m = 0
-    for i in range(n):
-        d = out_delta[i]
-        if m > 0 and d - out_delta[m - 1] <= 1e-9:  # the same kink from two sources, up to rounding
-            continue
-        out_delta[m] = d
-        out_value[m] = _step_cost_at(d, net, dt_h, p_imp, p_exp, imp_cap, exp_cap, curt_max, eta_c, eta_d, wear,
-                                     PENALTY_CNY_PER_KWH)  # fmt: skip
-        m += 1
+    kinks = np.empty(4)
+    kinks[0], kinks[1], kinks[2] = 0.0, imp_cap, -exp_cap if p_exp >= 0.0 else -curt_max
+    kinks[3] = -(exp_cap + curt_max)
+    m = _energy_kinks(kinks, 4, net, dt_h, eta_c, eta_d, d_max, c_max, out_delta)
+    for i in range(m):
+        out_value[i] = _step_cost_at(out_delta[i], net, dt_h, p_imp, p_exp, imp_cap, exp_cap, curt_max, eta_c,
+                                     eta_d, wear, PENALTY_CNY_PER_KWH)  # fmt: skip
     return m
 
 
@@ -797,35 +802,11 @@ def step_tables_cars(
             n += 1
         # Kinks in the stored-energy change: both ends, zero, and every kink of F.
         row_d, row_v = out_delta[t], out_value[t]
-        m = 0
-        for j in range(n + 3):
-            if j == 0:
-                d = -d_max
-            elif j == 1:
-                d = c_max
-            elif j == 2:
-                d = 0.0
-            else:
-                b = xs[j - 3] - base_kw[t]
-                d = b * eta_c * dt_h if b >= 0.0 else b * dt_h / eta_d
-                if not -d_max < d < c_max:
-                    continue
-            k = m
-            while k > 0 and row_d[k - 1] > d:
-                row_d[k] = row_d[k - 1]
-                k -= 1
-            row_d[k] = d
-            m += 1
-        kept = 0
+        m = _energy_kinks(xs, n, base_kw[t], dt_h, eta_c, eta_d, d_max, c_max, row_d)
         for j in range(m):
-            d = row_d[j]
-            if kept > 0 and d - row_d[kept - 1] <= 1e-9:
-                continue
-            battery = battery_kw_for(d, dt_h, eta_c, eta_d)
-            row_d[kept] = d
-            row_v[kept] = _convex_at(base_kw[t] + battery, xs, vs, n, s0, s4) + wear * abs(battery) * dt_h
-            kept += 1
-        out_count[t] = kept
+            battery = battery_kw_for(row_d[j], dt_h, eta_c, eta_d)
+            row_v[j] = _convex_at(base_kw[t] + battery, xs, vs, n, s0, s4) + wear * abs(battery) * dt_h
+        out_count[t] = m
 
 
 @njit("void(f8[:], f8[:], f8, f8, f8, i8[:], i8[:], f8[:], f8[:, :], f8[:, :])", cache=True, nogil=True)
