@@ -182,6 +182,13 @@ class Runtime:
     def _charger_device(self, charger: str) -> str:
         return next(c.device for c in self.site.ev_chargers if c.name == charger)
 
+    def _charger_idle(self, device: str) -> bool:
+        """No car connected at any charger on this device, and no current offered to it."""
+        chargers = [c for c in self.site.ev_chargers if c.device == device]
+        return all(not self._ev_connected[c.name] for c in chargers) and (
+            self._written.get((device, "current_limit_a"), 0.0) == 0.0
+        )
+
     def _value(self, device: str, quantity: str, max_age_s: float) -> float | None:
         latest = self.latest.get(device)
         if latest is None or self.clock.now() - latest.at_s > max_age_s:
@@ -332,6 +339,11 @@ class Runtime:
                 continue
             quantities = _EVERY_TICK.get(self.kinds[name])
             if quantities is None and not slow:
+                continue
+            if not slow and self.kinds[name] is DeviceKind.EV_CHARGER and self._charger_idle(name):
+                # No car and no current offered: a car plugging in draws nothing until it is offered
+                # current, so finding it at the slow poll is soon enough, and the bus time goes to
+                # the meters.
                 continue
             if not bus.is_due(name):
                 continue  # a lost device is backing off: do not spend the tick on it
