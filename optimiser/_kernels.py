@@ -450,14 +450,14 @@ def _energy_kinks(
     return m
 
 
-@njit("i8(f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8[:], f8[:])", cache=True, nogil=True)
+@njit("i8(f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8[:], f8[:], f8[:])", cache=True, nogil=True)
 def _step_breakpoints(
     net: float, dt_h: float, p_imp: float, p_exp: float, imp_cap: float, exp_cap: float, curt_max: float,
     eta_c: float, eta_d: float, wear: float, d_max: float, c_max: float,
-    out_delta: np.ndarray, out_value: np.ndarray,
+    out_delta: np.ndarray, out_value: np.ndarray, kinks: np.ndarray,
 ) -> int:  # fmt: skip
-    """Kinks of the step cost in the energy change, sorted, with values; returns how many."""
-    kinks = np.empty(4)
+    """Kinks of the step cost in the energy change, sorted, with values; returns how many.
+    `kinks`: scratch room for the four grid kinks."""
     kinks[0], kinks[1], kinks[2] = 0.0, imp_cap, -exp_cap if p_exp >= 0.0 else -curt_max
     kinks[3] = -(exp_cap + curt_max)
     m = _energy_kinks(kinks, 4, net, dt_h, eta_c, eta_d, d_max, c_max, out_delta)
@@ -507,10 +507,11 @@ def step_tables(
     d_max: float, c_max: float, out_delta: np.ndarray, out_value: np.ndarray, out_count: np.ndarray,
 ) -> None:  # fmt: skip
     """Each step's cost as a function of the stored-energy change: its kinks (row t, sorted) and values."""
+    kinks = np.empty(4)
     for t in range(net_kw.shape[0]):
         out_count[t] = _step_breakpoints(net_kw[t], dt_h, price_import[t], price_export[t], import_cap_kw[t],
                                          export_cap_kw[t], curtail_max_kw[t], eta_c, eta_d, wear, d_max, c_max,
-                                         out_delta[t], out_value[t])  # fmt: skip
+                                         out_delta[t], out_value[t], kinks)  # fmt: skip
 
 
 @njit("f8(f8[:, :], f8[:, :], i8[:], f8, f8, f8, f8, f8, f8, f8[:], f8[:])", cache=True, nogil=True)

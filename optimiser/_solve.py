@@ -313,15 +313,13 @@ def _final_shortfall(s: Scenario, a: _Arrays, battery: _Battery) -> float:
     return max(0.0, a.final_min_kwh - float(battery.energy_kwh[-1]))
 
 
-def _solve_with_cap(
-    s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | None, pool: _PlanPool | None = None
-) -> _Candidate:
+def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | None, pool: _PlanPool) -> _Candidate:
     """The best plan under this import cap: exact by column generation where it applies; where a car
     has a minimum power (off or at least min_kw, not convex) the exact plan of the relaxation is
     re-placed under that rule and improved by alternating the battery DP and the car placement."""
     import_cap = np.minimum(a.import_limit, cap_kw)
     base = a.load - a.pv
-    if pool is None or not _column_generation_applies(s, a):
+    if not _column_generation_applies(s, a):
         return _alternate(s, a, base, import_cap, warm)
     relaxed = _exact_cars(s, a, base, import_cap, None if warm is None else warm.ev, pool=pool)
     if relaxed is None:
@@ -432,22 +430,23 @@ class _PlanPool:
     energy: FloatArray = field(default_factory=lambda: np.empty((0, 0)))
     ev: FloatArray = field(default_factory=lambda: np.empty((0, 0, 0)))
     count: int = 0
-    price: FloatArray = field(default_factory=lambda: np.empty(0))  # each car's CNY/kWh, last known
+    price: FloatArray = field(default_factory=lambda: np.empty(0))  # each car's CNY/kWh, best known
 
     @classmethod
     def of(cls, s: Scenario, a: _Arrays) -> _PlanPool:
         sessions = s.ev_sessions
-        pool = cls(
+        return cls(
             np.fromiter((x.arrival_step for x in sessions), dtype=np.int64, count=len(sessions)),
             np.fromiter((x.departure_step for x in sessions), dtype=np.int64, count=len(sessions)),
             np.fromiter((x.max_kw for x in sessions), dtype=np.float64, count=len(sessions)),
             a.need_kwh,
+            # First guess of each car's CNY/kWh: its window's mean import price (column generation refines it).
+            price=np.fromiter(
+                (a.price_import[x.arrival_step : x.departure_step].mean() for x in sessions),
+                dtype=np.float64,
+                count=len(sessions),
+            ),
         )
-        # First guess of each car's CNY/kWh: its window's mean import price (column generation refines it).
-        pool.price = np.zeros(len(sessions))
-        for i, x in enumerate(sessions):
-            pool.price[i] = a.price_import[x.arrival_step : x.departure_step].mean()
-        return pool
 
 
 def solve(scenario: Scenario) -> Plan:
