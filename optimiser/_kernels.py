@@ -364,30 +364,31 @@ def fill_ev(
 
 
 @njit(
-    "f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8)",
+    "f8(f8[:], f8[:], f8[:, :], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8[:])",
     cache=True,
     nogil=True,
 )
-def grid_objective(
-    net_kw: np.ndarray,
-    price_import: np.ndarray,
-    price_export: np.ndarray,
-    import_limit_kw: np.ndarray,
-    export_cap_kw: np.ndarray,
-    curtail_max_kw: np.ndarray,
-    dt_h: float,
-    demand_cny_per_kw: float,
-    peak_floor_kw: float,
-) -> float:
-    """Grid cost of a whole plan (with limit penalties) plus the demand charge above the month's peak."""
+def plan_objective(
+    base_kw: np.ndarray, battery_kw: np.ndarray, ev_kw: np.ndarray, need_kwh: np.ndarray, price_import: np.ndarray,
+    price_export: np.ndarray, import_limit_kw: np.ndarray, export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray,
+    dt_h: float, demand_cny_per_kw: float, peak_floor_kw: float, wear: float, out_net_kw: np.ndarray,
+) -> float:  # fmt: skip
+    """What a plan costs with every broken limit and unmet car need at the penalty: grid cost, demand
+    charge above the month's peak, battery wear. The grid power before curtailment into out_net_kw."""
     total = 0.0
     peak = 0.0
-    for t in range(net_kw.shape[0]):
+    for t in range(base_kw.shape[0]):
+        net = base_kw[t] + battery_kw[t]
+        for i in range(ev_kw.shape[0]):
+            net += ev_kw[i, t]
+        out_net_kw[t] = net
         total += grid_cost(
-            net_kw[t], dt_h, price_import[t], price_export[t], import_limit_kw[t], export_cap_kw[t],
-            curtail_max_kw[t], PENALTY_CNY_PER_KWH,
-        )  # fmt: skip
-        peak = max(peak, net_kw[t])
+            net, dt_h, price_import[t], price_export[t], import_limit_kw[t], export_cap_kw[t], curtail_max_kw[t],
+            PENALTY_CNY_PER_KWH,
+        ) + wear * abs(battery_kw[t]) * dt_h  # fmt: skip
+        peak = max(peak, net)
+    for i in range(ev_kw.shape[0]):
+        total += PENALTY_CNY_PER_KWH * max(0.0, need_kwh[i] - ev_kw[i].sum() * dt_h)
     return total + demand_cny_per_kw * max(0.0, peak - peak_floor_kw)
 
 
@@ -514,6 +515,59 @@ def step_tables(
                                          out_delta[t], out_value[t], kinks)  # fmt: skip
 
 
+@njit("f8(f8[:], f8[:], i8, f8[:], f8[:], i8, i8, f8, f8, f8)", cache=True, nogil=True)
+def _best_move(
+    fd: np.ndarray, fv: np.ndarray, m: int, xs: np.ndarray, ys: np.ndarray, a0: int, a1: int, energy: float,
+    lo: float, hi: float,
+) -> float:  # fmt: skip
+    """The stored energy after the step: energy + d for the d in [lo, hi] minimising f(d) + V(energy + d)
+    (f: breakpoints fd/fv[:m]; V: xs/ys[a0:a1]); on ties the smaller move (no cycling for nothing).
+
+    Both are convex and piecewise linear, so the minimum lies at a kink of either or an end: one walk
+    over the merged kinks from lo, stopping once the sum rises.
+    """
+    i = 0  # f's segment [fd[i], fd[i + 1]] holds d
+    j = a0  # V's segment [xs[j], xs[j + 1]] holds energy + d
+    best = np.inf
+    best_d = 0.0
+    d = lo
+    while True:
+        while i + 2 < m and fd[i + 1] <= d:
+            i += 1
+        while j + 2 < a1 and xs[j + 1] <= energy + d:
+            j += 1
+        if m == 1:
+            f_val = fv[0]
+        else:
+            u = min(max(d, fd[i]), fd[i + 1])
+            f_val = fv[i] + (u - fd[i]) * (fv[i + 1] - fv[i]) / (fd[i + 1] - fd[i])
+        if a1 - a0 == 1:
+            v_val = ys[a0]
+        else:
+            x = min(max(energy + d, xs[j]), xs[j + 1])
+            v_val = ys[j] + (x - xs[j]) * (ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j])
+        value = f_val + v_val
+        if value < best - 1e-9 or (value <= best + 1e-9 and abs(d) < abs(best_d)):
+            best = min(best, value)
+            best_d = d
+        elif value > best + 1e-9:
+            break  # convex: past the minimum
+        if d >= hi:
+            break
+        # The next kink right of d, or hi.
+        following = hi
+        if i + 1 < m and fd[i + 1] > d + 1e-12:
+            following = min(following, fd[i + 1])
+        elif i + 2 < m:
+            following = min(following, fd[i + 2])
+        if j + 1 < a1 and xs[j + 1] - energy > d + 1e-12:
+            following = min(following, xs[j + 1] - energy)
+        elif j + 2 < a1:
+            following = min(following, xs[j + 2] - energy)
+        d = max(following, d + 1e-12) if following < hi else hi
+    return energy + best_d
+
+
 @njit("f8(f8[:, :], f8[:, :], i8[:], f8, f8, f8, f8, f8, f8, f8[:], f8[:])", cache=True, nogil=True)
 def battery_pwl_tables(
     step_delta: np.ndarray,
@@ -633,28 +687,11 @@ def battery_pwl_tables(
     energy = min(max(e_start, e_min), e_max)
     out_energy[0] = energy
     for t in range(steps):
-        fd, fv, m = step_delta[t], step_value[t], step_count[t]
-        lo = max(-d_max, e_min - energy)
-        hi = min(c_max, e_max - energy)
-        a0, a1 = starts[t + 1], stops[t + 1]
-        best = np.inf
-        best_d = 0.0
-        # The minimum of a convex piecewise-linear function is at a kink or an end.
-        for pass_ in range(2):
-            count = m + 2 if pass_ == 0 else a1 - a0
-            for j in range(count):
-                d = (lo if j == m else (hi if j == m + 1 else fd[j])) if pass_ == 0 else xs[a0 + j] - energy
-                if d < lo - 1e-12 or d > hi + 1e-12:
-                    continue
-                d = min(max(d, lo), hi)
-                value = _pwl_value(fd, fv, 0, m, d) + _pwl_value(xs, ys, a0, a1, energy + d)
-                # On ties prefer the smaller move: no cycling the battery for nothing.
-                if value < best - 1e-9 or (value <= best + 1e-9 and abs(d) < abs(best_d)):
-                    best = min(best, value)
-                    best_d = d
-        energy = min(max(energy + best_d, e_min), e_max)
+        energy = _best_move(step_delta[t], step_value[t], step_count[t], xs, ys, starts[t + 1], stops[t + 1],
+                            energy, max(-d_max, e_min - energy), min(c_max, e_max - energy))  # fmt: skip
+        energy = min(max(energy, e_min), e_max)
         out_energy[t + 1] = energy
-        out_marginal[t] = _left_slope_cost(xs, ys, a0, a1, energy)
+        out_marginal[t] = _left_slope_cost(xs, ys, starts[t + 1], stops[t + 1], energy)
     return _pwl_value(xs, ys, starts[0], stops[0], min(max(e_start, e_min), e_max))
 
 
@@ -1045,7 +1082,6 @@ def column_generation(
                 continue  # the guess added nothing; price at the master's duals
             break  # no plan improves the combination: it is optimal
         n += 1
-    return n
     return n
 
 

@@ -130,6 +130,7 @@ class _Arrays:
     export_cap: FloatArray
     curtail_max: FloatArray
     need_kwh: FloatArray  # each car session's energy
+    base: FloatArray  # load - PV: net load without battery and cars
     level_kwh: float = 0.0
     n_levels: int = 1
     start_level: int = 0
@@ -141,17 +142,20 @@ class _Arrays:
 
 def _arrays(s: Scenario, notes: list[str]) -> _Arrays:
     steps = s.steps
-    pv = np.asarray(s.pv_kw, dtype=np.float64)
+    pv = np.array(s.pv_kw, dtype=np.float64)
+    load = np.array(s.load_kw, dtype=np.float64)
+    exports = s.price_export_cny_per_kwh
     a = _Arrays(
         dt_h=s.dt_h,
-        load=np.asarray(s.load_kw, dtype=np.float64),
+        load=load,
         pv=pv,
-        price_import=np.asarray(s.price_import_cny_per_kwh, dtype=np.float64),
-        price_export=np.asarray(s.export_prices(), dtype=np.float64),
+        price_import=np.array(s.price_import_cny_per_kwh, dtype=np.float64),
+        price_export=np.array(exports, dtype=np.float64) if isinstance(exports, list) else np.full(steps, exports),
         import_limit=np.full(steps, s.grid.import_limit_kw),
         export_cap=np.full(steps, s.grid.export_limit_kw),
-        curtail_max=pv.copy() if s.pv_curtailable else np.zeros(steps),
-        need_kwh=np.fromiter((x.energy_kwh for x in s.ev_sessions), dtype=np.float64, count=len(s.ev_sessions)),
+        curtail_max=pv if s.pv_curtailable else np.zeros(steps),
+        need_kwh=np.array([x.energy_kwh for x in s.ev_sessions], dtype=np.float64),
+        base=load - pv,
     )
     b = s.battery
     if b is None or (b.max_charge_kw == 0 and b.max_discharge_kw == 0):
@@ -285,26 +289,18 @@ class _Candidate:
 
     @classmethod
     def of(cls, s: Scenario, a: _Arrays, battery: _Battery, ev: FloatArray) -> _Candidate:
-        net = a.load - a.pv + battery.kw + ev.sum(axis=0)
-        return cls(battery, ev, _objective(s, a, battery, ev, net), net)
+        """The plan with what it would cost, every broken limit and unmet need at the planner's penalty."""
+        net = np.empty(s.steps)
+        wear = 0.0 if s.battery is None else s.battery.wear_cost_cny_per_kwh
+        objective = k.plan_objective(
+            a.base, battery.kw, ev, a.need_kwh, a.price_import, a.price_export, a.import_limit, a.export_cap,
+            a.curtail_max, a.dt_h, s.grid.demand_charge_cny_per_kw, s.grid.peak_import_so_far_kw, wear, net,
+        )  # fmt: skip
+        return cls(battery, ev, objective + k.PENALTY_CNY_PER_KWH * _final_shortfall(s, a, battery), net)
 
     @property
     def peak_kw(self) -> float:
         return float(self.net_kw.max(initial=0.0))
-
-
-def _objective(s: Scenario, a: _Arrays, battery: _Battery, ev: FloatArray, net: FloatArray) -> float:
-    """What the plan would cost, with every broken limit and unmet need at the planner's penalty."""
-    total = k.grid_objective(
-        net, a.price_import, a.price_export, a.import_limit, a.export_cap, a.curtail_max, a.dt_h,
-        s.grid.demand_charge_cny_per_kw, s.grid.peak_import_so_far_kw,
-    )  # fmt: skip
-    if s.battery is not None:
-        total += s.battery.wear_cost_cny_per_kwh * float(np.abs(battery.kw).sum()) * a.dt_h
-    for i, session in enumerate(s.ev_sessions):
-        total += k.PENALTY_CNY_PER_KWH * max(0.0, session.energy_kwh - float(ev[i].sum()) * a.dt_h)
-    total += k.PENALTY_CNY_PER_KWH * _final_shortfall(s, a, battery)
-    return float(total)
 
 
 def _final_shortfall(s: Scenario, a: _Arrays, battery: _Battery) -> float:
@@ -318,7 +314,7 @@ def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | N
     has a minimum power (off or at least min_kw, not convex) the exact plan of the relaxation is
     re-placed under that rule and improved by alternating the battery DP and the car placement."""
     import_cap = np.minimum(a.import_limit, cap_kw)
-    base = a.load - a.pv
+    base = a.base
     if not _column_generation_applies(s, a):
         return _alternate(s, a, base, import_cap, warm)
     relaxed = _exact_cars(s, a, base, import_cap, None if warm is None else warm.ev, pool=pool)
@@ -435,17 +431,16 @@ class _PlanPool:
     @classmethod
     def of(cls, s: Scenario, a: _Arrays) -> _PlanPool:
         sessions = s.ev_sessions
+        arrival = np.array([x.arrival_step for x in sessions], dtype=np.int64)
+        departure = np.array([x.departure_step for x in sessions], dtype=np.int64)
+        running = np.concatenate(([0.0], np.cumsum(a.price_import)))
         return cls(
-            np.fromiter((x.arrival_step for x in sessions), dtype=np.int64, count=len(sessions)),
-            np.fromiter((x.departure_step for x in sessions), dtype=np.int64, count=len(sessions)),
-            np.fromiter((x.max_kw for x in sessions), dtype=np.float64, count=len(sessions)),
+            arrival,
+            departure,
+            np.array([x.max_kw for x in sessions], dtype=np.float64),
             a.need_kwh,
             # First guess of each car's CNY/kWh: its window's mean import price (column generation refines it).
-            price=np.fromiter(
-                (a.price_import[x.arrival_step : x.departure_step].mean() for x in sessions),
-                dtype=np.float64,
-                count=len(sessions),
-            ),
+            price=(running[departure] - running[arrival]) / np.maximum(departure - arrival, 1),
         )
 
 
@@ -570,9 +565,7 @@ def _plan(s: Scenario, a: _Arrays, c: _Candidate, notes: list[str], elapsed_s: f
     return Plan(
         step_minutes=s.step_minutes,
         battery_kw=c.battery.kw,
-        ev_kw={
-            session.charger + ("" if _unique(s, i) else f"#{i}"): c.ev[i] for i, session in enumerate(s.ev_sessions)
-        },
+        ev_kw=_ev_by_charger(s, c.ev),
         curtail_kw=curtailed,
         grid_import_kw=grid_import,
         grid_export_kw=exported,
@@ -594,14 +587,20 @@ def _plan(s: Scenario, a: _Arrays, c: _Candidate, notes: list[str], elapsed_s: f
     )
 
 
-def _unique(s: Scenario, index: int) -> bool:
-    name = s.ev_sessions[index].charger
-    return sum(1 for x in s.ev_sessions if x.charger == name) == 1
+def _ev_by_charger(s: Scenario, ev: FloatArray) -> dict[str, FloatArray]:
+    """Each session's kW by its charger's name (`name#i` for a charger with several sessions)."""
+    names = [x.charger for x in s.ev_sessions]
+    repeated = {name for name in names if names.count(name) > 1} if len(set(names)) < len(names) else set()
+    return {name + (f"#{i}" if name in repeated else ""): ev[i] for i, name in enumerate(names)}
 
 
 def _violations(s: Scenario, a: _Arrays, grid_import: FloatArray, exported: FloatArray) -> list[str]:
     found: list[str] = []
     tolerance = 1e-6
+    if (grid_import - a.import_limit).max(initial=0.0) <= tolerance and (exported - a.export_cap).max(
+        initial=0.0
+    ) <= tolerance:
+        return found
     for t in np.flatnonzero(grid_import > a.import_limit + tolerance)[:5]:
         found.append(f"step {t}: import {grid_import[t]:.2f} kW above the limit {a.import_limit[t]:.2f} kW")
     for t in np.flatnonzero(exported > a.export_cap + tolerance)[:5]:
@@ -612,8 +611,9 @@ def _violations(s: Scenario, a: _Arrays, grid_import: FloatArray, exported: Floa
 
 def _ev_shortfalls(s: Scenario, a: _Arrays, ev: FloatArray) -> list[EvShortfall]:
     out: list[EvShortfall] = []
+    delivered_kwh = ev.sum(axis=1) * a.dt_h
     for i, session in enumerate(s.ev_sessions):
-        delivered = float(ev[i].sum()) * a.dt_h
+        delivered = float(delivered_kwh[i])
         if delivered >= session.energy_kwh - 1e-6:
             continue
         window = session.departure_step - session.arrival_step

@@ -107,7 +107,9 @@ def test_battery_plan_is_the_lp_optimum(data: dict[str, Any]) -> None:
     s = load_scenario(data)
     plan = solve(s)
     lp = solve_lp(s)
-    assert plan.cost_cny == pytest.approx(lp.cost_cny, rel=1e-6, abs=1e-6)
+    # HiGHS stops within its dual feasibility tolerance (1e-7 CNY per kWh): with an export price of
+    # 1e-7 it may curtail 40 kWh that the DP exports, 4e-6 CNY dearer. Hence abs=1e-5.
+    assert plan.cost_cny == pytest.approx(lp.cost_cny, rel=1e-6, abs=1e-5)
     assert_plan_within_limits(s, plan)
 
 
