@@ -745,16 +745,6 @@ def battery_pwl(
 # the exact DP runs on it unchanged. A car whose segment lies right of y charges fully, left of it not.
 
 
-@njit("f8(f8, f8[:], f8[:], i8, f8, f8)", cache=True, nogil=True)
-def _convex_at(y: float, xs: np.ndarray, vs: np.ndarray, n: int, slope_left: float, slope_right: float) -> float:
-    """Value at y of the convex function with breakpoints xs/vs[:n], extended by the end slopes."""
-    if y <= xs[0]:
-        return float(vs[0] + slope_left * (y - xs[0]))
-    if y >= xs[n - 1]:
-        return float(vs[n - 1] + slope_right * (y - xs[n - 1]))
-    return _pwl_value(xs, vs, 0, n, y)
-
-
 @njit(
     "void(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8, f8, i8[:], i8[:], f8[:], f8[:],"
     " f8[:, :], f8[:, :], i8[:], f8[:, :], b1)",
@@ -841,9 +831,20 @@ def step_tables_cars(
         # Kinks in the stored-energy change: both ends, zero, and every kink of F.
         row_d, row_v = out_delta[t], out_value[t]
         m = _energy_kinks(xs, n, base_kw[t], dt_h, eta_c, eta_d, d_max, c_max, row_d)
+        # The grid power rises with the energy change: one walk along F's kinks values every row.
+        p = 0
         for j in range(m):
             battery = battery_kw_for(row_d[j], dt_h, eta_c, eta_d)
-            row_v[j] = _convex_at(base_kw[t] + battery, xs, vs, n, s0, s4) + wear * abs(battery) * dt_h
+            y = base_kw[t] + battery
+            while p + 1 < n and xs[p + 1] <= y:
+                p += 1
+            if y <= xs[0]:
+                value = vs[0] + s0 * (y - xs[0])
+            elif p == n - 1:
+                value = vs[n - 1] + s4 * (y - xs[n - 1])
+            else:
+                value = vs[p] + (y - xs[p]) * (vs[p + 1] - vs[p]) / (xs[p + 1] - xs[p])
+            row_v[j] = value + wear * abs(battery) * dt_h
         out_count[t] = m
 
 
@@ -1085,16 +1086,24 @@ def column_generation(
     return n
 
 
-@njit("f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8[:], f8[:], f8[:])", cache=True, nogil=True)
+# out_totals of grid_flows: import kWh, export kWh, curtailed kWh, peak import kW, and the largest
+# import above the limit and export above the cap (kW; <= 0 when every limit holds).
+FLOW_TOTALS = 6
+
+
+@njit("f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8[:], f8[:], f8[:], f8[:])", cache=True, nogil=True)
 def grid_flows(
-    net_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray, export_cap_kw: np.ndarray,
-    curtail_max_kw: np.ndarray, dt_h: float, out_import: np.ndarray, out_export: np.ndarray,
-    out_curtail: np.ndarray,
+    net_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray, import_limit_kw: np.ndarray,
+    export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float, out_import: np.ndarray,
+    out_export: np.ndarray, out_curtail: np.ndarray, out_totals: np.ndarray,
 ) -> float:  # fmt: skip
     """Import, export and curtailment per step for a net grid power (curtailing as grid_cost does:
     beyond the export limit at a non-negative price, before exporting at a negative one; what can be
-    neither is exported, limit or not); returns the energy cost in CNY."""
+    neither is exported, limit or not), their totals (FLOW_TOTALS); returns the energy cost in CNY."""
     cost = 0.0
+    out_totals[:] = 0.0
+    out_totals[4] = -np.inf
+    out_totals[5] = -np.inf
     for t in range(net_kw.shape[0]):
         net = net_kw[t]
         surplus = max(-net, 0.0)
@@ -1105,6 +1114,12 @@ def grid_flows(
         out_export[t] = surplus - curtailed
         out_curtail[t] = curtailed
         cost += (price_import[t] * out_import[t] - price_export[t] * out_export[t]) * dt_h
+        out_totals[0] += out_import[t] * dt_h
+        out_totals[1] += out_export[t] * dt_h
+        out_totals[2] += curtailed * dt_h
+        out_totals[3] = max(out_totals[3], out_import[t])
+        out_totals[4] = max(out_totals[4], out_import[t] - import_limit_kw[t])
+        out_totals[5] = max(out_totals[5], out_export[t] - export_cap_kw[t])
     return cost
 
 

@@ -34,6 +34,8 @@ MAX_PRICED_PLANS = 80
 PRICED_PLANS_PER_CAR = 16
 # Demand-charge cap search: stop when the bracket is this narrow (kW). At 32 CNY/kW, 0.02 kW is 0.64 CNY.
 CAP_TOLERANCE_KW = 0.02
+# A plan's import or export beyond its limit by more than this is reported (rounding is not).
+_LIMIT_TOLERANCE_KW = 1e-6
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
@@ -542,13 +544,16 @@ def _raising_cap_cannot_pay(s: Scenario, a: _Arrays, c: _Candidate, cap_kw: floa
 def _plan(s: Scenario, a: _Arrays, c: _Candidate, notes: list[str], elapsed_s: float) -> Plan:
     dt = a.dt_h
     grid_import, exported, curtailed = np.empty(s.steps), np.empty(s.steps), np.empty(s.steps)
+    totals = np.empty(k.FLOW_TOTALS)
     energy_cost = k.grid_flows(
-        c.net_kw, a.price_import, a.price_export, a.export_cap, a.curtail_max, dt, grid_import, exported, curtailed
-    )
+        c.net_kw, a.price_import, a.price_export, a.import_limit, a.export_cap, a.curtail_max, dt, grid_import,
+        exported, curtailed, totals,
+    )  # fmt: skip
+    import_kwh, export_kwh, curtailed_kwh, peak, import_excess, export_excess = totals.tolist()
     wear = 0.0 if s.battery is None else s.battery.wear_cost_cny_per_kwh * float(np.abs(c.battery.kw).sum()) * dt
-    peak = float(grid_import.max(initial=0.0))
     demand = s.grid.demand_charge_cny_per_kw * max(0.0, peak - s.grid.peak_import_so_far_kw)
-    violations = _violations(s, a, grid_import, exported)
+    broken = max(import_excess, export_excess) > _LIMIT_TOLERANCE_KW
+    violations = _violations(s, a, grid_import, exported) if broken else []
     shortfalls = _ev_shortfalls(s, a, c.ev)
     soc = np.full(s.steps + 1, math.nan)
     final_short = 0.0
@@ -574,11 +579,11 @@ def _plan(s: Scenario, a: _Arrays, c: _Candidate, notes: list[str], elapsed_s: f
         energy_cost_cny=energy_cost,
         demand_charge_cny=demand,
         wear_cost_cny=wear,
-        import_kwh=float(grid_import.sum() * dt),
-        export_kwh=float(exported.sum() * dt),
-        curtailed_kwh=float(curtailed.sum() * dt),
+        import_kwh=import_kwh,
+        export_kwh=export_kwh,
+        curtailed_kwh=curtailed_kwh,
         peak_import_kw=peak,
-        co2_kg=float(grid_import.sum() * dt * s.carbon_kg_per_kwh),
+        co2_kg=import_kwh * s.carbon_kg_per_kwh,
         ev_shortfalls=shortfalls,
         final_soc_shortfall_kwh=final_short,
         limit_violations=violations,
@@ -596,11 +601,7 @@ def _ev_by_charger(s: Scenario, ev: FloatArray) -> dict[str, FloatArray]:
 
 def _violations(s: Scenario, a: _Arrays, grid_import: FloatArray, exported: FloatArray) -> list[str]:
     found: list[str] = []
-    tolerance = 1e-6
-    if (grid_import - a.import_limit).max(initial=0.0) <= tolerance and (exported - a.export_cap).max(
-        initial=0.0
-    ) <= tolerance:
-        return found
+    tolerance = _LIMIT_TOLERANCE_KW
     for t in np.flatnonzero(grid_import > a.import_limit + tolerance)[:5]:
         found.append(f"step {t}: import {grid_import[t]:.2f} kW above the limit {a.import_limit[t]:.2f} kW")
     for t in np.flatnonzero(exported > a.export_cap + tolerance)[:5]:
