@@ -1,6 +1,10 @@
 """Numba kernels of the dispatch planner. Plain float64/int64 arrays in, results written to `out`
 arrays; no validation here (the Python API in `_solve.py` validates and allocates).
 
+The kernels `_solve.py` calls have explicit signatures: importing this module loads them from numba's
+cache (compiles them when it is cold). Helpers called only from other kernels are typed by their
+callers and linked into them, so a warm process never loads them on their own (faster first plan).
+
 Sign conventions: battery kW > 0 charges (AC side); grid kW > 0 imports; net load excludes the battery.
 """
 
@@ -13,10 +17,7 @@ from numba import njit
 # situation still yields the best possible plan (and says what broke); the figure dwarfs any tariff.
 PENALTY_CNY_PER_KWH = 1000.0
 
-_SIG_STEP_COST = "f8(f8, f8, f8, f8, f8, f8, f8, f8)"
-
-
-@njit(_SIG_STEP_COST, cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def grid_cost(
     grid_kw: float,
     dt_h: float,
@@ -50,7 +51,7 @@ def grid_cost(
     return cost
 
 
-@njit("f8(f8, f8, f8, f8)", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def battery_kw_for(delta_kwh: float, dt_h: float, eta_charge: float, eta_discharge: float) -> float:
     """AC power that changes the stored energy by `delta_kwh` in one step."""
     if delta_kwh >= 0.0:
@@ -58,7 +59,7 @@ def battery_kw_for(delta_kwh: float, dt_h: float, eta_charge: float, eta_dischar
     return delta_kwh * eta_discharge / dt_h
 
 
-@njit("b1(i8, i8, i8, f8, f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8[:])", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _step_costs(
     t: int,
     k_discharge: int,
@@ -102,14 +103,14 @@ def _step_costs(
     return convex
 
 
-@njit("void(i8, f8, f8, f8, f8[:])", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _final_values(n_levels: int, level_kwh: float, e_low_kwh: float, final_min_kwh: float, out: np.ndarray) -> None:
     for i in range(n_levels):
         short = final_min_kwh - (e_low_kwh + i * level_kwh)
         out[i] = PENALTY_CNY_PER_KWH * short if short > 1e-9 else 0.0
 
 
-@njit("void(f8[:], f8[:], i8, f8[:])", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _merge_step(v_next: np.ndarray, f: np.ndarray, k_charge: int, v_out: np.ndarray) -> None:
     """v_out[E] = min_d f[d + k_discharge] + v_next[E + d]: an infimal convolution of two convex
     sequences, computed by merging their slope sequences (Minkowski sum of epigraphs) in O(N + K).
@@ -147,7 +148,7 @@ def _merge_step(v_next: np.ndarray, f: np.ndarray, k_charge: int, v_out: np.ndar
             v_out[z] = value
 
 
-@njit("void(f8[:], f8[:], i8, f8[:])", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _brute_step(v_next: np.ndarray, f: np.ndarray, k_discharge: int, v_out: np.ndarray) -> None:
     n = v_next.shape[0]
     k = f.shape[0]
@@ -237,11 +238,7 @@ def battery_dp(
     return float(values[0, start_level])
 
 
-@njit(
-    "UniTuple(f8, 3)(i8, f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8)",
-    cache=True,
-    nogil=True,
-)
+@njit(cache=True, nogil=True)
 def _ev_chunk(
     t: int, base_kw: np.ndarray, out_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray,
     import_cap_kw: np.ndarray, export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, battery_cny_per_kwh: np.ndarray,
@@ -405,7 +402,7 @@ _SLOPE_EPS = 1e-12
 _KINKS = 8
 
 
-@njit("f8(f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8)", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _step_cost_at(
     delta: float, net: float, dt_h: float, p_imp: float, p_exp: float, imp_cap: float, exp_cap: float,
     curt_max: float, eta_c: float, eta_d: float, wear: float, penalty: float,
@@ -416,7 +413,7 @@ def _step_cost_at(
     )
 
 
-@njit("i8(f8[:], i8, f8, f8, f8, f8, f8, f8, f8[:])", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _energy_kinks(
     grid_kinks_kw: np.ndarray, count: int, net: float, dt_h: float, eta_c: float, eta_d: float, d_max: float,
     c_max: float, out_delta: np.ndarray,
@@ -451,7 +448,7 @@ def _energy_kinks(
     return m
 
 
-@njit("i8(f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, f8[:], f8[:], f8[:])", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _step_breakpoints(
     net: float, dt_h: float, p_imp: float, p_exp: float, imp_cap: float, exp_cap: float, curt_max: float,
     eta_c: float, eta_d: float, wear: float, d_max: float, c_max: float,
@@ -468,7 +465,7 @@ def _step_breakpoints(
     return m
 
 
-@njit("f8(f8[:], f8[:], i8, i8, f8)", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _pwl_value(xs: np.ndarray, ys: np.ndarray, start: int, stop: int, x: float) -> float:
     """Value at x of the function with breakpoints xs/ys[start:stop] (clamped to its domain)."""
     if x <= xs[start]:
@@ -486,7 +483,7 @@ def _pwl_value(xs: np.ndarray, ys: np.ndarray, start: int, stop: int, x: float) 
     return float(ys[lo] + w * (ys[hi] - ys[lo]))
 
 
-@njit("f8(f8[:], f8[:], i8, i8, f8)", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _left_slope_cost(xs: np.ndarray, ys: np.ndarray, start: int, stop: int, x: float) -> float:
     """-(dV/dE) just left of x: the future cost of one kWh less in store; inf at the domain start."""
     if x <= xs[start] + 1e-9:
@@ -497,11 +494,7 @@ def _left_slope_cost(xs: np.ndarray, ys: np.ndarray, start: int, stop: int, x: f
     return float(-(ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j]))
 
 
-@njit(
-    "void(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8, f8, f8[:, :], f8[:, :], i8[:])",
-    cache=True,
-    nogil=True,
-)
+@njit(cache=True, nogil=True)
 def step_tables(
     net_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray, import_cap_kw: np.ndarray,
     export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float, eta_c: float, eta_d: float, wear: float,
@@ -515,7 +508,7 @@ def step_tables(
                                          out_delta[t], out_value[t], kinks)  # fmt: skip
 
 
-@njit("f8(f8[:], f8[:], i8, f8[:], f8[:], i8, i8, f8, f8, f8)", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _best_move(
     fd: np.ndarray, fv: np.ndarray, m: int, xs: np.ndarray, ys: np.ndarray, a0: int, a1: int, energy: float,
     lo: float, hi: float,
@@ -568,7 +561,7 @@ def _best_move(
     return energy + best_d
 
 
-@njit("f8(f8[:, :], f8[:, :], i8[:], f8, f8, f8, f8, f8, f8, f8[:], f8[:])", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def battery_pwl_tables(
     step_delta: np.ndarray,
     step_value: np.ndarray,
@@ -745,12 +738,7 @@ def battery_pwl(
 # the exact DP runs on it unchanged. A car whose segment lies right of y charges fully, left of it not.
 
 
-@njit(
-    "void(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8, f8, i8[:], i8[:], f8[:], f8[:],"
-    " f8[:, :], f8[:, :], i8[:], f8[:, :], b1)",
-    cache=True,
-    nogil=True,
-)
+@njit(cache=True, nogil=True)
 def step_tables_cars(
     base_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray, import_cap_kw: np.ndarray,
     export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float, eta_c: float, eta_d: float, wear: float,
@@ -848,7 +836,7 @@ def step_tables_cars(
         out_count[t] = m
 
 
-@njit("void(f8[:], f8[:], f8, f8, f8, i8[:], i8[:], f8[:], f8[:, :], f8[:, :])", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def car_allocation(
     base_kw: np.ndarray, energy: np.ndarray, dt_h: float, eta_c: float, eta_d: float, arrival: np.ndarray,
     departure: np.ndarray, car_max_kw: np.ndarray, car_edge: np.ndarray, out_kw: np.ndarray,
@@ -863,7 +851,7 @@ def car_allocation(
                 out_kw[i, t] = 0.0
 
 
-@njit("f8(f8[:, :], f8[:], f8[:], f8, f8[:], f8[:])", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def master_lp(
     car_kwh: np.ndarray,
     cost: np.ndarray,
@@ -974,11 +962,7 @@ def master_lp(
     return objective
 
 
-@njit(
-    "f8(f8[:], f8[:], f8[:, :], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8)",
-    cache=True,
-    nogil=True,
-)
+@njit(cache=True, nogil=True)
 def _priced_cost(
     base_kw: np.ndarray, energy: np.ndarray, ev_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray,
     import_cap_kw: np.ndarray, export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float, eta_c: float,
