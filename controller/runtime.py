@@ -22,7 +22,7 @@ from typing import Any
 from config import DeviceKind, SiteConfig
 from controller.clock import Clock
 from controller.forecast import Forecaster
-from controller.safety import Measured, Setpoints, Targets, apply_safety
+from controller.safety import Measured, PvProber, Setpoints, Targets, apply_safety
 from controller.storage.atomic import write_atomic
 from controller.storage.timeseries import TimeSeriesStore
 from firmware_bridge.bus import Bus
@@ -160,6 +160,7 @@ class Runtime:
         self._ev_connected: dict[str, bool] = {c.name: False for c in site.ev_chargers}
         self._ev_since: dict[str, datetime] = {}
         self._setpoint_battery_kw = 0.0
+        self._pv_prober = PvProber()
         self._written: dict[tuple[str, str], float] = {}
         self._write_failed: dict[tuple[str, str], int] = {}
         self._pv_limit_kw: float | None = None
@@ -413,7 +414,9 @@ class Runtime:
             # (or stale: then the safe state).
             setpoints = dataclasses.replace(held, actions=(f"holding: grid reading {grid_age:.0f} s old",))
         else:
-            setpoints = apply_safety(self.site, measured, targets, self._setpoint_battery_kw, dt_s)
+            probe = self._pv_prober.allowed(self.clock.now(), pv)
+            setpoints = apply_safety(self.site, measured, targets, self._setpoint_battery_kw, dt_s, probe_allowed=probe)
+            self._pv_prober.applied(pv, setpoints)
         if grid is not None and self._last_load_kw is not None:
             self.forecaster.observe(self.clock.local(), self._last_load_kw, pv, self._pv_limit_kw is not None)
             self._demand(max(grid, 0.0), dt_s)

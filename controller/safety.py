@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from config import ChargerRating, SiteConfig
 
-__all__ = ["Measured", "Setpoints", "Targets", "apply_safety"]
+__all__ = ["Measured", "PvProber", "Setpoints", "Targets", "apply_safety"]
 
 # A limit is breached only beyond this margin: meters and inverters are not exact to the watt.
 LIMIT_MARGIN_KW = 0.5
@@ -23,6 +23,13 @@ HEADROOM_KW = 1.0
 # PV within this of its limit is taken as held back by it; the battery then probes this much per tick.
 PV_AT_LIMIT_KW = 0.5
 PV_PROBE_KW = 5.0
+# A probe that PV does not follow (the limit only matched what the sun gives) is not repeated every
+# tick, which would swing the battery and the PV limit by PV_PROBE_KW each second: the next probe waits
+# PROBE_WAIT_MIN_S, doubling up to PROBE_WAIT_MAX_S while PV keeps not following. A probe PV follows
+# (sun behind the limit) allows the next at once. Curtailment found late costs at most
+# PV_PROBE_KW x PROBE_WAIT_MAX_S, about 0.04 kWh.
+PROBE_WAIT_MIN_S = 4.0
+PROBE_WAIT_MAX_S = 32.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +69,36 @@ class Setpoints:
     safe_state: bool
     predicted_grid_kw: float | None
     actions: tuple[str, ...] = ()
+    pv_probe_kw: float = 0.0  # extra charge this tick to find PV held back by the limit (see PvProber)
+
+
+class PvProber:
+    """Paces the battery's probes for PV held back by the zero-export limit (perturb and observe).
+
+    A limited inverter reports only its output, so PV sitting at its limit may be held back by it or
+    may simply be all the sun gives. A probe raises the limit; the next tick shows which it was.
+    """
+
+    def __init__(self) -> None:
+        self._probed_from_kw: float | None = None  # PV before the last tick's probe
+        self._wait_s = 0.0
+        self._next_s = 0.0
+
+    def allowed(self, now_s: float, pv_kw: float) -> bool:
+        """Whether this tick may probe; judges the previous tick's probe by the PV measured now."""
+        if self._probed_from_kw is not None:
+            if pv_kw >= self._probed_from_kw + PV_AT_LIMIT_KW:
+                self._wait_s = 0.0  # PV rose with the limit: there is more sun, keep looking
+            else:
+                self._wait_s = min(max(2.0 * self._wait_s, PROBE_WAIT_MIN_S), PROBE_WAIT_MAX_S)
+            self._next_s = now_s + self._wait_s
+            self._probed_from_kw = None
+        return now_s >= self._next_s
+
+    def applied(self, pv_kw: float, setpoints: Setpoints) -> None:
+        """The tick's setpoints went out with PV at pv_kw."""
+        if setpoints.pv_probe_kw > 0:
+            self._probed_from_kw = pv_kw
 
 
 def _ev_current(charger: ChargerRating, kw: float) -> float:
@@ -93,9 +130,16 @@ def _following(measured: Measured, charger: ChargerRating) -> bool:
 
 
 def apply_safety(
-    site: SiteConfig, measured: Measured, targets: Targets, previous_battery_kw: float, dt_s: float
+    site: SiteConfig,
+    measured: Measured,
+    targets: Targets,
+    previous_battery_kw: float,
+    dt_s: float,
+    *,
+    probe_allowed: bool = True,
 ) -> Setpoints:
-    """Setpoints for this tick: the plan's targets, clamped to every rating and limit."""
+    """Setpoints for this tick: the plan's targets, clamped to every rating and limit.
+    `probe_allowed`: whether the battery may probe for PV held back by the zero-export limit (PvProber)."""
     chargers = {c.name: c for c in site.ev_chargers}
     if measured.grid_kw is None:
         return _safe_state(site, measured, chargers)
@@ -219,9 +263,11 @@ def apply_safety(
     # PV sits at its limit the battery probes: it charges a little more and the limit rises with it.
     # With sun behind the limit, curtailed energy goes into the battery; without, it costs a few kW
     # of import for a second.
+    probe = 0.0
     if site.pv is not None and site.pv.curtailable and site.export_limit_kw <= LIMIT_MARGIN_KW:
         at_limit = measured.pv_limit_kw is not None and measured.pv_kw >= measured.pv_limit_kw - PV_AT_LIMIT_KW
-        if follows and at_limit and pv_limit is None and "battery" in site.tuning.grid.export_relief_order:
+        relief = "battery" in site.tuning.grid.export_relief_order
+        if probe_allowed and follows and at_limit and pv_limit is None and relief:
             probe = min(PV_PROBE_KW, max(0.0, charge_max - battery))
             battery += probe
         consumption = base + measured.pv_kw + battery_effect() + sum(car_kw(n, a) for n, a in ev_amps.items())
@@ -235,6 +281,7 @@ def apply_safety(
         safe_state=False,
         predicted_grid_kw=grid(pv_out),
         actions=tuple(actions),
+        pv_probe_kw=probe,
     )
 
 

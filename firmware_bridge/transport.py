@@ -39,22 +39,32 @@ class Link(Protocol):
     async def wait_for_data(self, timeout_s: float) -> bool: ...
 
 
+def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
+
+
 class _Pipe(asyncio.Protocol):
     def __init__(self) -> None:
         self.buffer = bytearray()
-        self.arrived = asyncio.Event()
+        # Whoever waits for bytes (one transaction at a time: the bus holds its lock) waits on this.
+        self.waiter: asyncio.Future[bool] | None = None
         self.lost: Exception | None = None
         self.closed = asyncio.Event()
+
+    def _wake(self) -> None:
+        if self.waiter is not None:
+            _resolve(self.waiter, True)
 
     def data_received(self, data: bytes) -> None:
         self.buffer.extend(data)
         if len(self.buffer) > MAX_BUFFERED_BYTES:
             del self.buffer[: len(self.buffer) - MAX_BUFFERED_BYTES]
-        self.arrived.set()
+        self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = exc or PortError("serial port closed")
-        self.arrived.set()
+        self._wake()
         self.closed.set()
 
 
@@ -126,7 +136,6 @@ class SerialLink:
         pipe = self._live()
         data = bytes(pipe.buffer)
         pipe.buffer.clear()
-        pipe.arrived.clear()
         return data
 
     def discard(self) -> int:
@@ -137,9 +146,20 @@ class SerialLink:
         pipe = self._live()
         if pipe.buffer:
             return True
+        # A bare future and a timer, not asyncio.wait_for: that wraps the wait in a Task, one more
+        # object and one more loop turn on every transaction of a bus polled many times a second.
+        # The timer resolves the future (False) rather than cancelling it, so a CancelledError here
+        # is always the caller's and propagates.
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        pipe.waiter = waiter
+        timer = loop.call_later(max(timeout_s, 0.0), _resolve, waiter, False)
         try:
-            await asyncio.wait_for(pipe.arrived.wait(), timeout=max(timeout_s, 0.0))
-        except TimeoutError:
-            return False
+            if not await waiter:
+                return False
+        finally:
+            timer.cancel()
+            if pipe.waiter is waiter:
+                pipe.waiter = None
         self._live()
         return bool(pipe.buffer)

@@ -50,6 +50,36 @@ async def test_silent_device_times_out_then_is_lost_and_backs_off() -> None:
         assert r.bus.health("m1").state is Health.OK
 
 
+async def test_cancelled_transaction_raises_cancelled_and_the_bus_still_works() -> None:
+    """Shutdown cancels a tick mid-transaction: the cancellation must reach the caller (not turn into
+    a timeout), and the next transaction on the bus must work."""
+    config = bus_config(BusProtocol.MODBUS_RTU, FIVE_METERS[:1], response_timeout_s=5.0)
+    async with rig(config) as r:
+        r.sim.set_fault("m1", Fault(FaultMode.SILENT))
+        exchange = r.drivers["m1"].read_exchanges()[0]
+        task = asyncio.create_task(r.bus.transact(exchange))
+        await asyncio.sleep(0.05)  # now waiting for a reply that will not come
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        r.sim.set_fault("m1", Fault())
+        assert (await read(r.bus, r.drivers["m1"].read_exchanges()))["power_kw"] == pytest.approx(12.5)
+
+
+async def test_silent_link_wait_ends_at_its_timeout() -> None:
+    config = bus_config(BusProtocol.MODBUS_RTU, FIVE_METERS[:1])
+    async with rig(config) as r:
+        link = SerialLink(config, r.sim.port, virtual=True)
+        await link.open()
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert await link.wait_for_data(0.1) is False
+            assert 0.09 <= loop.time() - started < 1.0
+        finally:
+            await link.close()
+
+
 async def test_corrupted_crc_is_retried_and_counted() -> None:
     config = bus_config(BusProtocol.MODBUS_RTU, FIVE_METERS[:1], retries=3)
     async with rig(config) as r:

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 
 from config import SiteConfig, load_site
-from controller.safety import HEADROOM_KW, Measured, Targets, apply_safety
+from controller.safety import (
+    HEADROOM_KW,
+    LIMIT_MARGIN_KW,
+    PROBE_WAIT_MAX_S,
+    PV_PROBE_KW,
+    Measured,
+    PvProber,
+    Setpoints,
+    Targets,
+    apply_safety,
+)
 
 SCHOOL = Path(__file__).parents[1] / "config" / "sites" / "zhongshan_school.toml"
 
@@ -148,6 +159,49 @@ def test_without_load_history_the_battery_runs_self_consumption(site: SiteConfig
     out = apply_safety(site, noon, Targets(battery_kw=-20.0, self_consumption=True), previous_battery_kw=0.0,
                        dt_s=1.0)  # fmt: skip
     assert out.battery_kw >= 40.0
+
     # With history the plan rules: idle stays idle.
     out = apply_safety(site, evening, Targets(battery_kw=0.0), previous_battery_kw=0.0, dt_s=1.0)
     assert out.battery_kw == 0.0
+
+
+def zero_export_loop(
+    site: SiteConfig, sun_kw: list[float], load_kw: float = 200.0
+) -> tuple[list[Setpoints], list[float]]:
+    """The layer closing the loop on a one-line plant, a tick per second: the battery does what it is
+    told, PV gives what the sun offers up to its limit. Returns the setpoints and the PV output."""
+    prober = PvProber()
+    battery_kw, limit_kw = 0.0, None
+    outs: list[Setpoints] = []
+    pv_out: list[float] = []
+    for second, sun in enumerate(sun_kw):
+        pv = sun if limit_kw is None else min(sun, limit_kw)
+        grid = load_kw + battery_kw - pv
+        m = measured(grid_kw=grid, pv_kw=pv, battery_kw=battery_kw, pv_limit_kw=limit_kw, soc=0.5)
+        out = apply_safety(site, m, Targets(), battery_kw, 1.0, probe_allowed=prober.allowed(float(second), pv))
+        prober.applied(pv, out)
+        battery_kw, limit_kw = out.battery_kw, out.pv_limit_kw
+        outs.append(out)
+        pv_out.append(pv)
+        assert grid >= -LIMIT_MARGIN_KW or second < 2, f"export {-grid:.1f} kW at {second} s"
+    return outs, pv_out
+
+
+def test_zero_export_steady_sun_does_not_swing_the_battery(site: SiteConfig) -> None:
+    """PV that sits at its limit only because the limit matches the sun must not make the battery and
+    the limit swing by the probe every second (it did: +-5 kW at 1 Hz, two bus writes per tick)."""
+    outs, _ = zero_export_loop(site, [236.0] * 200)
+    battery = [o.battery_kw for o in outs[50:]]
+    swings = sum(abs(b - a) > 1.0 for a, b in itertools.pairwise(battery))
+    assert swings <= 12  # a probe every 32 s at most once settled, two swings each
+    assert sum(o.pv_probe_kw > 0 for o in outs[50:]) <= 6
+
+
+def test_zero_export_finds_the_sun_behind_the_limit(site: SiteConfig) -> None:
+    """Clouds clear: PV held back by the zero-export limit is found by the probes, and the battery
+    takes it, within the longest probe wait plus one probe per PV_PROBE_KW of new sun."""
+    sun = [236.0] * 150 + [276.0] * 150
+    outs, pv = zero_export_loop(site, sun)
+    found_by = 150 + int(PROBE_WAIT_MAX_S) + int(40 / PV_PROBE_KW) + 4
+    assert min(pv[found_by:]) >= 276.0 - 2 * HEADROOM_KW
+    assert outs[-1].battery_kw == pytest.approx(276.0 - 200.0 - HEADROOM_KW, abs=2.0)

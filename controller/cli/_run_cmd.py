@@ -23,6 +23,7 @@ from firmware_bridge.maps import check_site_devices
 if TYPE_CHECKING:
     from controller.runtime import Runtime
 
+
 def duration_s(text: str) -> float:
     try:
         return parse_duration_s(text)
