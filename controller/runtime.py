@@ -50,6 +50,10 @@ SLOW_POLL_S = 5.0
 WRITE_FAILURE_LOG_EVERY = 60
 # A grid reading older than this many ticks (a missed poll) freezes the setpoints until it is fresh.
 HOLD_AFTER_TICKS = 1.5
+# While holding, the grid is not seen but the load still drifts: a PV limit (zero export) is lowered
+# this much per held tick, leaning towards import until the reading returns or the safe state takes
+# over (stale_data_timeout_s, 10 s by default: at most 10 kW of PV held back, during a fault only).
+HOLD_PV_LEAN_KW_PER_TICK = 1.0
 # Demand charges are billed on the largest average import over aligned blocks of this length.
 DEMAND_BLOCK_MINUTES = 15
 # A setpoint is rewritten only when it moved by more than this (the bus has better things to do).
@@ -161,6 +165,9 @@ class Runtime:
         self._ev_since: dict[str, datetime] = {}
         self._setpoint_battery_kw = 0.0
         self._pv_prober = PvProber()
+        # The battery's last setpoint write failed (refused, bus down): it is not following whatever
+        # it reads now, until a write lands.
+        self._battery_refused = False
         self._written: dict[tuple[str, str], float] = {}
         self._write_failed: dict[tuple[str, str], int] = {}
         self._pv_limit_kw: float | None = None
@@ -412,10 +419,15 @@ class Runtime:
             # The grid reading was not refreshed: the other readings moved on without it, so the limit
             # arithmetic would mix old and new. Hold the levers as they are until it is fresh again
             # (or stale: then the safe state).
-            setpoints = dataclasses.replace(held, actions=(f"holding: grid reading {grid_age:.0f} s old",))
+            lean = None if held.pv_limit_kw is None else max(0.0, held.pv_limit_kw - HOLD_PV_LEAN_KW_PER_TICK)
+            action = f"holding: grid reading {grid_age:.0f} s old" + ("" if lean is None else f", PV {lean:.1f} kW")
+            setpoints = dataclasses.replace(held, pv_limit_kw=lean, actions=(action,))
         else:
             probe = self._pv_prober.allowed(self.clock.now(), pv)
-            setpoints = apply_safety(self.site, measured, targets, self._setpoint_battery_kw, dt_s, probe_allowed=probe)
+            setpoints = apply_safety(
+                self.site, measured, targets, self._setpoint_battery_kw, dt_s,
+                probe_allowed=probe, battery_accepts=not self._battery_refused,
+            )  # fmt: skip
             self._pv_prober.applied(pv, setpoints)
         if grid is not None and self._last_load_kw is not None:
             self.forecaster.observe(self.clock.local(), self._last_load_kw, pv, self._pv_limit_kw is not None)
@@ -520,7 +532,9 @@ class Runtime:
             last = self._written.get((device, quantity))
             # Safety corrections must land this tick: write whenever the value moved past the deadband.
             if last is None or abs(last - value) > deadband or (value == 0.0 and last != 0.0):
-                await self._write_now(device, quantity, value)
+                written = await self._write_now(device, quantity, value)
+                if quantity == "power_setpoint_kw":
+                    self._battery_refused = not written
         self._setpoint_battery_kw = setpoints.battery_kw
 
     # --- planning -----------------------------------------------------------------------------------

@@ -137,9 +137,11 @@ def apply_safety(
     dt_s: float,
     *,
     probe_allowed: bool = True,
+    battery_accepts: bool = True,
 ) -> Setpoints:
     """Setpoints for this tick: the plan's targets, clamped to every rating and limit.
-    `probe_allowed`: whether the battery may probe for PV held back by the zero-export limit (PvProber)."""
+    `probe_allowed`: whether the battery may probe for PV held back by the zero-export limit (PvProber).
+    `battery_accepts`: False when the battery's last setpoint write failed: it is not counted on."""
     chargers = {c.name: c for c in site.ev_chargers}
     if measured.grid_kw is None:
         return _safe_state(site, measured, chargers)
@@ -168,9 +170,12 @@ def apply_safety(
     base = measured.grid_kw - measured.battery_kw - sum(measured.ev_kw.values())
     # An inverter that is not doing what it was told last tick (refusing setpoints, its BMS in the
     # way) is not counted on: the limits are worked out with what it does now, by the other levers.
-    follows = abs(measured.battery_kw - previous_battery_kw) <= BATTERY_FOLLOWING_MARGIN_KW
+    # A setpoint that creeps by less than the margin a tick would hide a refusing inverter for ticks,
+    # so a failed write counts as not following at once.
+    follows = battery_accepts and abs(measured.battery_kw - previous_battery_kw) <= BATTERY_FOLLOWING_MARGIN_KW
     if not follows:
-        actions.append(f"battery not following: {measured.battery_kw:+.1f} kW, set {previous_battery_kw:+.1f} kW")
+        why = "" if battery_accepts else " (setpoint refused)"
+        actions.append(f"battery not following{why}: {measured.battery_kw:+.1f} kW, set {previous_battery_kw:+.1f} kW")
 
     def battery_effect() -> float:
         return battery if follows else measured.battery_kw

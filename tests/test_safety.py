@@ -205,3 +205,16 @@ def test_zero_export_finds_the_sun_behind_the_limit(site: SiteConfig) -> None:
     found_by = 150 + int(PROBE_WAIT_MAX_S) + int(40 / PV_PROBE_KW) + 4
     assert min(pv[found_by:]) >= 276.0 - 2 * HEADROOM_KW
     assert outs[-1].battery_kw == pytest.approx(276.0 - 200.0 - HEADROOM_KW, abs=2.0)
+
+
+def test_a_refused_setpoint_write_means_the_battery_is_not_counted_on(site: SiteConfig) -> None:
+    """An inverter answering exceptions to writes sits where it is; a setpoint creeping by less than
+    the following margin each tick would otherwise hide that while the export grows."""
+    m = measured(grid_kw=-0.5, pv_kw=237.0, battery_kw=0.7, pv_limit_kw=237.0)
+    trusted = apply_safety(site, m, Targets(), previous_battery_kw=1.9, dt_s=1.0)
+    assert trusted.battery_kw > 1.9  # believed to absorb more: PV is not curtailed
+    assert trusted.pv_limit_kw is None or trusted.pv_limit_kw >= 237.0
+    refused = apply_safety(site, m, Targets(), previous_battery_kw=1.9, dt_s=1.0, battery_accepts=False)
+    assert any("setpoint refused" in a for a in refused.actions)
+    assert refused.pv_limit_kw is not None
+    assert refused.pv_limit_kw <= 237.0 - 0.5 - HEADROOM_KW + 0.01  # curtailed for what it exports
