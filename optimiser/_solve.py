@@ -146,13 +146,12 @@ def _arrays(s: Scenario, notes: list[str]) -> _Arrays:
     steps = s.steps
     pv = np.array(s.pv_kw, dtype=np.float64)
     load = np.array(s.load_kw, dtype=np.float64)
-    exports = s.price_export_cny_per_kwh
     a = _Arrays(
         dt_h=s.dt_h,
         load=load,
         pv=pv,
         price_import=np.array(s.price_import_cny_per_kwh, dtype=np.float64),
-        price_export=np.array(exports, dtype=np.float64) if isinstance(exports, list) else np.full(steps, exports),
+        price_export=np.array(s.export_prices(), dtype=np.float64),
         import_limit=np.full(steps, s.grid.import_limit_kw),
         export_cap=np.full(steps, s.grid.export_limit_kw),
         curtail_max=pv if s.pv_curtailable else np.zeros(steps),
