@@ -10,34 +10,13 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from config._errors import ConfigError, format_validation_error
 from config._schema import SiteConfig
 
 __all__ = ["ConfigError", "format_validation_error", "load_site", "parse_site"]
 
 # A site file is a few kB; anything far larger is a mistake (or hostile), not a site.
 MAX_SITE_FILE_BYTES = 1_048_576
-
-
-class ConfigError(ValueError):
-    """A site file or config patch was refused; `errors` lists every problem by field path."""
-
-    def __init__(self, source: str, errors: list[str]) -> None:
-        self.source = source
-        self.errors = errors
-        super().__init__(f"{source}: " + "; ".join(errors))
-
-
-def format_validation_error(error: ValidationError) -> list[str]:
-    """One line per problem: `field.path: message (got value)`."""
-    lines: list[str] = []
-    for item in error.errors(include_url=False):
-        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"].removeprefix("Value error, ")
-        given = item.get("input")
-        if item["type"] not in {"missing", "value_error"} and not isinstance(given, dict | list):
-            message = f"{message} (got {given!r})"
-        lines.append(f"{path}: {message}")
-    return lines
 
 
 class _SiteSettings(SiteConfig, BaseSettings):
