@@ -10,7 +10,7 @@ import pytest
 
 from config import SiteConfig, load_site
 from controller.clock import SimClock
-from controller.runtime import Runtime
+from controller.runtime import SLOW_POLL_S, Runtime
 from controller.safety import Setpoints
 from controller.simulation import Recorder, simulated_site
 from firmware_bridge.simulator import Fault, FaultMode
@@ -184,3 +184,29 @@ def test_forecaster_knows_a_kind_of_day_only_after_seeing_it(site: SiteConfig) -
         forecaster.observe(monday + timedelta(minutes=minute), 50.0, 0.0, pv_limited=False)
     assert forecaster.knows_day(monday + timedelta(days=1))  # another school day
     assert not forecaster.knows_day(monday + timedelta(days=5))  # Saturday: not seen yet
+
+
+async def test_idle_chargers_are_read_at_the_slow_poll_and_a_car_is_found_within_it(site: SiteConfig) -> None:
+    """A charger with no car and no current offered is read every SLOW_POLL_S, not every tick (the bus
+    time goes to the meters); a car plugging in is found within that poll, and its charger is then read
+    every tick."""
+    start = datetime(2026, 7, 6, 7, 58, tzinfo=ZoneInfo(site.site.timezone))  # ev1's car arrives 08:00
+    seen: list[int] = []
+    found_at: list[float] = []
+    async with simulated_site(site, start, 1) as (plant, links, sims):
+        charger = sims["rs485-1"].device("charger-1")
+
+        def on_tick(now_s: float, setpoints: Setpoints) -> None:
+            seen.append(charger.requests_seen)
+            if not found_at and runtime.last_measured is not None and runtime.last_measured.ev_connected["ev1"]:
+                found_at.append(now_s)
+
+        runtime = Runtime(site, clock=SimClock(start, None), links=links, line_timing=False,
+                          before_tick=plant.advance, on_tick=on_tick)  # fmt: skip
+        await runtime.run(240)
+    idle_requests = seen[115] - seen[5]  # 110 s without a car
+    assert idle_requests <= 110 / SLOW_POLL_S + 4  # the slow poll (and a setpoint write or two)
+    assert found_at
+    assert 120 <= found_at[0] <= 120 + SLOW_POLL_S + 1
+    connected_requests = seen[239] - seen[180]  # a minute with the car: read every tick
+    assert connected_requests >= 59
