@@ -54,23 +54,26 @@ def words_to_raw(kind: RegisterType, words: tuple[int, ...], word_order: str) ->
     return float(struct.unpack(">f", packed)[0])
 
 
+_INTEGER_FORMATS = {
+    RegisterType.UINT16: ">H",
+    RegisterType.INT16: ">h",
+    RegisterType.UINT32: ">I",
+    RegisterType.INT32: ">i",
+}
+
+
 def _raw_to_words(kind: RegisterType, raw: float, word_order: str) -> tuple[int, ...]:
     if kind is RegisterType.FLOAT32:
         packed = struct.pack(">f", raw)
     else:
-        number = round(raw)
-        formats = {
-            RegisterType.UINT16: ">H",
-            RegisterType.INT16: ">h",
-            RegisterType.UINT32: ">I",
-            RegisterType.INT32: ">i",
-        }
         try:
-            packed = struct.pack(formats[kind], number)
+            packed = struct.pack(_INTEGER_FORMATS[kind], round(raw))
         except struct.error as err:
             raise ValueError(f"{raw} does not fit {kind.value}") from err
-    words = tuple(struct.unpack(f">{len(packed) // 2}H", packed))
-    return words if word_order == "big" or len(words) == 1 else (words[1], words[0])
+    if len(packed) == 2:
+        return ((packed[0] << 8) | packed[1],)
+    hi, lo = (packed[0] << 8) | packed[1], (packed[2] << 8) | packed[3]
+    return (hi, lo) if word_order == "big" else (lo, hi)
 
 
 def registers_from_values(
@@ -144,18 +147,23 @@ class DeviceDriver:
         start = block[0].address
         count = max(p.address + p.type.words for p in block) - start
         request = modbus.ReadRequest(self.address, block[0].function, start, count)
+        # Where each point sits in the reply and what its raw number is multiplied by, worked out once:
+        # this exchange runs every second for the life of the controller.
+        layout = [
+            (p.name, p.address - start, p.address - start + p.type.words, p.type, p.word_order,
+             p.scale * p.sign * self._ct(p.name))
+            for p in block
+        ]  # fmt: skip
 
         def interpret(reply: modbus.Reply) -> Readings:
             registers = self._modbus_registers(reply, request.function)
             if len(registers) != count:
                 raise FrameError(2, f"asked for {count} registers, got {len(registers)}")
             readings: Readings = {}
-            for point in block:
-                offset = point.address - start
-                raw = words_to_raw(point.type, registers[offset : offset + point.type.words], point.word_order)
-                value = raw * point.scale * point.sign * self._ct(point.name)
+            for name, first, end, kind, word_order, factor in layout:
+                value = words_to_raw(kind, registers[first:end], word_order) * factor
                 if math.isfinite(value):  # a meter in a bad state can return NaN floats: no reading then
-                    readings[point.name] = value
+                    readings[name] = value
             return readings
 
         return Exchange(

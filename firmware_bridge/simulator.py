@@ -7,7 +7,6 @@ other end of the pty closes its loop through real bytes. Faults can be injected 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -65,6 +64,20 @@ class SimulatedDevice:
     setpoints: dict[str, float] = field(default_factory=dict)
     requests_seen: int = 0
     ct_ratio: float = 1.0  # the meter reports secondary values; the plant values are primary
+    # The map's Modbus points, and the points each (function, address, count) block covers: a
+    # controller asks for the same few blocks every second, so each is worked out once.
+    _modbus_points: list[ModbusPoint] = field(init=False, repr=False)
+    _blocks: dict[tuple[int, int, int], list[ModbusPoint]] = field(init=False, repr=False, default_factory=dict)
+    _writable: dict[int, ModbusPoint] = field(init=False, repr=False, default_factory=dict)
+    _by_di: dict[int, Dlt645Point] = field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._modbus_points = [p for p in self.map.points if isinstance(p, ModbusPoint)]
+        for point in self.map.points:  # the first point at an address or DI wins, as a device's lookup would
+            if isinstance(point, ModbusPoint) and point.access is not Access.READ:
+                self._writable.setdefault(point.address, point)
+            elif isinstance(point, Dlt645Point):
+                self._by_di.setdefault(int(point.di, 16), point)
 
     def values(self) -> dict[str, float]:
         merged = dict(self.setpoints)
@@ -74,23 +87,27 @@ class SimulatedDevice:
     # --- Modbus -----------------------------------------------------------------------------------
 
     def answer_modbus(self, request: modbus.Request) -> modbus.Reply:
-        points = [p for p in self.map.points if isinstance(p, ModbusPoint)]
+        points = self._modbus_points
         unit = request.unit
         if isinstance(request, modbus.ReadRequest):
-            covered = [
-                p
-                for p in points
-                if p.function == request.function
-                and p.address < request.address + request.count
-                and p.address + p.type.words > request.address
-            ]
+            key = (request.function, request.address, request.count)
+            covered = self._blocks.get(key)
+            if covered is None:
+                covered = self._blocks[key] = [
+                    p
+                    for p in points
+                    if p.function == request.function
+                    and p.address < request.address + request.count
+                    and p.address + p.type.words > request.address
+                ]
             if not covered:
                 return modbus.ExceptionReply(unit, request.function, 0x02)
-            secondary = {k: v / self.ct_ratio_for(k) for k, v in self.values().items()}
+            values = self.values()
+            secondary = {p.name: values[p.name] / self.ct_ratio_for(p.name) for p in covered if p.name in values}
             registers = registers_from_values(covered, secondary, request.function, request.address, request.count)
             return modbus.ReadReply(unit, request.function, registers)
         words = (request.value,) if isinstance(request, modbus.WriteSingleRequest) else request.values
-        target = next((p for p in points if p.address == request.address and p.access is not Access.READ), None)
+        target = self._writable.get(request.address)
         if target is None or target.type.words != len(words):
             return modbus.ExceptionReply(unit, request.function, 0x02)
         value = words_to_raw(target.type, tuple(words), target.word_order) * target.scale * target.sign
@@ -114,10 +131,7 @@ class SimulatedDevice:
         if frame.function != dlt645.FUNCTION_READ or len(frame.data) < 4:
             return dlt645.error_reply(address, frame.function, 0x01)
         di = int.from_bytes(frame.data[:4], "little")
-        point = next(
-            (p for p in self.map.points if isinstance(p, Dlt645Point) and int(p.di, 16) == di),
-            None,
-        )
+        point = self._by_di.get(di)
         values = self.values()
         if point is None or point.name not in values:
             return dlt645.error_reply(address, dlt645.FUNCTION_READ, 0x02)
@@ -226,8 +240,10 @@ class SimulatedBus:
     def _send(self, data: bytes) -> None:
         if self._master is None:
             return
-        with contextlib.suppress(BlockingIOError, OSError):
+        try:
             os.write(self._master, data)
+        except OSError:  # BlockingIOError included: a client that does not read loses bytes, as on a wire
+            return
 
     def _readable(self) -> None:
         assert self._master is not None
@@ -252,6 +268,8 @@ class SimulatedBus:
             self._dispatch(request)
 
     def _dispatch(self, request: modbus.Request | dlt645.Dlt645Frame) -> None:
+        # The request's bytes again: only an echoing adapter or the wire-time emulation needs them.
+        again = self.echo or self.wire_time
         if isinstance(request, dlt645.Dlt645Frame):
             if request.from_meter:
                 return
@@ -259,10 +277,10 @@ class SimulatedBus:
                 device: SimulatedDevice | None = next(iter(self.devices.values()))
             else:
                 device = self.devices.get(request.address)
-            request_bytes = dlt645.encode_frame(request)
+            request_bytes = dlt645.encode_frame(request) if again else b""
         else:
             device = self.devices.get(str(request.unit))
-            request_bytes = modbus.encode_request(request)
+            request_bytes = modbus.encode_request(request) if again else b""
         if self.echo:
             self._send(request_bytes)
         if device is None:

@@ -49,7 +49,16 @@ class RegisterType(StrEnum):
 
     @property
     def words(self) -> int:
-        return 1 if self in (RegisterType.UINT16, RegisterType.INT16) else 2
+        return _WORDS[self]
+
+
+_WORDS = {
+    RegisterType.UINT16: 1,
+    RegisterType.INT16: 1,
+    RegisterType.UINT32: 2,
+    RegisterType.INT32: 2,
+    RegisterType.FLOAT32: 2,
+}
 
 
 Quantity = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*_(kw|kwh|v|a|hz|pct|fraction|pf|code)$")]
