@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import termios
-from typing import Protocol
+from typing import Any, Protocol
 
 import serial
 import serial_asyncio_fast
@@ -37,6 +39,34 @@ class Link(Protocol):
     def take(self) -> bytes: ...
     def discard(self) -> int: ...
     async def wait_for_data(self, timeout_s: float) -> bool: ...
+
+
+class _EventLoopSerial(serial.Serial):  # type: ignore[misc]  # pyserial ships no types
+    """pyserial's POSIX port, read the way an event loop reads it: the transport calls `read` only once
+    the fd is readable, so pyserial's own select() before each read (one more system call on every
+    reply) tells nothing new. What it reports is kept: a read error, or a readable port that returns
+    nothing (the device went away), is a SerialException."""
+
+    def read(self, size: int = 1) -> bytes:
+        try:
+            data = os.read(self.fd, size)
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError as err:
+            raise serial.SerialException(f"read failed: {err}") from err
+        if not data:
+            raise serial.SerialException("device reports readiness to read but returned no data (device disconnected?)")
+        return data
+
+
+async def _open_serial(
+    loop: asyncio.AbstractEventLoop, pipe: _Pipe, port: str, **settings: Any
+) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+    if "://" in port:  # a pyserial URL (rfc2217://, socket://, ...): its own class, as pyserial picks it
+        return await serial_asyncio_fast.create_serial_connection(loop, lambda: pipe, port, **settings)
+    # Opening a tty can block (a USB adapter's driver, modem lines): not on the event loop.
+    device = await loop.run_in_executor(None, functools.partial(_EventLoopSerial, port, **settings))
+    return await serial_asyncio_fast.connection_for_serial(loop, lambda: pipe, device)
 
 
 def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:
@@ -91,9 +121,9 @@ class SerialLink:
         loop = asyncio.get_running_loop()
         pipe = _Pipe()
         try:
-            transport, _ = await serial_asyncio_fast.create_serial_connection(
+            transport, _ = await _open_serial(
                 loop,
-                lambda: pipe,
+                pipe,
                 self._port,
                 baudrate=self._config.baud_rate,
                 parity=Parity.NONE.value if self._virtual else self._config.parity.value,
