@@ -35,6 +35,7 @@ class Forecaster:
         self._peak_kw = site.pv.peak_kw if site.pv else 0.0
         self._slot_minutes = slot_minutes
         self._profile: dict[tuple[bool, int], float] = {}  # (school day?, slot of day) -> kW
+        self._known_slots = {True: 0, False: 0}  # profile slots per kind of day (asked every tick)
         self._slot_sum: dict[tuple[bool, int], tuple[float, int]] = {}
         self._recent_load: deque[float] = deque(maxlen=3600)
         self._yield: deque[tuple[float, float]] = deque(maxlen=YIELD_WINDOW)
@@ -51,6 +52,8 @@ class Forecaster:
             total, count = self._slot_sum.pop(other)
             mean = total / count
             old = self._profile.get(other)
+            if old is None:
+                self._known_slots[other[0]] += 1
             self._profile[other] = mean if old is None else (1 - PROFILE_WEIGHT) * old + PROFILE_WEIGHT * mean
         self._recent_load.append(max(load_kw, 0.0))
         sky = clear_sky_kw(self._peak_kw, local)
@@ -78,15 +81,14 @@ class Forecaster:
             profile[(school == "1", int(slot))] = value
         pairs = [(float(p), float(s)) for p, s in body["yield"]]
         self._profile = profile
+        self._known_slots = {school: sum(1 for day, _ in profile if day == school) for school in (True, False)}
         self._yield.clear()
         self._yield.extend(pairs[-YIELD_WINDOW:])
 
     def knows_day(self, local: datetime, share: float = KNOWN_DAY_SHARE) -> bool:
         """Whether the load profile covers this kind of day (school day or not) well enough to plan on."""
-        school = local.weekday() < 5
         slots = 24 * 60 // self._slot_minutes
-        known = sum(1 for (day, _slot) in self._profile if day == school)
-        return known >= share * slots
+        return self._known_slots[local.weekday() < 5] >= share * slots
 
     def yield_ratio(self) -> float:
         measured = sum(p for p, _ in self._yield)
