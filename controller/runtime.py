@@ -519,14 +519,31 @@ class Runtime:
         if not 0 <= step < plan.steps:
             return Targets()
         demand = self.site.tariff.demand_charge_cny_per_kw_month > 0
+        trusted = self.forecaster.knows_day(self.clock.local())
+        # A plan on a known day may mean to raise the peak to charge (it judged the kW worth its price);
+        # one on a guess may not: the peak would be paid for sure, the saving is a guess.
+        charge_cap = max(self.month_peak_kw, plan.peak_import_kw) if trusted else self.month_peak_kw
         return Targets(
-            self_consumption=not self.forecaster.knows_day(self.clock.local()),
+            self_consumption=not trusted,
             battery_kw=float(plan.battery_kw[step]),
             ev_kw={name: float(kw[step]) for name, kw in plan.ev_kw.items()},
             planned_import_kw=float(plan.grid_import_kw[step]),
             peak_cap_kw=max(self.month_peak_kw, plan.peak_import_kw) if demand else None,
-            charge_cap_kw=self.month_peak_kw if demand else None,
+            charge_cap_kw=charge_cap if demand else None,
         )
+
+    def _plan_demand_charge(self, start: datetime) -> float:
+        """The demand charge a plan weighs a new kW of peak with. The utility bills the month's peak once,
+        and every day left in the month then imports up to it for nothing: a plan over one horizon
+        carries the horizon's share of the days left (at the month's end, the whole charge). Without
+        this a one-day plan would price a kW that serves the whole month as if it served only today,
+        and never charge the battery in the valley above last night's import."""
+        rate = self.site.tariff.demand_charge_cny_per_kw_month
+        month_end = (start.replace(day=28) + timedelta(days=4)).replace(day=1, hour=0, minute=0, second=0,
+                                                                          microsecond=0)  # fmt: skip
+        days_left = (month_end - start).total_seconds() / 86400
+        horizon_days = self.site.control.horizon_h / 24
+        return rate * min(1.0, horizon_days / max(days_left, horizon_days))
 
     async def _apply(self, setpoints: Setpoints) -> None:
         writes: list[tuple[str, str, float, float]] = []
@@ -607,7 +624,7 @@ class Runtime:
                 "grid": {
                     "import_limit_kw": site.import_limit_kw,
                     "export_limit_kw": site.export_limit_kw,
-                    "demand_charge_cny_per_kw": site.tariff.demand_charge_cny_per_kw_month,
+                    "demand_charge_cny_per_kw": self._plan_demand_charge(start),
                     "peak_import_so_far_kw": self.month_peak_kw,
                 },
                 "battery": battery,

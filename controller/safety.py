@@ -53,8 +53,8 @@ class Targets:
     # and import above peak_cap_kw (the demand charge's peak) is shaved with the battery.
     planned_import_kw: float | None = None
     peak_cap_kw: float | None = None
-    # With a demand charge: charging from the grid never sets a new month peak (the month's largest
-    # 15-minute import so far). A plan that means to is built on a forecast; the peak is paid for sure.
+    # With a demand charge: charging from the grid never imports above this (the month's largest
+    # 15-minute import so far, or a plan's own peak where the plan rests on a known day's profile).
     charge_cap_kw: float | None = None
     # No load history for this kind of day yet (commissioning, the first weekend): the plan rests on
     # a flat guess, so the battery runs the self-consumption rule instead (store surplus, cover import).
@@ -191,6 +191,13 @@ def apply_safety(
     cars_kw = sum(car_kw(n, a) for n, a in ev_amps.items())
     if targets.self_consumption and follows:
         battery = max(previous_battery_kw - ramp, min(previous_battery_kw + ramp, -(base + cars_kw)))
+        battery = max(-discharge_max, min(charge_max, battery))
+    elif targets.planned_import_kw is not None and follows:
+        # The plan is carried out as the grid import it meant, the battery taking up what a 15-minute
+        # forecast cannot know: the load's swings within the step. Held to the plan's battery power,
+        # a swing up is bought (at zero export, in the dear hours) and a swing down is curtailed.
+        battery = targets.planned_import_kw - base - cars_kw
+        battery = max(previous_battery_kw - ramp, min(previous_battery_kw + ramp, battery))
         battery = max(-discharge_max, min(charge_max, battery))
     if targets.planned_import_kw is not None and battery > 0:
         # The forecast was wrong (less sun, more load): charge only as far as the plan meant to import.

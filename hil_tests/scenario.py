@@ -10,6 +10,7 @@
     calendar = "weekday"               # weekday | weekend | holiday (the start date is a holiday)
     cars = "school"                    # school | none
     mqtt = false                       # start a Mosquitto for this scenario
+    history_days = 0                   # days the controller already ran the site before `start`
     [[faults]]                         # at/for are offsets from the start; keep them inside short_duration
     at = "5m"
     for = "30s"
@@ -110,6 +111,9 @@ class HilScenario(_Model):
     mqtt: bool = False
     speed: float | None = Field(default=None, gt=0.0, description="simulated s per wall s; None: as fast as possible")
     seed: int = 1
+    # The controller ran the site this many days before `start`: its state file holds the load profile
+    # and PV yield it learned from its meters then (as a site's does every week but its first).
+    history_days: int = Field(default=0, ge=0, le=28)
     faults: list[Fault] = Field(default_factory=list)
     expect: Expect = Expect()
 

@@ -210,3 +210,23 @@ async def test_idle_chargers_are_read_at_the_slow_poll_and_a_car_is_found_within
     assert 120 <= found_at[0] <= 120 + SLOW_POLL_S + 1
     connected_requests = seen[239] - seen[180]  # a minute with the car: read every tick
     assert connected_requests >= 59
+
+
+def test_a_plan_weighs_a_new_peak_by_the_days_it_serves(site: SiteConfig, tmp_path: Path) -> None:
+    """The month's peak is billed once and serves every day left in the month: a one-day plan on the 1st
+    weighs a kW of new peak at a 31st of the monthly charge (so it charges in the valley night when a
+    kW saves more than that each day), on the 16th at a 16th, on the last day at all of it."""
+    from firmware_bridge.transport import SerialLink
+
+    zone = ZoneInfo(site.site.timezone)
+    links = {bus.name: SerialLink(bus, str(tmp_path / "unused")) for bus in site.buses}
+    runtime = Runtime(site, clock=_StepClock(datetime(2026, 7, 1, tzinfo=zone)), links=links)  # type: ignore[arg-type]
+    monthly = site.tariff.demand_charge_cny_per_kw_month
+
+    def weighed(at: datetime) -> float:
+        return runtime._scenario(at).grid.demand_charge_cny_per_kw
+
+    assert weighed(datetime(2026, 7, 1, tzinfo=zone)) == pytest.approx(monthly / 31)
+    assert weighed(datetime(2026, 7, 16, tzinfo=zone)) == pytest.approx(monthly / 16)
+    assert weighed(datetime(2026, 7, 31, 12, tzinfo=zone)) == pytest.approx(monthly)  # the horizon outlasts it
+    assert weighed(datetime(2026, 2, 1, tzinfo=zone)) == pytest.approx(monthly / 28)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,26 @@ def test_without_load_history_the_battery_runs_self_consumption(site: SiteConfig
     # With history the plan rules: idle stays idle.
     out = apply_safety(site, evening, Targets(battery_kw=0.0), previous_battery_kw=0.0, dt_s=1.0)
     assert out.battery_kw == 0.0
+
+
+def test_a_plan_is_carried_out_as_its_grid_import_through_the_load_swings(site: SiteConfig) -> None:
+    """A 15-minute plan says: import nothing, the battery covers what PV does not (60 kW). The load
+    swings +-13 kW within the step; the battery takes the swings, the grid stays at the plan's import
+    (plus the zero-export headroom). Held at the plan's 60 kW, the site bought every swing up."""
+    battery_kw, grid_kw = -60.0, 0.0
+    imports = []
+    for second in range(300):
+        load = 160.0 + 8.0 * math.sin(second / 97.0 * 10) + 5.0 * math.sin(second / 13.0)
+        grid_kw = load + battery_kw - 100.0
+        imports.append(grid_kw)
+        m = measured(grid_kw=grid_kw, pv_kw=100.0, battery_kw=battery_kw, soc=0.6)
+        plan = Targets(battery_kw=-60.0, planned_import_kw=0.0, peak_cap_kw=55.0, charge_cap_kw=55.0)
+        out = apply_safety(site, m, plan, previous_battery_kw=battery_kw, dt_s=1.0)
+        battery_kw = out.battery_kw
+    settled = imports[5:]
+    assert max(settled) < HEADROOM_KW + 2.0
+    assert sum(settled) / len(settled) < HEADROOM_KW + 0.5
+    assert min(settled) > -LIMIT_MARGIN_KW  # and nothing exported
 
 
 def zero_export_loop(
