@@ -64,6 +64,11 @@ PV_DEADBAND_KW = 0.5
 # car stops drawing by itself): this much energy before this long. A later issue lets the driver say.
 DEFAULT_EV_NEED_KWH = 60.0
 DEFAULT_EV_STAY_H = 8.0
+# A charger's cars are expected to stay as long as a quarter of its recent sessions stayed at least
+# (a car planned to leave early is charged early; one planned to leave late may leave short). Until
+# it has seen this many sessions, DEFAULT_EV_STAY_H.
+EV_STAYS_KEPT = 10
+EV_STAYS_NEEDED = 3
 # Controller state (counters, month peak, car sessions) is saved this often, so a restart loses at
 # most this much of the counters; the time series has its own flush.
 STATE_SAVE_PERIOD_S = 60.0
@@ -181,6 +186,12 @@ class Runtime:
         self._replan = asyncio.Event()
         self._ev_connected: dict[str, bool] = {c.name: False for c in site.ev_chargers}
         self._ev_since: dict[str, datetime] = {}
+        # How long the last sessions at each charger lasted (hours), newest last: the expected stay.
+        self.ev_stays_h: dict[str, list[float]] = {c.name: [] for c in site.ev_chargers}
+        # Chargers read empty since this process started: a car connecting there is seen arriving (a car
+        # already there at start-up has stayed for an unknown time, so its stay is not learned).
+        self._ev_seen_empty: set[str] = set()
+        self._ev_arrival_seen: set[str] = set()
         self._setpoint_battery_kw = 0.0
         self._pv_prober = PvProber()
         # The battery's last setpoint write failed (refused, bus down): it is not following whatever
@@ -265,6 +276,7 @@ class Runtime:
             "demand_month": self._demand_month,
             "ev_since": {name: at.isoformat() for name, at in self._ev_since.items()},
             "ev_connected": self._ev_connected,
+            "ev_stays_h": self.ev_stays_h,
             "forecaster": self.forecaster.to_json(),
         }
 
@@ -291,11 +303,17 @@ class Runtime:
             peak = float(body["month_peak_kw"])
             since = {str(k): datetime.fromisoformat(v) for k, v in body["ev_since"].items()}
             connected = {str(k): bool(v) for k, v in body["ev_connected"].items()}
+            stays = {str(k): [float(h) for h in v][-EV_STAYS_KEPT:] for k, v in body.get("ev_stays_h", {}).items()}
+            if any(not 0 < h < 24 * 14 for v in stays.values() for h in v):
+                raise ValueError("an EV stay outside 0..336 h")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             _log.error("controller state not restored", extra={"file": str(self.state_path), "error": str(err)})
             return False
         now = self.clock.local()
         self.counters = counters
+        for name, hours in stays.items():
+            if name in self.ev_stays_h:
+                self.ev_stays_h[name] = hours
         if timedelta(0) <= now - saved < timedelta(days=FORECAST_KEEP_DAYS) and "forecaster" in body:
             try:
                 self.forecaster.restore(body["forecaster"])
@@ -409,7 +427,10 @@ class Runtime:
             ev_kw[charger.name] = self._value(device, "power_kw", stale) or 0.0
             state = self._value(device, "state_code", stale)
             connected[charger.name] = state is not None and state >= 1.0
+            if state is not None and not connected[charger.name]:
+                self._ev_seen_empty.add(charger.name)
             if connected[charger.name] != self._ev_connected[charger.name]:
+                self._learn_stay(charger.name, arrived=connected[charger.name])
                 self._ev_connected[charger.name] = connected[charger.name]
                 self._ev_since[charger.name] = self.clock.local()
                 self._replan.set()  # a car came or went: plan again now
@@ -532,6 +553,25 @@ class Runtime:
             charge_cap_kw=charge_cap if demand else None,
         )
 
+    def _learn_stay(self, charger: str, *, arrived: bool) -> None:
+        if arrived:
+            if charger in self._ev_seen_empty:
+                self._ev_arrival_seen.add(charger)
+            return
+        if charger in self._ev_arrival_seen and charger in self._ev_since:
+            self._ev_arrival_seen.discard(charger)
+            stayed_h = (self.clock.local() - self._ev_since[charger]).total_seconds() / 3600
+            if stayed_h > 0:
+                self.ev_stays_h[charger] = [*self.ev_stays_h[charger], stayed_h][-EV_STAYS_KEPT:]
+
+    def expected_stay_h(self, charger: str) -> float:
+        """How long a car at this charger is planned to stay: what a quarter of its recent sessions
+        stayed at least, once there are a few (school staff come and go at the same hours)."""
+        stays = sorted(self.ev_stays_h.get(charger, []))
+        if len(stays) < EV_STAYS_NEEDED:
+            return DEFAULT_EV_STAY_H
+        return stays[(len(stays) - 1) // 4]
+
     def _plan_demand_charge(self, start: datetime) -> float:
         """The demand charge a plan weighs a new kW of peak with. The utility bills the month's peak once,
         and every day left in the month then imports up to it for nothing: a plan over one horizon
@@ -589,7 +629,7 @@ class Runtime:
             device = self._charger_device(charger.name)
             delivered = self._value(device, "session_energy_kwh", math.inf) or 0.0
             since = self._ev_since.get(charger.name, start)
-            leave = since + timedelta(hours=DEFAULT_EV_STAY_H)
+            leave = since + timedelta(hours=self.expected_stay_h(charger.name))
             leave_step = min(steps, max(1, int((leave - start).total_seconds() // (step_minutes * 60))))
             need = max(0.0, DEFAULT_EV_NEED_KWH - delivered)
             sessions.append({"charger": charger.name, "arrival_step": 0, "departure_step": leave_step,

@@ -110,7 +110,8 @@ def _site(scenario: HilScenario, workdir: Path, broker_port: int | None) -> Site
 def _seed_history(scenario: HilScenario, site: SiteConfig, plant: Plant, links: dict[str, Any]) -> None:
     """Write the state file a controller leaves after `history_days` on this site: the load profile and
     PV yield learned from what its meters read then (the plant's past: load, and PV before curtailment,
-    which the forecaster only learns from while PV is not limited). Nothing of the run itself is seen."""
+    which the forecaster only learns from while PV is not limited), and how long the cars of those days
+    stayed. Nothing of the run itself is seen."""
     forecaster = Forecaster(site, site.control.step_minutes)
     start = plant.start
     for at_s in range(-scenario.history_days * 86400, 0, HISTORY_SAMPLE_S):
@@ -119,6 +120,12 @@ def _seed_history(scenario: HilScenario, site: SiteConfig, plant: Plant, links: 
     before = SimClock(start - timedelta(seconds=1), None)
     writer = Runtime(site, clock=before, links=links, state_path=site.storage.state_path)
     writer.forecaster = forecaster
+    if scenario.cars == "school":
+        first = start - timedelta(days=scenario.history_days)
+        for arrival in school_arrivals(site, first, scenario.history_days, plant.holidays):
+            if arrival.leave <= start:
+                stays = writer.ev_stays_h[arrival.charger]
+                stays.append((arrival.leave - arrival.arrive).total_seconds() / 3600)
     writer.save_state()
 
 

@@ -53,5 +53,6 @@ async def test_history_days_start_the_controller_with_last_weeks_profile(tmp_pat
     morning = runtime.forecaster.load_kw(start + timedelta(hours=8), 4, 15)
     truth = [plant.load_at(8 * 3600 + 900 * i + 450) for i in range(4)]
     assert all(abs(kw - true_kw) < 0.1 * true_kw for kw, true_kw in zip(morning, truth, strict=True))
+    assert runtime.expected_stay_h("ev2") == 9.0  # the afternoon car stayed 13:00-22:00 each school day
     assert runtime.month_peak_kw == 0.0  # history from last month sets no peak in this one
     assert runtime.counters.grid_import_kwh == 0.0

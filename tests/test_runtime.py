@@ -10,6 +10,7 @@ import pytest
 
 from config import SiteConfig, load_site
 from controller.clock import SimClock
+from controller.plant import EvArrival, Plant
 from controller.runtime import SLOW_POLL_S, Runtime
 from controller.safety import Setpoints
 from controller.simulation import Recorder, simulated_site
@@ -230,3 +231,23 @@ def test_a_plan_weighs_a_new_peak_by_the_days_it_serves(site: SiteConfig, tmp_pa
     assert weighed(datetime(2026, 7, 16, tzinfo=zone)) == pytest.approx(monthly / 16)
     assert weighed(datetime(2026, 7, 31, 12, tzinfo=zone)) == pytest.approx(monthly)  # the horizon outlasts it
     assert weighed(datetime(2026, 2, 1, tzinfo=zone)) == pytest.approx(monthly / 28)
+
+
+async def test_a_chargers_stays_are_learned_from_the_cars_seen_arriving(site: SiteConfig) -> None:
+    """How long cars stay at a charger is learned from the sessions the controller saw begin and end,
+    and becomes the departure its plans expect; a car already plugged in at start-up stayed for an
+    unknown time and teaches nothing."""
+    start = datetime(2026, 7, 6, 10, 0, tzinfo=ZoneInfo(site.site.timezone))
+    arrivals = [
+        EvArrival("ev1", start - timedelta(hours=1), start + timedelta(minutes=5), 5.0),
+        *(EvArrival("ev2", start + timedelta(minutes=m), start + timedelta(minutes=m + 10), 2.0) for m in (2, 15, 28)),
+    ]
+    plant = Plant(site, start, arrivals=arrivals)
+    async with simulated_site(site, start, 1, plant=plant) as (_, links, _sims):
+        runtime = Runtime(site, clock=SimClock(start, None), links=links, line_timing=False, before_tick=plant.advance)
+        assert runtime.expected_stay_h("ev2") == 8.0  # nothing seen yet: the default
+        await runtime.run(40 * 60)
+    assert runtime.ev_stays_h["ev1"] == []
+    # Plugging in is noticed within the idle charger's slow poll, leaving within a tick.
+    assert runtime.ev_stays_h["ev2"] == [pytest.approx(10 / 60, abs=(SLOW_POLL_S + 1) / 3600)] * 3
+    assert runtime.expected_stay_h("ev2") == pytest.approx(10 / 60, abs=(SLOW_POLL_S + 1) / 3600)
