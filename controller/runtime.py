@@ -579,6 +579,10 @@ class Runtime:
         this a one-day plan would price a kW that serves the whole month as if it served only today,
         and never charge the battery in the valley above last night's import."""
         rate = self.site.tariff.demand_charge_cny_per_kw_month
+        if not self.forecaster.knows_day(start):
+            # On a guessed day the plan cannot know where the peak will fall (the cars it places may
+            # meet the morning or the evening load): it weighs a new kW at the whole monthly charge.
+            return rate
         month_end = (start.replace(day=28) + timedelta(days=4)).replace(day=1, hour=0, minute=0, second=0,
                                                                           microsecond=0)  # fmt: skip
         days_left = (month_end - start).total_seconds() / 86400

@@ -214,9 +214,9 @@ async def test_idle_chargers_are_read_at_the_slow_poll_and_a_car_is_found_within
 
 
 def test_a_plan_weighs_a_new_peak_by_the_days_it_serves(site: SiteConfig, tmp_path: Path) -> None:
-    """The month's peak is billed once and serves every day left in the month: a one-day plan on the 1st
-    weighs a kW of new peak at a 31st of the monthly charge (so it charges in the valley night when a
-    kW saves more than that each day), on the 16th at a 16th, on the last day at all of it."""
+    """The month's peak is billed once and serves every day left in the month: a one-day plan on a known
+    day on the 1st weighs a kW of new peak at a 31st of the monthly charge (so it charges in the valley
+    night when a kW saves more than that each day), on the 16th at a 16th, on the last day at all of it."""
     from firmware_bridge.transport import SerialLink
 
     zone = ZoneInfo(site.site.timezone)
@@ -227,6 +227,11 @@ def test_a_plan_weighs_a_new_peak_by_the_days_it_serves(site: SiteConfig, tmp_pa
     def weighed(at: datetime) -> float:
         return runtime._scenario(at).grid.demand_charge_cny_per_kw
 
+    # Without load history the plan cannot know where a peak falls: the whole monthly charge.
+    assert weighed(datetime(2026, 7, 1, tzinfo=zone)) == pytest.approx(monthly)
+    for day in (datetime(2026, 6, 29, tzinfo=zone), datetime(2026, 6, 27, tzinfo=zone)):  # a Monday, a Saturday
+        for minute in range(0, 24 * 60 + 15, 5):
+            runtime.forecaster.observe(day + timedelta(minutes=minute), 50.0, 0.0, pv_limited=False)
     assert weighed(datetime(2026, 7, 1, tzinfo=zone)) == pytest.approx(monthly / 31)
     assert weighed(datetime(2026, 7, 16, tzinfo=zone)) == pytest.approx(monthly / 16)
     assert weighed(datetime(2026, 7, 31, 12, tzinfo=zone)) == pytest.approx(monthly)  # the horizon outlasts it
