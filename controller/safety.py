@@ -189,14 +189,13 @@ def apply_safety(
         return min(offered, measured.ev_kw.get(name, 0.0))
 
     cars_kw = sum(car_kw(n, a) for n, a in ev_amps.items())
-    if targets.self_consumption and follows:
-        battery = max(previous_battery_kw - ramp, min(previous_battery_kw + ramp, -(base + cars_kw)))
-        battery = max(-discharge_max, min(charge_max, battery))
-    elif targets.planned_import_kw is not None and follows:
-        # The plan is carried out as the grid import it meant, the battery taking up what a 15-minute
-        # forecast cannot know: the load's swings within the step. Held to the plan's battery power,
-        # a swing up is bought (at zero export, in the dear hours) and a swing down is curtailed.
-        battery = targets.planned_import_kw - base - cars_kw
+    # The battery holds the grid at an import: none under the self-consumption rule (cover import,
+    # store surplus); the plan's under a plan, so the battery takes up what a 15-minute forecast cannot
+    # know, the load's swings within the step. Held to the plan's battery power, a swing up is bought
+    # (at zero export, in the dear hours) and a swing down is curtailed.
+    grid_target_kw = 0.0 if targets.self_consumption else targets.planned_import_kw
+    if grid_target_kw is not None and follows:
+        battery = grid_target_kw - base - cars_kw
         battery = max(previous_battery_kw - ramp, min(previous_battery_kw + ramp, battery))
         battery = max(-discharge_max, min(charge_max, battery))
     if targets.planned_import_kw is not None and battery > 0:
