@@ -64,6 +64,10 @@ PV_DEADBAND_KW = 0.5
 # car stops drawing by itself): this much energy before this long. A later issue lets the driver say.
 DEFAULT_EV_NEED_KWH = 60.0
 DEFAULT_EV_STAY_H = 8.0
+# A car offered at least its minimum current that draws less than EV_DRAWING_KW for EV_FULL_AFTER_S is
+# full. IEC 61851-1 gives a car 5 s to follow a new current; a sleeping car can take longer to wake.
+EV_DRAWING_KW = 0.1
+EV_FULL_AFTER_S = 30.0
 # A charger's cars are expected to stay as long as a quarter of its recent sessions stayed at least
 # (a car planned to leave early is charged early; one planned to leave late may leave short). Until
 # it has seen this many sessions, DEFAULT_EV_STAY_H.
@@ -207,7 +211,10 @@ class Runtime:
         self._demand_kws = 0.0
         self._demand_s = 0.0
         self._next_slow_poll_s = 0.0
-        self._ev_declining: dict[str, bool] = {}
+        # A connected car that draws nothing of the current it is offered, since when (monotonic s); after
+        # EV_FULL_AFTER_S it is full, until it leaves.
+        self._ev_declining_since: dict[str, float] = {}
+        self._ev_full: set[str] = set()
         self._next_plan_s = 0.0
         self.restored = self._restore_state()
 
@@ -441,10 +448,7 @@ class Runtime:
         if grid is not None:
             self._last_load_kw = grid + pv - battery - sum(ev_kw.values())
         measured = Measured(grid, pv, battery, soc, ev_kw, connected, self._pv_limit_kw, offered, self._last_load_kw)
-        self._ev_declining = {
-            c.name: connected[c.name] and offered[c.name] >= c.min_kw and ev_kw[c.name] < 0.1
-            for c in self.site.ev_chargers
-        }
+        self._note_full_cars(connected, offered, ev_kw)
         targets = self._targets()
         grid_age = max((self.clock.now() - self.latest[n].at_s for n in self._devices(DeviceKind.GRID_METER)
                         if n in self.latest), default=math.inf)  # fmt: skip
@@ -564,6 +568,32 @@ class Runtime:
             if stayed_h > 0:
                 self.ev_stays_h[charger] = [*self.ev_stays_h[charger], stayed_h][-EV_STAYS_KEPT:]
 
+    def _note_full_cars(self, connected: dict[str, bool], offered: dict[str, float], ev_kw: dict[str, float]) -> None:
+        """A car that takes none of the current it is offered for EV_FULL_AFTER_S is full: it is planned no
+        more until it leaves (or draws again). Judged afresh every tick, a full car would come back into
+        every plan that does not offer it current, and each such plan would buy energy for it."""
+        now = self.clock.now()
+        for c in self.site.ev_chargers:
+            name = c.name
+            if not connected[name]:
+                self._ev_declining_since.pop(name, None)
+                self._ev_full.discard(name)
+                continue
+            if ev_kw[name] >= EV_DRAWING_KW:
+                self._ev_declining_since.pop(name, None)
+                if name in self._ev_full:
+                    self._ev_full.discard(name)
+                    self._replan.set()  # it was not full after all: plan its charge again
+                continue
+            if offered[name] < c.min_kw:
+                self._ev_declining_since.pop(name, None)  # not offered enough to tell
+                continue
+            since = self._ev_declining_since.setdefault(name, now)
+            if now - since >= EV_FULL_AFTER_S and name not in self._ev_full:
+                self._ev_full.add(name)
+                _log.info("car full", extra={"charger": name})
+                self._replan.set()  # the energy the plan kept for it is free
+
     def expected_stay_h(self, charger: str) -> float:
         """How long a car at this charger is planned to stay: what a quarter of its recent sessions
         stayed at least, once there are a few (school staff come and go at the same hours)."""
@@ -628,8 +658,8 @@ class Runtime:
         prices = [site.tariff.band_at(start + timedelta(minutes=(i + 0.5) * step_minutes))[1] for i in range(steps)]
         sessions = []
         for charger in site.ev_chargers:
-            if not self._ev_connected[charger.name] or self._ev_declining.get(charger.name, False):
-                continue  # no car, or a car that declines the current it is offered: full
+            if not self._ev_connected[charger.name] or charger.name in self._ev_full:
+                continue  # no car, or a car that declined the current it was offered: full
             device = self._charger_device(charger.name)
             delivered = self._value(device, "session_energy_kwh", math.inf) or 0.0
             since = self._ev_since.get(charger.name, start)

@@ -11,7 +11,7 @@ import pytest
 from config import SiteConfig, load_site
 from controller.clock import SimClock
 from controller.plant import EvArrival, Plant
-from controller.runtime import SLOW_POLL_S, Runtime
+from controller.runtime import EV_FULL_AFTER_S, SLOW_POLL_S, Runtime
 from controller.safety import Setpoints
 from controller.simulation import Recorder, simulated_site
 from firmware_bridge.simulator import Fault, FaultMode
@@ -256,3 +256,32 @@ async def test_a_chargers_stays_are_learned_from_the_cars_seen_arriving(site: Si
     # Plugging in is noticed within the idle charger's slow poll, leaving within a tick.
     assert runtime.ev_stays_h["ev2"] == [pytest.approx(10 / 60, abs=(SLOW_POLL_S + 1) / 3600)] * 3
     assert runtime.expected_stay_h("ev2") == pytest.approx(10 / 60, abs=(SLOW_POLL_S + 1) / 3600)
+
+
+async def test_a_full_car_stays_out_of_the_plans_until_it_leaves(site: SiteConfig) -> None:
+    """A car that takes none of the current it is offered is full: no later plan keeps energy (or buys
+    it) for it while it stays plugged in. Judged afresh each tick it flip-flopped: a plan without it
+    offered it nothing, so the next plan saw a car that was not declining and planned 60 kWh for it."""
+    start = datetime(2026, 7, 6, 9, 0, tzinfo=ZoneInfo(site.site.timezone))
+    full_car = EvArrival("ev1", start + timedelta(minutes=1), start + timedelta(hours=6), 0.5)
+    plant = Plant(site, start, arrivals=[full_car], weather="sunny")
+    plans_after_full: dict[int, float] = {}  # plan number -> kWh it keeps for the full car
+    full_at: list[float] = []
+
+    async with simulated_site(site, start, 1, plant=plant) as (_, links, _sims):
+
+        def on_tick(now_s: float, setpoints: Setpoints) -> None:
+            if not full_at and plant.delivered_kwh >= full_car.energy_kwh - 1e-6:
+                full_at.append(now_s)
+            plan = runtime.plan
+            if full_at and plan is not None and now_s > full_at[0] + EV_FULL_AFTER_S + 2:
+                plans_after_full[runtime.stats.plans] = float(plan.ev_kw["ev1"].sum()) if "ev1" in plan.ev_kw else 0.0
+
+        runtime = Runtime(site, clock=SimClock(start, None), links=links, line_timing=False,
+                          before_tick=plant.advance, on_tick=on_tick)  # fmt: skip
+        await runtime.run(100 * 60)
+    assert plant.delivered_kwh == pytest.approx(full_car.energy_kwh)
+    assert full_at
+    assert full_at[0] < 60 * 60
+    assert len(plans_after_full) >= 3  # re-plans with the full car still plugged in
+    assert max(plans_after_full.values()) == 0.0
