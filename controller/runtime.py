@@ -22,7 +22,15 @@ from typing import Any
 from config import DeviceKind, SiteConfig
 from controller.clock import Clock
 from controller.forecast import Forecaster
-from controller.safety import Measured, PvProber, Setpoints, Targets, apply_safety
+from controller.safety import (
+    HEADROOM_KW,
+    LOAD_SWING_HEADROOM_FACTOR,
+    Measured,
+    PvProber,
+    Setpoints,
+    Targets,
+    apply_safety,
+)
 from controller.storage.atomic import write_atomic
 from controller.storage.timeseries import TimeSeriesStore
 from firmware_bridge.bus import Bus
@@ -54,6 +62,9 @@ HOLD_AFTER_TICKS = 1.5
 # this much per held tick, leaning towards import until the reading returns or the safe state takes
 # over (stale_data_timeout_s, 10 s by default: at most 10 kW of PV held back, during a fault only).
 HOLD_PV_LEAN_KW_PER_TICK = 1.0
+# The zero-export headroom follows the load's swings over about this long: a step (lunch ends) raises
+# it for a few minutes, a calm afternoon lowers it.
+LOAD_SWING_WINDOW_S = 300.0
 # Demand charges are billed on the largest average import over aligned blocks of this length.
 DEMAND_BLOCK_MINUTES = 15
 # A setpoint is rewritten only when it moved by more than this (the bus has better things to do).
@@ -205,6 +216,10 @@ class Runtime:
         self._write_failed: dict[tuple[str, str], int] = {}
         self._pv_limit_kw: float | None = None
         self._last_load_kw: float | None = None
+        # The load's mean change per tick, an exponential average over LOAD_SWING_WINDOW_S: sizes the
+        # zero-export headroom. Starts where the fixed headroom was, and learns down (or up) from there.
+        self._load_swing_kw = HEADROOM_KW / LOAD_SWING_HEADROOM_FACTOR
+        self._load_swing_seen = False
         self.month_peak_kw = 0.0  # largest completed 15-minute average import this month
         self._demand_block: tuple[int, int] | None = None
         self._demand_month = 0
@@ -446,8 +461,14 @@ class Runtime:
             for c in self.site.ev_chargers
         }
         if grid is not None:
-            self._last_load_kw = grid + pv - battery - sum(ev_kw.values())
-        measured = Measured(grid, pv, battery, soc, ev_kw, connected, self._pv_limit_kw, offered, self._last_load_kw)
+            load_kw = grid + pv - battery - sum(ev_kw.values())
+            if self._last_load_kw is not None:
+                weight = min(1.0, dt_s / LOAD_SWING_WINDOW_S)
+                self._load_swing_kw += weight * (abs(load_kw - self._last_load_kw) - self._load_swing_kw)
+                self._load_swing_seen = True
+            self._last_load_kw = load_kw
+        measured = Measured(grid, pv, battery, soc, ev_kw, connected, self._pv_limit_kw, offered, self._last_load_kw,
+                            self._load_swing_kw if self._load_swing_seen else None)  # fmt: skip
         self._note_full_cars(connected, offered, ev_kw)
         targets = self._targets()
         grid_age = max((self.clock.now() - self.latest[n].at_s for n in self._devices(DeviceKind.GRID_METER)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from config import ChargerRating, SiteConfig
 
-__all__ = ["Measured", "PvProber", "Setpoints", "Targets", "apply_safety"]
+__all__ = ["Measured", "PvProber", "Setpoints", "Targets", "apply_safety", "export_headroom_kw"]
 
 # A limit is breached only beyond this margin: meters and inverters are not exact to the watt.
 LIMIT_MARGIN_KW = 0.5
@@ -20,6 +20,12 @@ LIMIT_MARGIN_KW = 0.5
 # rounded (the PV limit register alone has 0.3 kW steps at 300 kWp), so aiming at the limit itself
 # would breach it between ticks. Zero export then means importing about 1 kW.
 HEADROOM_KW = 1.0
+# Zero export costs the headroom's import all day while PV is curtailed, so on the export side it is
+# sized to the site: twice the load's recent mean change per tick (what the load may drop before the
+# next tick corrects it), no less than the PV limit register's step (0.1 % of 300 kWp) and no more
+# than HEADROOM_KW. Until the runtime has measured swings, HEADROOM_KW.
+EXPORT_HEADROOM_MIN_KW = 0.3
+LOAD_SWING_HEADROOM_FACTOR = 2.0
 # PV within this of its limit is taken as held back by it; the battery then probes this much per tick.
 PV_AT_LIMIT_KW = 0.5
 PV_PROBE_KW = 5.0
@@ -43,6 +49,7 @@ class Measured:
     pv_limit_kw: float | None  # the PV limit in force now (None: unrestricted)
     ev_offered_kw: dict[str, float] = field(default_factory=dict)  # what each car was last allowed
     last_load_kw: float | None = None  # the site load (without battery and cars) at the last trusted reading
+    load_swing_kw: float | None = None  # the load's recent mean change per tick (None: not measured yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +250,8 @@ def apply_safety(
                 excess -= now_kw - car_kw(name, ev_amps[name], high=True)
                 actions.append(f"import limit: {name} to {ev_amps[name]:.1f} A")
     # Export limit: charge, speed the cars up, then curtail PV, in the configured order.
-    surplus = -grid(pv_out) - site.export_limit_kw + HEADROOM_KW
+    export_headroom = export_headroom_kw(measured)
+    surplus = -grid(pv_out) - site.export_limit_kw + export_headroom
     for lever in site.tuning.grid.export_relief_order:
         if surplus <= 0:
             break
@@ -282,7 +290,7 @@ def apply_safety(
             probe = min(PV_PROBE_KW, max(0.0, charge_max - battery))
             battery += probe
         consumption = base + measured.pv_kw + battery_effect() + sum(car_kw(n, a) for n, a in ev_amps.items())
-        limit = max(0.0, consumption + site.export_limit_kw - HEADROOM_KW)
+        limit = max(0.0, consumption + site.export_limit_kw - export_headroom)
         if pv_limit is None or limit < pv_limit:
             pv_limit = limit if limit < site.pv.peak_kw else None
     return Setpoints(
@@ -294,6 +302,13 @@ def apply_safety(
         actions=tuple(actions),
         pv_probe_kw=probe,
     )
+
+
+def export_headroom_kw(measured: Measured) -> float:
+    """How far inside the export limit this tick aims (see EXPORT_HEADROOM_MIN_KW)."""
+    if measured.load_swing_kw is None:
+        return HEADROOM_KW
+    return min(HEADROOM_KW, max(EXPORT_HEADROOM_MIN_KW, LOAD_SWING_HEADROOM_FACTOR * measured.load_swing_kw))
 
 
 def _safe_state(site: SiteConfig, measured: Measured, chargers: dict[str, ChargerRating]) -> Setpoints:

@@ -12,7 +12,7 @@ from config import SiteConfig, load_site
 from controller.clock import SimClock
 from controller.plant import EvArrival, Plant
 from controller.runtime import EV_FULL_AFTER_S, SLOW_POLL_S, Runtime
-from controller.safety import Setpoints
+from controller.safety import LIMIT_MARGIN_KW, Setpoints
 from controller.simulation import Recorder, simulated_site
 from firmware_bridge.simulator import Fault, FaultMode
 
@@ -285,3 +285,20 @@ async def test_a_full_car_stays_out_of_the_plans_until_it_leaves(site: SiteConfi
     assert full_at[0] < 60 * 60
     assert len(plans_after_full) >= 3  # re-plans with the full car still plugged in
     assert max(plans_after_full.values()) == 0.0
+
+
+async def test_zero_export_keeps_the_import_a_calm_load_needs(site: SiteConfig) -> None:
+    """A sunny Saturday noon: the battery charges flat out and PV is curtailed to zero export. The
+    import kept as headroom follows what the 45 kW weekend load moves in a second (a fraction of a kW),
+    not the full 1 kW a noisy site needs, and nothing is exported beyond a meter's error."""
+    start = datetime(2026, 7, 11, 12, 0, tzinfo=ZoneInfo(site.site.timezone))
+    plant = Plant(site, start, weather="sunny")
+    grid_kw: list[float] = []
+    async with simulated_site(site, start, 1, plant=plant) as (_, links, _sims):
+        runtime = Runtime(site, clock=SimClock(start, None), links=links, line_timing=False,
+                          before_tick=plant.advance, on_tick=lambda _t, _sp: grid_kw.append(plant.grid_kw))  # fmt: skip
+        await runtime.run(20 * 60)
+    assert plant.pv_kw < plant.pv_available_kw - 50.0  # curtailed: zero export is what holds the grid
+    last = grid_kw[-300:]
+    assert sum(last) / len(last) < 0.7
+    assert min(grid_kw[60:]) > -LIMIT_MARGIN_KW

@@ -10,6 +10,7 @@ import pytest
 
 from config import SiteConfig, load_site
 from controller.safety import (
+    EXPORT_HEADROOM_MIN_KW,
     HEADROOM_KW,
     LIMIT_MARGIN_KW,
     PROBE_WAIT_MAX_S,
@@ -52,6 +53,24 @@ def test_zero_export_surplus_goes_to_battery_then_curtailment(site: SiteConfig) 
     assert out.predicted_grid_kw is not None
     assert out.predicted_grid_kw >= -site.export_limit_kw - 1e-9
     assert out.pv_limit_kw == pytest.approx(160.0 - HEADROOM_KW)  # the layer aims inside the limit
+
+
+@pytest.mark.parametrize(
+    ("swing_kw", "headroom_kw"),
+    [(None, HEADROOM_KW), (0.05, EXPORT_HEADROOM_MIN_KW), (0.3, 0.6), (3.0, HEADROOM_KW)],
+    ids=["not-measured-yet", "calm", "wobbling", "noisy"],
+)
+def test_zero_export_headroom_follows_the_loads_swings(
+    site: SiteConfig, swing_kw: float | None, headroom_kw: float
+) -> None:
+    """The import kept at zero export, paid all day while PV is curtailed, is twice what the load
+    moves in a tick on this site: a calm site keeps little, a noisy one the full 1 kW."""
+    now = measured(grid_kw=-40.0, pv_kw=200.0, battery_kw=100.0, load_swing_kw=swing_kw)
+    out = apply_safety(site, now, Targets(), previous_battery_kw=100.0, dt_s=1.0)
+    assert out.pv_limit_kw == pytest.approx(160.0 - headroom_kw)
+    calm_sun = measured(grid_kw=-20.0, pv_kw=80.0, load_swing_kw=swing_kw)  # the battery takes it all
+    out = apply_safety(site, calm_sun, Targets(), previous_battery_kw=0.0, dt_s=1.0)
+    assert out.predicted_grid_kw == pytest.approx(headroom_kw)
 
 
 def test_export_relief_overrides_the_ramp(site: SiteConfig) -> None:
