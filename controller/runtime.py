@@ -219,7 +219,6 @@ class Runtime:
         # The load's mean change per tick, an exponential average over LOAD_SWING_WINDOW_S: sizes the
         # zero-export headroom. Starts where the fixed headroom was, and learns down (or up) from there.
         self._load_swing_kw = HEADROOM_KW / LOAD_SWING_HEADROOM_FACTOR
-        self._load_swing_seen = False
         self.month_peak_kw = 0.0  # largest completed 15-minute average import this month
         self._demand_block: tuple[int, int] | None = None
         self._demand_month = 0
@@ -465,10 +464,9 @@ class Runtime:
             if self._last_load_kw is not None:
                 weight = min(1.0, dt_s / LOAD_SWING_WINDOW_S)
                 self._load_swing_kw += weight * (abs(load_kw - self._last_load_kw) - self._load_swing_kw)
-                self._load_swing_seen = True
             self._last_load_kw = load_kw
         measured = Measured(grid, pv, battery, soc, ev_kw, connected, self._pv_limit_kw, offered, self._last_load_kw,
-                            self._load_swing_kw if self._load_swing_seen else None)  # fmt: skip
+                            self._load_swing_kw)  # fmt: skip
         self._note_full_cars(connected, offered, ev_kw)
         targets = self._targets()
         grid_age = max((self.clock.now() - self.latest[n].at_s for n in self._devices(DeviceKind.GRID_METER)

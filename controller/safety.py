@@ -18,7 +18,7 @@ __all__ = ["Measured", "PvProber", "Setpoints", "Targets", "apply_safety", "expo
 LIMIT_MARGIN_KW = 0.5
 # The layer aims this far inside each grid limit: load moves within a second, and setpoints are
 # rounded (the PV limit register alone has 0.3 kW steps at 300 kWp), so aiming at the limit itself
-# would breach it between ticks. Zero export then means importing about 1 kW.
+# would breach it between ticks. At the import limit it is this; at zero export, see below.
 HEADROOM_KW = 1.0
 # Zero export costs the headroom's import all day while PV is curtailed, so on the export side it is
 # sized to the site: twice the load's recent mean change per tick (what the load may drop before the
