@@ -79,6 +79,10 @@ DEFAULT_EV_STAY_H = 8.0
 # full. IEC 61851-1 gives a car 5 s to follow a new current; a sleeping car can take longer to wake.
 EV_DRAWING_KW = 0.1
 EV_FULL_AFTER_S = 30.0
+# A full car is offered its minimum current again this long after it was last found full: a car that
+# paused by itself (its own timer, a cold battery) and wants more is found and planned again. A car
+# that is full costs nothing by it: it draws nothing for EV_FULL_AFTER_S.
+EV_FULL_RETRY_S = 3600.0
 # A charger's cars are expected to stay as long as a quarter of its recent sessions stayed at least
 # (a car planned to leave early is charged early; one planned to leave late may leave short). Until
 # it has seen this many sessions, DEFAULT_EV_STAY_H.
@@ -226,9 +230,9 @@ class Runtime:
         self._demand_s = 0.0
         self._next_slow_poll_s = 0.0
         # A connected car that draws nothing of the current it is offered, since when (monotonic s); after
-        # EV_FULL_AFTER_S it is full, until it leaves.
+        # EV_FULL_AFTER_S it is full, until it leaves or draws again (offered its minimum hourly).
         self._ev_declining_since: dict[str, float] = {}
-        self._ev_full: set[str] = set()
+        self._ev_full: dict[str, float] = {}  # charger -> when its car was last found full (monotonic s)
         self._next_plan_s = 0.0
         self.restored = self._restore_state()
 
@@ -567,10 +571,16 @@ class Runtime:
         # A plan on a known day may mean to raise the peak to charge (it judged the kW worth its price);
         # one on a guess may not: the peak would be paid for sure, the saving is a guess.
         charge_cap = max(self.month_peak_kw, plan.peak_import_kw) if trusted else self.month_peak_kw
+        ev_kw = {name: float(kw[step]) for name, kw in plan.ev_kw.items()}
+        if self._ev_full:
+            wake = self._full_cars_to_wake()
+            for charger in self.site.ev_chargers:
+                if charger.name in wake:
+                    ev_kw[charger.name] = charger.min_kw
         return Targets(
             self_consumption=not trusted,
             battery_kw=float(plan.battery_kw[step]),
-            ev_kw={name: float(kw[step]) for name, kw in plan.ev_kw.items()},
+            ev_kw=ev_kw,
             planned_import_kw=float(plan.grid_import_kw[step]),
             peak_cap_kw=max(self.month_peak_kw, plan.peak_import_kw) if demand else None,
             charge_cap_kw=charge_cap if demand else None,
@@ -589,29 +599,37 @@ class Runtime:
 
     def _note_full_cars(self, connected: dict[str, bool], offered: dict[str, float], ev_kw: dict[str, float]) -> None:
         """A car that takes none of the current it is offered for EV_FULL_AFTER_S is full: it is planned no
-        more until it leaves (or draws again). Judged afresh every tick, a full car would come back into
-        every plan that does not offer it current, and each such plan would buy energy for it."""
+        more until it leaves, or draws again when it is offered its minimum each EV_FULL_RETRY_S. Judged
+        afresh every tick, a full car would come back into every plan that does not offer it current,
+        and each such plan would buy energy for it."""
         now = self.clock.now()
         for c in self.site.ev_chargers:
             name = c.name
             if not connected[name]:
                 self._ev_declining_since.pop(name, None)
-                self._ev_full.discard(name)
+                self._ev_full.pop(name, None)
                 continue
             if ev_kw[name] >= EV_DRAWING_KW:
                 self._ev_declining_since.pop(name, None)
-                if name in self._ev_full:
-                    self._ev_full.discard(name)
+                if self._ev_full.pop(name, None) is not None:
+                    _log.info("car charging again", extra={"charger": name})
                     self._replan.set()  # it was not full after all: plan its charge again
                 continue
             if offered[name] < c.min_kw:
                 self._ev_declining_since.pop(name, None)  # not offered enough to tell
                 continue
             since = self._ev_declining_since.setdefault(name, now)
-            if now - since >= EV_FULL_AFTER_S and name not in self._ev_full:
-                self._ev_full.add(name)
-                _log.info("car full", extra={"charger": name})
-                self._replan.set()  # the energy the plan kept for it is free
+            if now - since >= EV_FULL_AFTER_S:
+                self._ev_declining_since.pop(name)
+                if name not in self._ev_full:
+                    _log.info("car full", extra={"charger": name})
+                    self._replan.set()  # the energy the plan kept for it is free
+                self._ev_full[name] = now  # (again, after an offer that woke nothing)
+
+    def _full_cars_to_wake(self) -> set[str]:
+        """Full cars due their hourly offer of the minimum current (EV_FULL_RETRY_S)."""
+        now = self.clock.now()
+        return {name for name, at in self._ev_full.items() if now - at >= EV_FULL_RETRY_S}
 
     def expected_stay_h(self, charger: str) -> float:
         """How long a car at this charger is planned to stay: what a quarter of its recent sessions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -11,7 +12,7 @@ import pytest
 from config import SiteConfig, load_site
 from controller.clock import SimClock
 from controller.plant import EvArrival, Plant
-from controller.runtime import EV_FULL_AFTER_S, SLOW_POLL_S, Runtime
+from controller.runtime import EV_FULL_AFTER_S, EV_FULL_RETRY_S, SLOW_POLL_S, Runtime
 from controller.safety import LIMIT_MARGIN_KW, Setpoints
 from controller.simulation import Recorder, simulated_site
 from firmware_bridge.simulator import Fault, FaultMode
@@ -302,3 +303,37 @@ async def test_zero_export_keeps_the_import_a_calm_load_needs(site: SiteConfig) 
     last = grid_kw[-300:]
     assert sum(last) / len(last) < 0.7
     assert min(grid_kw[60:]) > -LIMIT_MARGIN_KW
+
+
+async def test_a_full_car_is_offered_current_hourly_and_planned_again_when_it_takes_it(site: SiteConfig) -> None:
+    """A full car is left alone, but offered its minimum current for half a minute each hour: a car that
+    had paused by itself (its own timer) and now takes current is planned again instead of left short."""
+    start = datetime(2026, 7, 6, 9, 0, tzinfo=ZoneInfo(site.site.timezone))
+    car = EvArrival("ev1", start + timedelta(minutes=1), start + timedelta(hours=8), 0.5)
+    plant = Plant(site, start, arrivals=[car], weather="sunny")
+    minimum_a = site.ev_chargers[0].min_current_a
+    full_at: list[float] = []
+    offered_while_full: list[float] = []  # seconds after going full at which it was offered current
+    async with simulated_site(site, start, 1, plant=plant) as (_, links, _sims):
+
+        def on_tick(now_s: float, setpoints: Setpoints) -> None:
+            ev = plant.evs["ev1"]
+            if not full_at and ev.arrival is not None and ev.delivered_kwh >= car.energy_kwh - 1e-6:
+                full_at.append(now_s)
+            if full_at and now_s > full_at[0] + EV_FULL_AFTER_S + 2 and ev.arrival is not None:
+                if ev.arrival.energy_kwh == car.energy_kwh and setpoints.ev_current_a["ev1"] >= minimum_a:
+                    offered_while_full.append(now_s - full_at[0])
+                if now_s >= full_at[0] + EV_FULL_RETRY_S + 300 and ev.arrival.energy_kwh == car.energy_kwh:
+                    ev.arrival = dataclasses.replace(car, energy_kwh=3.0)  # its own timer lets it charge on
+
+        runtime = Runtime(site, clock=SimClock(start, None), links=links, line_timing=False,
+                          before_tick=plant.advance, on_tick=on_tick)  # fmt: skip
+        await runtime.run(3 * 3600)  # two offers
+    assert full_at
+    # Full: no current for the hour, then one offer of about half a minute.
+    assert offered_while_full
+    assert EV_FULL_RETRY_S <= offered_while_full[0] <= EV_FULL_RETRY_S + EV_FULL_AFTER_S + 5
+    assert offered_while_full[-1] - offered_while_full[0] <= EV_FULL_AFTER_S + 5
+    # The next hour's offer the car, wanting more by then, takes: it is planned again and charged to
+    # what it wants (full again by the end).
+    assert plant.evs["ev1"].delivered_kwh == pytest.approx(3.0)
