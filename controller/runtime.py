@@ -570,7 +570,8 @@ class Runtime:
         trusted = self.forecaster.knows_day(self.clock.local())
         # A plan on a known day may mean to raise the peak to charge (it judged the kW worth its price);
         # one on a guess may not: the peak would be paid for sure, the saving is a guess.
-        charge_cap = max(self.month_peak_kw, plan.peak_import_kw) if trusted else self.month_peak_kw
+        peak_cap = max(self.month_peak_kw, plan.peak_import_kw)
+        charge_cap = peak_cap if trusted else self.month_peak_kw
         ev_kw = {name: float(kw[step]) for name, kw in plan.ev_kw.items()}
         if self._ev_full:
             wake = self._full_cars_to_wake()
@@ -582,7 +583,7 @@ class Runtime:
             battery_kw=float(plan.battery_kw[step]),
             ev_kw=ev_kw,
             planned_import_kw=float(plan.grid_import_kw[step]),
-            peak_cap_kw=max(self.month_peak_kw, plan.peak_import_kw) if demand else None,
+            peak_cap_kw=peak_cap if demand else None,
             charge_cap_kw=charge_cap if demand else None,
         )
 
