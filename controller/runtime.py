@@ -24,7 +24,9 @@ from controller.clock import Clock
 from controller.forecast import Forecaster
 from controller.safety import (
     HEADROOM_KW,
+    LIMIT_MARGIN_KW,
     LOAD_SWING_HEADROOM_FACTOR,
+    BatteryResponse,
     Measured,
     PvProber,
     Setpoints,
@@ -41,7 +43,7 @@ from firmware_bridge.scheduler import Measurement
 from firmware_bridge.transport import Link
 from optimiser import Plan, Scenario, solve
 
-__all__ = ["Counters", "RunStats", "Runtime"]
+__all__ = ["BreachCount", "Counters", "RunStats", "Runtime"]
 
 _log = logging.getLogger(__name__)
 
@@ -53,10 +55,14 @@ _EVERY_TICK = {
     DeviceKind.BATTERY_INVERTER: ("power_kw", "soc_pct"),
     DeviceKind.EV_CHARGER: ("power_kw", "state_code"),  # cars follow their current limit within seconds
 }
+# A site without a PV meter measures PV at its inverter, every tick then.
+_PV_AT_INVERTER = ("power_kw",)
 SLOW_POLL_S = 5.0
 # A setpoint that keeps failing is logged on the first failure and then every this many.
 WRITE_FAILURE_LOG_EVERY = 60
 # A grid reading older than this many ticks (a missed poll) freezes the setpoints until it is fresh.
+# PV and battery power older than this are unknown to the limit arithmetic (their setpoints are held):
+# mixed with a fresh grid reading, an old one would misplace the load by whatever they moved since.
 HOLD_AFTER_TICKS = 1.5
 # While holding, the grid is not seen but the load still drifts: a PV limit (zero export) is lowered
 # this much per held tick, leaning towards import until the reading returns or the safe state takes
@@ -112,6 +118,45 @@ class Counters:
 
 
 @dataclass
+class BreachCount:
+    """Ticks whose measured grid flow was beyond a limit (by more than the meters' margin) after the
+    previous tick's correction, split by whether the safety layer had every lever at its end."""
+
+    ticks: int = 0
+    longest_run_ticks: int = 0
+    energy_kwh: float = 0.0  # beyond the limit
+    unavoidable_ticks: int = 0
+    unavoidable_energy_kwh: float = 0.0
+    _run: int = 0
+
+    def add(self, beyond_kw: float, dt_s: float, *, unavoidable: bool) -> None:
+        if beyond_kw <= LIMIT_MARGIN_KW:
+            self._run = 0
+            return
+        self.ticks += 1
+        self._run += 1
+        self.longest_run_ticks = max(self.longest_run_ticks, self._run)
+        self.energy_kwh += beyond_kw * dt_s / 3600
+        if unavoidable:
+            self.unavoidable_ticks += 1
+            self.unavoidable_energy_kwh += beyond_kw * dt_s / 3600
+
+    @property
+    def avoidable_ticks(self) -> int:
+        return self.ticks - self.unavoidable_ticks
+
+    def to_json(self) -> dict[str, float]:
+        return {
+            "ticks": self.ticks,
+            "avoidable_ticks": self.avoidable_ticks,
+            "unavoidable_ticks": self.unavoidable_ticks,
+            "longest_run_ticks": self.longest_run_ticks,
+            "energy_kwh": round(self.energy_kwh, 4),
+            "unavoidable_energy_kwh": round(self.unavoidable_energy_kwh, 4),
+        }
+
+
+@dataclass
 class RunStats:
     ticks: int = 0
     tick_processing_s: list[float] = field(default_factory=list)
@@ -122,6 +167,8 @@ class RunStats:
     safety_actions: int = 0
     bus_errors: int = 0
     write_failures: int = 0
+    import_breaches: BreachCount = field(default_factory=BreachCount)
+    export_breaches: BreachCount = field(default_factory=BreachCount)
 
     def percentile_ms(self, values: list[float], q: float) -> float:
         if not values:
@@ -132,8 +179,11 @@ class RunStats:
 
 @dataclass
 class _Latest:
+    """A device's last good value of each quantity, with when it was read (per quantity: a meter that
+    answers with a NaN power and sane voltages has fresh voltages and no power)."""
+
     values: Readings
-    at_s: float
+    at_s: dict[str, float]
 
 
 class Runtime:
@@ -192,8 +242,12 @@ class Runtime:
         self._on_bus = {b.name: [n for n in self.drivers if self.bus_of[n] == b.name] for b in site.buses}
         # The reads a tick cannot miss, per device (None: the device is read at the slow poll only).
         self._tick_reads: dict[str, list[Exchange] | None] = {}
+        pv_at_inverter = site.pv is not None and not self._devices(DeviceKind.PV_METER)
+        self._pv_sources = self._devices(DeviceKind.PV_INVERTER if pv_at_inverter else DeviceKind.PV_METER)
         for name, driver in self.drivers.items():
             quantities = _EVERY_TICK.get(self.kinds[name])
+            if pv_at_inverter and self.kinds[name] is DeviceKind.PV_INVERTER:
+                quantities = _PV_AT_INVERTER
             self._tick_reads[name] = (
                 None if quantities is None
                 else list({id(e): e for e in (driver.exchange_for(q) for q in quantities)}.values())
@@ -213,6 +267,9 @@ class Runtime:
         self._ev_arrival_seen: set[str] = set()
         self._setpoint_battery_kw = 0.0
         self._pv_prober = PvProber()
+        self.battery_response = BatteryResponse(site.battery.ramp_kw_per_s if site.battery else 0.0)
+        self._last_grid_ok_s: float | None = None  # when the grid meter was last fresh
+        self._breach_unavoidable = False  # the last tick's layer said a breach could not be helped
         # The battery's last setpoint write failed (refused, bus down): it is not following whatever
         # it reads now, until a write lands.
         self._battery_refused = False
@@ -251,15 +308,33 @@ class Runtime:
         )
 
     def _value(self, device: str, quantity: str, max_age_s: float) -> float | None:
+        """The quantity's last good value if it was read within max_age_s, else None (unknown)."""
         latest = self.latest.get(device)
-        if latest is None or self.clock.now() - latest.at_s > max_age_s:
+        if latest is None:
             return None
-        return latest.values.get(quantity)
+        at_s = latest.at_s.get(quantity)
+        if at_s is None or self.clock.now() - at_s > max_age_s:
+            return None
+        value = latest.values.get(quantity)
+        return value if value is not None and math.isfinite(value) else None
+
+    def _sum(self, devices: list[str], quantity: str, max_age_s: float) -> float | None:
+        """The sum over devices, or None if any of them is unknown (a part is not the whole)."""
+        total = 0.0
+        for name in devices:
+            value = self._value(name, quantity, max_age_s)
+            if value is None:
+                return None
+            total += value
+        return total
 
     def _on_measurement(self, measurement: Measurement) -> None:
-        latest = self.latest.setdefault(measurement.device, _Latest({}, measurement.at_s))
-        latest.values.update(measurement.values)
-        latest.at_s = self.clock.now()
+        latest = self.latest.setdefault(measurement.device, _Latest({}, {}))
+        now = self.clock.now()
+        for quantity, value in measurement.values.items():
+            if math.isfinite(value):
+                latest.values[quantity] = value
+                latest.at_s[quantity] = now
 
     # --- lifetime -----------------------------------------------------------------------------------
 
@@ -438,21 +513,27 @@ class Runtime:
         await self._read_devices()
         started = time.perf_counter()
         stale = self.site.control.stale_data_timeout_s
-        grids = [self._value(n, "power_kw", stale) for n in self._devices(DeviceKind.GRID_METER)]
-        grid = None if not grids or any(g is None for g in grids) else sum(g for g in grids if g is not None)
-        pv = sum(self._value(n, "power_kw", stale) or 0.0 for n in self._devices(DeviceKind.PV_METER))
+        fresh = HOLD_AFTER_TICKS * dt_s  # PV and battery power: see HOLD_AFTER_TICKS
+        grid = self._sum(self._devices(DeviceKind.GRID_METER), "power_kw", stale)
+        if not self._devices(DeviceKind.GRID_METER):
+            grid = None
+        pv = self._sum(self._pv_sources, "power_kw", fresh) if self.site.pv is not None else 0.0
         battery_names = self._devices(DeviceKind.BATTERY_INVERTER)
-        battery = sum(self._value(n, "power_kw", stale) or 0.0 for n in battery_names)
+        battery = self._sum(battery_names, "power_kw", fresh) if self.site.battery is not None else 0.0
         soc_pct = [self._value(n, "soc_pct", stale) for n in battery_names]
-        soc = None if not soc_pct or soc_pct[0] is None else soc_pct[0] / 100
-        ev_kw: dict[str, float] = {}
+        soc = None if not soc_pct or any(v is None for v in soc_pct) else min(v for v in soc_pct if v is not None) / 100
+        ev_kw: dict[str, float | None] = {}
         connected: dict[str, bool] = {}
         for charger in self.site.ev_chargers:
             device = self._charger_device(charger.name)
-            ev_kw[charger.name] = self._value(device, "power_kw", stale) or 0.0
             state = self._value(device, "state_code", stale)
-            connected[charger.name] = state is not None and state >= 1.0
-            if state is not None and not connected[charger.name]:
+            power = self._value(device, "power_kw", stale)
+            ev_kw[charger.name] = None if state is None else power
+            if state is None:
+                connected[charger.name] = self._ev_connected[charger.name]  # unknown: as last known
+                continue
+            connected[charger.name] = state >= 1.0
+            if not connected[charger.name]:
                 self._ev_seen_empty.add(charger.name)
             if connected[charger.name] != self._ev_connected[charger.name]:
                 self._learn_stay(charger.name, arrived=connected[charger.name])
@@ -463,18 +544,27 @@ class Runtime:
             c.name: c.phases * c.voltage_v * self._written.get((c.device, "current_limit_a"), 0.0) / 1000
             for c in self.site.ev_chargers
         }
-        if grid is not None:
-            load_kw = grid + pv - battery - sum(ev_kw.values())
+        cars_known = all(v is not None for v in ev_kw.values())
+        ev_total = sum(v for v in ev_kw.values() if v is not None)
+        load_known = grid is not None and pv is not None and battery is not None and cars_known
+        if load_known and grid is not None and pv is not None and battery is not None:
+            load_kw = grid + pv - battery - ev_total
             if self._last_load_kw is not None:
                 weight = min(1.0, dt_s / LOAD_SWING_WINDOW_S)
                 self._load_swing_kw += weight * (abs(load_kw - self._last_load_kw) - self._load_swing_kw)
             self._last_load_kw = load_kw
+        if grid is not None:
+            self._last_grid_ok_s = self.clock.now()
+        blind_s = 0.0 if self._last_grid_ok_s is None else self.clock.now() - self._last_grid_ok_s
+        self.battery_response.observe(battery, dt_s)
         measured = Measured(grid, pv, battery, soc, ev_kw, connected, self._pv_limit_kw, offered, self._last_load_kw,
-                            self._load_swing_kw)  # fmt: skip
+                            self._load_swing_kw, self.battery_response.kw_per_s, blind_s)  # fmt: skip
+        self._count_breaches(grid, dt_s)
         self._note_full_cars(connected, offered, ev_kw)
         targets = self._targets()
-        grid_age = max((self.clock.now() - self.latest[n].at_s for n in self._devices(DeviceKind.GRID_METER)
-                        if n in self.latest), default=math.inf)  # fmt: skip
+        grid_age = max((self.clock.now() - self.latest[n].at_s.get("power_kw", -math.inf)
+                        for n in self._devices(DeviceKind.GRID_METER) if n in self.latest),
+                       default=math.inf)  # fmt: skip
         held = self.last_setpoints
         if grid is not None and grid_age > HOLD_AFTER_TICKS * dt_s and held is not None and not held.safe_state:
             # The grid reading was not refreshed: the other readings moved on without it, so the limit
@@ -482,7 +572,7 @@ class Runtime:
             # (or stale: then the safe state).
             lean = None if held.pv_limit_kw is None else max(0.0, held.pv_limit_kw - HOLD_PV_LEAN_KW_PER_TICK)
             action = f"holding: grid reading {grid_age:.0f} s old" + ("" if lean is None else f", PV {lean:.1f} kW")
-            setpoints = dataclasses.replace(held, pv_limit_kw=lean, actions=(action,))
+            setpoints = dataclasses.replace(held, pv_limit_kw=lean, actions=(action,), breach=None, unavoidable=False)
         else:
             probe = self._pv_prober.allowed(self.clock.now(), pv)
             setpoints = apply_safety(
@@ -490,15 +580,18 @@ class Runtime:
                 probe_allowed=probe, battery_accepts=not self._battery_refused,
             )  # fmt: skip
             self._pv_prober.applied(pv, setpoints)
-        if grid is not None and self._last_load_kw is not None:
+        self._breach_unavoidable = setpoints.unavoidable
+        if load_known and pv is not None and self._last_load_kw is not None:
             self.forecaster.observe(self.clock.local(), self._last_load_kw, pv, self._pv_limit_kw is not None)
+        if grid is not None:
             self._demand(max(grid, 0.0), dt_s)
-            self._count(grid, pv, battery, sum(ev_kw.values()), dt_s)
+            self._count(grid, pv, battery, ev_total if cars_known else None, dt_s)
         self.stats.ticks += 1
         self.stats.safe_state_ticks += setpoints.safe_state
         self.stats.safety_actions += bool(setpoints.actions)
         self.stats.tick_processing_s.append(time.perf_counter() - started)
         await self._apply(setpoints)
+        self.battery_response.sent(battery, self._setpoint_battery_kw)
         if self.store is not None:
             self._record(measured, setpoints)
         self.last_measured, self.last_setpoints = measured, setpoints
@@ -511,19 +604,33 @@ class Runtime:
             self.save_state()
         return setpoints
 
-    def _count(self, grid_kw: float, pv_kw: float, battery_kw: float, ev_kw: float, dt_s: float) -> None:
+    def _count(self, grid_kw: float, pv_kw: float | None, battery_kw: float | None, ev_kw: float | None,
+               dt_s: float) -> None:  # fmt: skip
+        """Integrate a tick into the counters; an unknown flow adds nothing to its own counter (the gap is
+        lost energy in the counters, never a guess)."""
         c, h = self.counters, dt_s / 3600
         imported, exported = max(grid_kw, 0.0) * h, max(-grid_kw, 0.0) * h
         c.grid_import_kwh += imported
         c.grid_export_kwh += exported
-        c.pv_kwh += max(pv_kw, 0.0) * h
-        c.battery_charge_kwh += max(battery_kw, 0.0) * h
-        c.battery_discharge_kwh += max(-battery_kw, 0.0) * h
-        c.ev_kwh += max(ev_kw, 0.0) * h
+        if pv_kw is not None:
+            c.pv_kwh += max(pv_kw, 0.0) * h
+            c.carbon_avoided_kg += max(0.0, max(pv_kw, 0.0) * h - exported) * self.site.carbon_kg_per_kwh
+        if battery_kw is not None:
+            c.battery_charge_kwh += max(battery_kw, 0.0) * h
+            c.battery_discharge_kwh += max(-battery_kw, 0.0) * h
+        if ev_kw is not None:
+            c.ev_kwh += max(ev_kw, 0.0) * h
         price = self.site.tariff.band_at(self.clock.local())[1]
         c.energy_cost_cny += imported * price - exported * self.site.tariff.export_price_cny_per_kwh
         c.carbon_kg += imported * self.site.carbon_kg_per_kwh
-        c.carbon_avoided_kg += max(0.0, max(pv_kw, 0.0) * h - exported) * self.site.carbon_kg_per_kwh
+
+    def _count_breaches(self, grid_kw: float | None, dt_s: float) -> None:
+        """The grid measured now shows the last tick's correction: count it against the limits."""
+        if grid_kw is None or self.last_setpoints is None:
+            return
+        unavoidable = self._breach_unavoidable
+        self.stats.import_breaches.add(grid_kw - self.site.import_limit_kw, dt_s, unavoidable=unavoidable)
+        self.stats.export_breaches.add(-grid_kw - self.site.export_limit_kw, dt_s, unavoidable=unavoidable)
 
     def _demand(self, import_kw: float, dt_s: float) -> None:
         """Month-to-date peak as the utility meters it: the largest 15-minute average import (aligned
@@ -542,13 +649,18 @@ class Runtime:
 
     def _record(self, measured: Measured, setpoints: Setpoints) -> None:
         assert self.store is not None
-        values: dict[str, float] = {"measured.pv_kw": measured.pv_kw, "measured.battery_kw": measured.battery_kw}
+        values: dict[str, float] = {}
+        if measured.pv_kw is not None:
+            values["measured.pv_kw"] = measured.pv_kw
+        if measured.battery_kw is not None:
+            values["measured.battery_kw"] = measured.battery_kw
         if measured.grid_kw is not None:
             values["measured.grid_kw"] = measured.grid_kw
         if measured.soc is not None:
             values["measured.soc"] = measured.soc
         for name, kw in measured.ev_kw.items():
-            values[f"measured.{name}_kw"] = kw
+            if kw is not None:
+                values[f"measured.{name}_kw"] = kw
         values["setpoint.battery_kw"] = setpoints.battery_kw
         values["setpoint.pv_limit_kw"] = -1.0 if setpoints.pv_limit_kw is None else setpoints.pv_limit_kw
         for name, amps in setpoints.ev_current_a.items():
@@ -585,7 +697,22 @@ class Runtime:
             planned_import_kw=float(plan.grid_import_kw[step]),
             peak_cap_kw=peak_cap if demand else None,
             charge_cap_kw=charge_cap if demand else None,
+            reserve_soc=self.site.tuning.battery.reserve_soc,
+            cover_import=not self._cheapest_with_dearer_ahead(),
         )
+
+    def _cheapest_with_dearer_ahead(self) -> bool:
+        """Now is in the day's cheapest band and a dearer one lies ahead today: import now is cheaper
+        than the stored energy will be later, so the battery does not cover it (the tariff is known
+        even when the load is not)."""
+        local = self.clock.local()
+        season = self.site.tariff.season_for(local.month)
+        minute = local.hour * 60 + local.minute
+        prices = season.prices_cny_per_kwh
+        now_price = prices[season.band_at_minute(minute)]
+        cheapest = min(prices[p.band] for p in season.periods)
+        dearest_ahead = max(prices[p.band] for p in season.periods if p.end_minute > minute)
+        return now_price <= cheapest and dearest_ahead > now_price
 
     def _learn_stay(self, charger: str, *, arrived: bool) -> None:
         if arrived:
@@ -598,7 +725,9 @@ class Runtime:
             if stayed_h > 0:
                 self.ev_stays_h[charger] = [*self.ev_stays_h[charger], stayed_h][-EV_STAYS_KEPT:]
 
-    def _note_full_cars(self, connected: dict[str, bool], offered: dict[str, float], ev_kw: dict[str, float]) -> None:
+    def _note_full_cars(
+        self, connected: dict[str, bool], offered: dict[str, float], ev_kw: dict[str, float | None]
+    ) -> None:
         """A car that takes none of the current it is offered for EV_FULL_AFTER_S is full: it is planned no
         more until it leaves, or draws again when it is offered its minimum each EV_FULL_RETRY_S. Judged
         afresh every tick, a full car would come back into every plan that does not offer it current,
@@ -610,7 +739,10 @@ class Runtime:
                 self._ev_declining_since.pop(name, None)
                 self._ev_full.pop(name, None)
                 continue
-            if ev_kw[name] >= EV_DRAWING_KW:
+            drawn = ev_kw[name]
+            if drawn is None:
+                continue  # unknown: neither full nor drawing, judged when it is read again
+            if drawn >= EV_DRAWING_KW:
                 self._ev_declining_since.pop(name, None)
                 if self._ev_full.pop(name, None) is not None:
                     _log.info("car charging again", extra={"charger": name})
@@ -699,7 +831,9 @@ class Runtime:
             if not self._ev_connected[charger.name] or charger.name in self._ev_full:
                 continue  # no car, or a car that declined the current it was offered: full
             device = self._charger_device(charger.name)
-            delivered = self._value(device, "session_energy_kwh", math.inf) or 0.0
+            delivered = self._value(device, "session_energy_kwh", math.inf)
+            if delivered is None:
+                delivered = 0.0  # never read: the car is planned its whole assumed need
             since = self._ev_since.get(charger.name, start)
             leave = since + timedelta(hours=self.expected_stay_h(charger.name))
             leave_step = min(steps, max(1, int((leave - start).total_seconds() // (step_minutes * 60))))
@@ -777,4 +911,6 @@ class Runtime:
             "safety_action_ticks": s.safety_actions,
             "bus_errors": s.bus_errors,
             "write_failures": s.write_failures,
+            **{f"import_breach_{k}": v for k, v in s.import_breaches.to_json().items()},
+            **{f"export_breach_{k}": v for k, v in s.export_breaches.to_json().items()},
         }

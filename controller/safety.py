@@ -1,9 +1,12 @@
 """The safety layer: whatever the plan says, the setpoints of this tick keep the grid, SoC and device
 limits. Pure: measurements and targets in, setpoints out; the runtime applies them.
 
-The site's base load is inferred from the measurements (grid + PV - battery - EVs), and the grid
-flow that the new setpoints will cause is predicted from it, so a breach is corrected in the same
-tick that measured it.
+The grid flow the new setpoints will cause is predicted from the grid meter and the change each lever
+makes, so a breach is corrected in the same tick that measured it. A device whose reading is unknown
+(stale, implausible) is not a lever: its setpoint is held and whatever it does stays in the measured
+grid flow. Each lever's effect is bounded conservatively for the limit at hand: a change that helps a
+limit counts only as far as the device has shown it moves within a tick; a change that hurts it counts
+in full, at once.
 """
 
 from __future__ import annotations
@@ -12,18 +15,28 @@ from dataclasses import dataclass, field
 
 from config import ChargerRating, SiteConfig
 
-__all__ = ["Measured", "PvProber", "Setpoints", "Targets", "apply_safety", "export_headroom_kw"]
+__all__ = [
+    "BatteryResponse",
+    "Measured",
+    "PvProber",
+    "Setpoints",
+    "Targets",
+    "apply_safety",
+    "export_headroom_kw",
+    "mean_ramp_change_kw",
+]
 
 # A limit is breached only beyond this margin: meters and inverters are not exact to the watt.
 LIMIT_MARGIN_KW = 0.5
 # The layer aims this far inside each grid limit: load moves within a second, and setpoints are
 # rounded (the PV limit register alone has 0.3 kW steps at 300 kWp), so aiming at the limit itself
-# would breach it between ticks. At the import limit it is this; at zero export, see below.
+# would breach it between ticks. At the import limit it is this; at the export limit, see below.
 HEADROOM_KW = 1.0
-# Zero export costs the headroom's import all day while PV is curtailed, so on the export side it is
-# sized to the site: twice the load's recent mean change per tick (what the load may drop before the
-# next tick corrects it), no less than the PV limit register's step (0.1 % of 300 kWp) and no more
-# than HEADROOM_KW. Until the runtime has measured swings, HEADROOM_KW.
+# Holding the export limit costs the headroom's import (or export revenue) all day while PV is
+# curtailed, so on the export side it is sized to the site: twice the load's recent mean change per
+# tick (what the load may drop before the next tick corrects it), no less than the PV limit
+# register's step (0.1 % of 300 kWp) and no more than HEADROOM_KW. Until the runtime has measured
+# swings, HEADROOM_KW.
 EXPORT_HEADROOM_MIN_KW = 0.3
 LOAD_SWING_HEADROOM_FACTOR = 2.0
 # PV within this of its limit is taken as held back by it; the battery then probes this much per tick.
@@ -36,20 +49,39 @@ PV_PROBE_KW = 5.0
 # PV_PROBE_KW x PROBE_WAIT_MAX_S, about 0.04 kWh.
 PROBE_WAIT_MIN_S = 4.0
 PROBE_WAIT_MAX_S = 32.0
+# A car drawing this much less than it was allowed is limiting itself (full, or its own schedule).
+EV_FOLLOWING_MARGIN_KW = 1.0
+# A battery within this of its last setpoint is taken to follow it (rounding, deadband, a slow step).
+BATTERY_FOLLOWING_MARGIN_KW = 2.0
+# In the safe state PV is limited to this share of the last trusted load: loads fall by less than
+# this within the stale timeout plus a bus back-off, so the export limit holds while blind ...
+SAFE_STATE_LOAD_SHARE = 0.8
+# ... for a while. Blind for longer, the load may have changed completely (a school empties at 17:00):
+# the share falls linearly to nothing over this long, leaving PV only what may be exported.
+BLIND_TRUST_S = 900.0
+# The battery's response rate is learned from how far it moved in a tick when asked to move further.
+# It never falls below this (a battery that moves slower is not following at all) and grows back by
+# this factor a tick while the battery keeps up with what it is asked.
+BATTERY_RATE_FLOOR_KW_PER_S = 0.5
+BATTERY_RATE_GROWTH = 1.2
 
 
 @dataclass(frozen=True, slots=True)
 class Measured:
+    """What the tick knows. None is unknown (stale, implausible, never read), never zero."""
+
     grid_kw: float | None  # None: the grid meter's reading is stale or missing
-    pv_kw: float
-    battery_kw: float
-    soc: float | None  # fraction; None when unknown
-    ev_kw: dict[str, float]
+    pv_kw: float | None
+    battery_kw: float | None
+    soc: float | None  # fraction
+    ev_kw: dict[str, float | None]  # None: the charger's power or state is unknown
     ev_connected: dict[str, bool]
     pv_limit_kw: float | None  # the PV limit in force now (None: unrestricted)
     ev_offered_kw: dict[str, float] = field(default_factory=dict)  # what each car was last allowed
     last_load_kw: float | None = None  # the site load (without battery and cars) at the last trusted reading
     load_swing_kw: float | None = None  # the load's recent mean change per tick (None: not measured yet)
+    battery_rate_kw_per_s: float | None = None  # how fast the battery was seen to move (None: its rating)
+    blind_s: float = 0.0  # how long the grid meter has been stale (safe state only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +96,14 @@ class Targets:
     # 15-minute import so far, or a plan's own peak where the plan rests on a known day's profile).
     charge_cap_kw: float | None = None
     # No load history for this kind of day yet (commissioning, the first weekend): the plan rests on
-    # a flat guess, so the battery runs the self-consumption rule instead (store surplus, cover import).
+    # a flat guess, so the battery runs the self-consumption rule instead (store surplus, cover import),
+    # bounded by the two fields below.
     self_consumption: bool = False
+    # Under self-consumption the battery covers import only down to this SoC (the tuning's reserve) and
+    # only while covering pays (not in the day's cheapest band with dearer hours ahead). The grid
+    # limits and the peak cap may still use it down to soc_min.
+    reserve_soc: float | None = None
+    cover_import: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +115,14 @@ class Setpoints:
     predicted_grid_kw: float | None
     actions: tuple[str, ...] = ()
     pv_probe_kw: float = 0.0  # extra charge this tick to find PV held back by the limit (see PvProber)
+    # The layer could not bring the predicted grid inside this limit ("import"/"export"); unavoidable
+    # when every lever was at its end (battery, cars, PV), not merely slower than the breach.
+    breach: str | None = None
+    unavoidable: bool = False
 
 
 class PvProber:
-    """Paces the battery's probes for PV held back by the zero-export limit (perturb and observe).
+    """Paces the battery's probes for PV held back by the export limit (perturb and observe).
 
     A limited inverter reports only its output, so PV sitting at its limit may be held back by it or
     may simply be all the sun gives. A probe raises the limit; the next tick shows which it was.
@@ -91,8 +133,11 @@ class PvProber:
         self._wait_s = 0.0
         self._next_s = 0.0
 
-    def allowed(self, now_s: float, pv_kw: float) -> bool:
+    def allowed(self, now_s: float, pv_kw: float | None) -> bool:
         """Whether this tick may probe; judges the previous tick's probe by the PV measured now."""
+        if pv_kw is None:
+            self._probed_from_kw = None
+            return False
         if self._probed_from_kw is not None:
             if pv_kw >= self._probed_from_kw + PV_AT_LIMIT_KW:
                 self._wait_s = 0.0  # PV rose with the limit: there is more sun, keep looking
@@ -102,10 +147,50 @@ class PvProber:
             self._probed_from_kw = None
         return now_s >= self._next_s
 
-    def applied(self, pv_kw: float, setpoints: Setpoints) -> None:
+    def applied(self, pv_kw: float | None, setpoints: Setpoints) -> None:
         """The tick's setpoints went out with PV at pv_kw."""
-        if setpoints.pv_probe_kw > 0:
+        if setpoints.pv_probe_kw > 0 and pv_kw is not None:
             self._probed_from_kw = pv_kw
+
+
+class BatteryResponse:
+    """Learns how fast the battery moves towards its setpoint (kW/s), so that setpoints never run ahead
+    of an inverter slower than its rating (which flapped: a step it could not follow was judged "not
+    following" a tick later, then a new step it could not follow either), and limits are worked out
+    with what it really does within a tick."""
+
+    def __init__(self, rated_kw_per_s: float) -> None:
+        self.rated_kw_per_s = rated_kw_per_s
+        self.kw_per_s = rated_kw_per_s
+        self._last: tuple[float, float] | None = None  # (measured, setpoint) when the setpoint went out
+
+    def observe(self, measured_kw: float | None, dt_s: float) -> None:
+        """The battery's power one tick after the last setpoint went out."""
+        last, self._last = self._last, None
+        if last is None or measured_kw is None or dt_s <= 0:
+            return
+        before_kw, setpoint_kw = last
+        asked, moved = setpoint_kw - before_kw, measured_kw - before_kw
+        if abs(asked) <= BATTERY_FOLLOWING_MARGIN_KW or moved * asked <= 0:
+            return  # a small step tells nothing; no move at all is refusal or the BMS, not slowness
+        if abs(moved) < abs(asked) - BATTERY_FOLLOWING_MARGIN_KW:
+            self.kw_per_s = max(BATTERY_RATE_FLOOR_KW_PER_S, abs(moved) / dt_s)
+        elif abs(asked) >= 0.9 * self.kw_per_s * dt_s:
+            self.kw_per_s = min(self.rated_kw_per_s, self.kw_per_s * BATTERY_RATE_GROWTH)
+
+    def sent(self, measured_kw: float | None, setpoint_kw: float) -> None:
+        """A setpoint went out while the battery read measured_kw."""
+        self._last = None if measured_kw is None else (measured_kw, setpoint_kw)
+
+
+def mean_ramp_change_kw(step_kw: float, rate_kw_per_s: float, dt_s: float) -> float:
+    """Mean change over a tick of a device moving `step_kw` at `rate_kw_per_s` from the tick's start."""
+    reach = rate_kw_per_s * dt_s
+    if reach <= 0:
+        return 0.0
+    size = abs(step_kw)
+    mean = size * (1 - size / (2 * reach)) if size <= reach else reach / 2
+    return mean if step_kw >= 0 else -mean
 
 
 def _ev_current(charger: ChargerRating, kw: float) -> float:
@@ -120,20 +205,63 @@ def _ev_kw(charger: ChargerRating, amps: float) -> float:
     return charger.phases * charger.voltage_v * amps / 1000
 
 
-# A car drawing this much less than it was allowed is limiting itself (full, or its own schedule).
-EV_FOLLOWING_MARGIN_KW = 1.0
-# A battery within this of its last setpoint is taken to follow it (rounding, deadband, a slow step).
-BATTERY_FOLLOWING_MARGIN_KW = 2.0
-# In the safe state PV is limited to this share of the last trusted load: loads fall by less than
-# this within the stale timeout plus a bus back-off, so zero export holds while blind.
-SAFE_STATE_LOAD_SHARE = 0.8
-
-
 def _following(measured: Measured, charger: ChargerRating) -> bool:
     """The car drew what it was last offered (an offer below its minimum shows nothing)."""
     offered = measured.ev_offered_kw.get(charger.name, 0.0)
-    drawn = measured.ev_kw.get(charger.name, 0.0)
-    return offered >= charger.min_kw - 1e-9 and drawn >= offered - EV_FOLLOWING_MARGIN_KW
+    drawn = measured.ev_kw.get(charger.name)
+    return drawn is not None and offered >= charger.min_kw - 1e-9 and drawn >= offered - EV_FOLLOWING_MARGIN_KW
+
+
+class _Battery:
+    """The battery lever of one tick: its window, its setpoint, and what the setpoint does to the grid."""
+
+    def __init__(self, site: SiteConfig, measured: Measured, previous_kw: float, dt_s: float, accepts: bool) -> None:
+        b, t = site.battery, site.tuning.battery
+        self.present = b is not None
+        self.known = b is not None and measured.battery_kw is not None
+        self.now_kw = measured.battery_kw if measured.battery_kw is not None else 0.0
+        self.charge_max = site.battery_max_charge_kw
+        self.discharge_max = site.battery_max_discharge_kw
+        if measured.soc is None:
+            self.charge_max = self.discharge_max = 0.0  # unknown SoC: do not move the battery
+        else:
+            if measured.soc >= t.soc_max:
+                self.charge_max = 0.0
+            if measured.soc <= t.soc_min:
+                self.discharge_max = 0.0
+        rated = b.ramp_kw_per_s if b is not None else 0.0
+        rate = rated if measured.battery_rate_kw_per_s is None else min(rated, measured.battery_rate_kw_per_s)
+        self.reach = rate * dt_s
+        self.rate, self.dt_s = rate, dt_s
+        # An inverter that is not doing what it was told last tick (refusing setpoints, its BMS in the
+        # way) is not counted on. A setpoint that creeps by less than the margin a tick would hide a
+        # refusing inverter for ticks, so a failed write counts as not following at once.
+        self.follows = self.known and accepts and abs(self.now_kw - previous_kw) <= BATTERY_FOLLOWING_MARGIN_KW
+        # Setpoints move from where the battery is going (following) or where it is (not following),
+        # by what it has shown it does in a tick.
+        self.base = previous_kw if self.follows else self.now_kw
+        self.previous_kw = previous_kw
+        self.kw = self.clamp(self.base)
+
+    def clamp(self, kw: float) -> float:
+        """Within the window, and within this tick's reach of the base."""
+        kw = max(-self.discharge_max, min(self.charge_max, kw))
+        kw = max(self.base - self.reach, min(self.base + self.reach, kw))
+        return max(-self.discharge_max, min(self.charge_max, kw))
+
+    def effect(self, *, charging_helps: bool) -> float:
+        """The battery's mean power over the coming tick, counted for a limit: a move that helps the
+        limit (more charge at the export limit, more discharge at the import limit) only as far as
+        the battery has shown it moves; one that hurts in full."""
+        if not self.known:
+            return 0.0  # held: whatever it does stays in the measured grid flow (see _Tick.rest)
+        step = self.kw - self.now_kw
+        helps = step > 0 if charging_helps else step < 0
+        if not helps:
+            return self.kw
+        if not self.follows:
+            return self.now_kw  # not seen doing what it was told: its help is not counted on
+        return self.now_kw + mean_ramp_change_kw(step, self.rate, self.dt_s)
 
 
 def apply_safety(
@@ -147,160 +275,188 @@ def apply_safety(
     battery_accepts: bool = True,
 ) -> Setpoints:
     """Setpoints for this tick: the plan's targets, clamped to every rating and limit.
-    `probe_allowed`: whether the battery may probe for PV held back by the zero-export limit (PvProber).
+    `probe_allowed`: whether the battery may probe for PV held back by the export limit (PvProber).
     `battery_accepts`: False when the battery's last setpoint write failed: it is not counted on."""
     chargers = {c.name: c for c in site.ev_chargers}
     if measured.grid_kw is None:
         return _safe_state(site, measured, chargers)
+    grid_now = measured.grid_kw
     actions: list[str] = []
-    b = site.battery
-    t = site.tuning.battery
-    # What the battery may do this tick: ratings, tuning, SoC window; ramp from the last setpoint.
-    charge_max = site.battery_max_charge_kw
-    discharge_max = site.battery_max_discharge_kw
-    if b is not None and measured.soc is not None:
-        if measured.soc >= t.soc_max:
-            charge_max = 0.0
-        if measured.soc <= t.soc_min:
-            discharge_max = 0.0
-    elif measured.soc is None:
-        charge_max = discharge_max = 0.0  # unknown SoC: do not move the battery
-    ramp = (b.ramp_kw_per_s if b else 0.0) * dt_s
-    battery = max(-discharge_max, min(charge_max, targets.battery_kw))
-    battery = max(previous_battery_kw - ramp, min(previous_battery_kw + ramp, battery))
-    battery = max(-discharge_max, min(charge_max, battery))
-    ev_amps = {}
+    bat = _Battery(site, measured, previous_battery_kw, dt_s, battery_accepts)
+    if bat.present and not bat.known:
+        bat.kw = previous_battery_kw
+        actions.append(f"battery reading unknown: setpoint held at {previous_battery_kw:+.1f} kW")
+    elif bat.known and not bat.follows:
+        why = "" if battery_accepts else " (setpoint refused)"
+        actions.append(f"battery not following{why}: {bat.now_kw:+.1f} kW, set {previous_battery_kw:+.1f} kW")
+    # Cars: a charger whose power or state is unknown keeps its offer and is no lever.
+    known_cars = {n for n in chargers if measured.ev_kw.get(n) is not None}
+    ev_amps: dict[str, float] = {}
     for name, charger in chargers.items():
+        if name not in known_cars:
+            offered = measured.ev_offered_kw.get(name, 0.0)
+            ev_amps[name] = offered * 1000 / (charger.phases * charger.voltage_v)
+            continue
         kw = targets.ev_kw.get(name, 0.0) if measured.ev_connected.get(name, False) else 0.0
         ev_amps[name] = _ev_current(charger, kw)
-    # The site without battery and cars, as measured: what our setpoints act on top of.
-    base = measured.grid_kw - measured.battery_kw - sum(measured.ev_kw.values())
-    # An inverter that is not doing what it was told last tick (refusing setpoints, its BMS in the
-    # way) is not counted on: the limits are worked out with what it does now, by the other levers.
-    # A setpoint that creeps by less than the margin a tick would hide a refusing inverter for ticks,
-    # so a failed write counts as not following at once.
-    follows = battery_accepts and abs(measured.battery_kw - previous_battery_kw) <= BATTERY_FOLLOWING_MARGIN_KW
-    if not follows:
-        why = "" if battery_accepts else " (setpoint refused)"
-        actions.append(f"battery not following{why}: {measured.battery_kw:+.1f} kW, set {previous_battery_kw:+.1f} kW")
-
-    def battery_effect() -> float:
-        return battery if follows else measured.battery_kw
+    cars_now = sum(measured.ev_kw[n] or 0.0 for n in known_cars)
+    # The rest of the site as the grid meter sees it: the load, PV, and every device that is no lever.
+    rest = grid_now - (bat.now_kw if bat.known else 0.0) - cars_now
 
     def car_kw(name: str, amps: float, *, high: bool = False) -> float:
         """What a car will draw at this limit: the limit if it follows. Otherwise, conservatively for
         the check at hand: at most what it draws now (export) or at most the limit (import, high)."""
+        if name not in known_cars:
+            return 0.0  # in `rest`
         offered = _ev_kw(chargers[name], amps)
         if high or _following(measured, chargers[name]):
             return offered
-        return min(offered, measured.ev_kw.get(name, 0.0))
+        return min(offered, measured.ev_kw[name] or 0.0)
 
-    cars_kw = sum(car_kw(n, a) for n, a in ev_amps.items())
+    def cars(*, high: bool = False) -> float:
+        return sum(car_kw(n, a, high=high) for n, a in ev_amps.items())
+
     # The battery holds the grid at an import: none under the self-consumption rule (cover import,
     # store surplus); the plan's under a plan, so the battery takes up what a 15-minute forecast cannot
     # know, the load's swings within the step. Held to the plan's battery power, a swing up is bought
     # (at zero export, in the dear hours) and a swing down is curtailed.
-    grid_target_kw = 0.0 if targets.self_consumption else targets.planned_import_kw
-    if grid_target_kw is not None and follows:
-        battery = grid_target_kw - base - cars_kw
-        battery = max(previous_battery_kw - ramp, min(previous_battery_kw + ramp, battery))
-        battery = max(-discharge_max, min(charge_max, battery))
-    if targets.planned_import_kw is not None and battery > 0:
-        # The forecast was wrong (less sun, more load): charge only as far as the plan meant to import.
-        battery = max(0.0, min(battery, targets.planned_import_kw - base - cars_kw))
-    if targets.charge_cap_kw is not None and battery > 0 and base + battery + cars_kw > targets.charge_cap_kw:
-        capped = max(0.0, targets.charge_cap_kw - base - cars_kw)
-        actions.append(f"no new peak for charging: battery {capped - battery:+.1f} kW")
-        battery = capped
-    if follows and targets.peak_cap_kw is not None and base + battery + cars_kw > targets.peak_cap_kw:
-        shave = min(base + battery + cars_kw - targets.peak_cap_kw, battery + discharge_max)
-        if shave > 0:
-            battery -= shave
-            actions.append(f"peak cap {targets.peak_cap_kw:.1f} kW: battery {-shave:+.1f} kW")
-    pv_potential = measured.pv_kw  # what PV gives now; under a limit it may give more if released
-    # The PV limit follows from what the site can absorb (below), never from the plan's curtailment:
-    # that was computed from a forecast, and measured PV is already limited, so it would ratchet down.
-    pv_limit: float | None = None
+    if bat.known:
+        bat.kw = bat.clamp(targets.battery_kw)
+        grid_target_kw = 0.0 if targets.self_consumption else targets.planned_import_kw
+        if grid_target_kw is not None and bat.follows:
+            bat.kw = bat.clamp(grid_target_kw - rest - cars())
+        if targets.self_consumption and bat.kw < 0:
+            reserve = targets.reserve_soc
+            if not targets.cover_import or (reserve is not None and measured.soc is not None
+                                            and measured.soc <= reserve):  # fmt: skip
+                bat.kw = bat.clamp(0.0)  # the import is cheaper bought now, or the reserve is reached
+        if targets.planned_import_kw is not None and bat.kw > 0:
+            # The forecast was wrong (less sun, more load): charge only as far as the plan meant to import.
+            bat.kw = bat.clamp(max(0.0, min(bat.kw, targets.planned_import_kw - rest - cars())))
+        if targets.charge_cap_kw is not None and bat.kw > 0 and rest + bat.kw + cars() > targets.charge_cap_kw:
+            capped = bat.clamp(max(0.0, targets.charge_cap_kw - rest - cars()))
+            actions.append(f"no new peak for charging: battery {capped - bat.kw:+.1f} kW")
+            bat.kw = capped
+        if bat.follows and targets.peak_cap_kw is not None and rest + bat.kw + cars() > targets.peak_cap_kw:
+            shaved = bat.clamp(bat.kw - (rest + bat.kw + cars() - targets.peak_cap_kw))
+            if shaved < bat.kw:
+                actions.append(f"peak cap {targets.peak_cap_kw:.1f} kW: battery {shaved - bat.kw:+.1f} kW")
+                bat.kw = shaved
+    pv_now = measured.pv_kw
+    curtailable = site.pv is not None and site.pv.curtailable
+    pv_levered = curtailable and pv_now is not None
+    limit_now = measured.pv_limit_kw
+    # PV's part of `rest` is what it gives now; a new limit below that takes the difference off.
+    pv_cut = 0.0
 
-    def grid(pv_out: float, *, high: bool = False) -> float:
-        cars = sum(car_kw(n, a, high=high) for n, a in ev_amps.items())
-        return base + measured.pv_kw - pv_out + battery_effect() + cars
+    def grid(*, export_side: bool) -> float:
+        """Predicted mean grid flow over the coming tick, bounded for the limit at hand."""
+        battery_delta = bat.effect(charging_helps=export_side) - (bat.now_kw if bat.known else 0.0)
+        return rest + (bat.now_kw if bat.known else 0.0) + battery_delta + cars(high=not export_side) + pv_cut
 
-    pv_out = pv_potential if pv_limit is None else min(pv_potential, pv_limit)
     # Import limit: discharge, then slow the cars (to their minimum, then off), in the configured order.
-    excess = grid(pv_out, high=True) - (site.import_limit_kw - HEADROOM_KW)
+    import_aim = site.import_limit_kw - HEADROOM_KW
     for import_lever in site.tuning.grid.import_relief_order:
+        excess = grid(export_side=False) - import_aim
         if excess <= 0:
             break
-        if import_lever == "battery" and follows:
-            room = battery + discharge_max
-            step = min(room, excess)
-            if step > 0:
-                battery -= step
-                excess -= step
-                actions.append(f"import limit: battery {-step:+.1f} kW")
+        if import_lever == "battery" and bat.known:
+            lower = bat.clamp(bat.kw - excess)
+            if lower < bat.kw:
+                actions.append(f"import limit: battery {lower - bat.kw:+.1f} kW")
+                bat.kw = lower
+                excess = grid(export_side=False) - import_aim
         elif import_lever == "ev":
             for name in sorted(ev_amps, key=lambda n: -ev_amps[n]):
-                if excess <= 0:
-                    break
+                if excess <= 0 or name not in known_cars:
+                    continue
                 charger = chargers[name]
                 now_kw = car_kw(name, ev_amps[name], high=True)
-                keep = max(now_kw - excess, 0.0)
-                ev_amps[name] = _ev_current(charger, keep)
+                ev_amps[name] = _ev_current(charger, max(now_kw - excess, 0.0))
                 excess -= now_kw - car_kw(name, ev_amps[name], high=True)
                 actions.append(f"import limit: {name} to {ev_amps[name]:.1f} A")
-    # Export limit: charge, speed the cars up, then curtail PV, in the configured order.
+    # Export limit: charge, speed the cars up, then limit PV, in the configured order.
     export_headroom = export_headroom_kw(measured)
-    surplus = -grid(pv_out) - site.export_limit_kw + export_headroom
+    export_aim = -site.export_limit_kw + export_headroom
+    pv_limit: float | None = None
+    probe = 0.0
     for lever in site.tuning.grid.export_relief_order:
-        if surplus <= 0:
-            break
-        if lever == "battery":
-            step = min(charge_max - battery, surplus) if follows else 0.0
-            if step > 0:
-                battery += step
-                surplus -= step
-                actions.append(f"export limit: battery {step:+.1f} kW")
-        elif lever == "ev":
+        surplus = export_aim - grid(export_side=True)
+        if lever == "battery" and bat.known and surplus > 0:
+            higher = bat.clamp(bat.kw + surplus)
+            if higher > bat.kw:
+                actions.append(f"export limit: battery {higher - bat.kw:+.1f} kW")
+                bat.kw = higher
+        elif lever == "ev" and surplus > 0:
             for name, charger in chargers.items():
-                if surplus <= 0 or not measured.ev_connected.get(name, False) or not _following(measured, charger):
+                if surplus <= 0 or name not in known_cars or not measured.ev_connected.get(name, False):
+                    continue
+                if not _following(measured, charger):
                     continue  # only a car seen taking what it is offered is counted on to take more
                 now_kw = _ev_kw(charger, ev_amps[name])
-                want = min(_ev_kw(charger, charger.max_current_a), now_kw + surplus)
-                if want < _ev_kw(charger, charger.min_current_a):
+                want = min(charger.max_kw, now_kw + surplus)
+                if want < charger.min_kw:
                     continue
                 ev_amps[name] = _ev_current(charger, want)
                 surplus -= _ev_kw(charger, ev_amps[name]) - now_kw
                 actions.append(f"export limit: {name} to {ev_amps[name]:.1f} A")
-        elif site.pv is not None and site.pv.curtailable:
-            pv_out = max(0.0, pv_out - surplus)
-            pv_limit = pv_out
-            surplus = 0.0
-            actions.append(f"export limit: PV limited to {pv_out:.1f} kW")
-    # Zero export with curtailable PV: PV may give at most what this tick consumes (a battery setpoint
-    # does not follow the sun within the second). A limited inverter reports only its limit, so while
-    # PV sits at its limit the battery probes: it charges a little more and the limit rises with it.
-    # With sun behind the limit, curtailed energy goes into the battery; without, it costs a few kW
-    # of import for a second.
-    probe = 0.0
-    if site.pv is not None and site.pv.curtailable and site.export_limit_kw <= LIMIT_MARGIN_KW:
-        at_limit = measured.pv_limit_kw is not None and measured.pv_kw >= measured.pv_limit_kw - PV_AT_LIMIT_KW
-        relief = "battery" in site.tuning.grid.export_relief_order
-        if probe_allowed and follows and at_limit and pv_limit is None and relief:
-            probe = min(PV_PROBE_KW, max(0.0, charge_max - battery))
-            battery += probe
-        consumption = base + measured.pv_kw + battery_effect() + sum(car_kw(n, a) for n, a in ev_amps.items())
-        limit = max(0.0, consumption + site.export_limit_kw - export_headroom)
-        if pv_limit is None or limit < pv_limit:
-            pv_limit = limit if limit < site.pv.peak_kw else None
+        elif lever == "pv" and pv_levered and site.pv is not None and pv_now is not None:
+            # PV may give at most what this tick consumes plus the export allowed, held every tick (a
+            # limit released as soon as the export is inside it frees PV, which exports again the next
+            # tick). A limited inverter reports only its limit, so while PV sits at its limit the
+            # battery probes: it charges a little more and the limit rises with it.
+            at_limit = limit_now is not None and pv_now >= limit_now - PV_AT_LIMIT_KW
+            if probe_allowed and bat.follows and at_limit and "battery" in site.tuning.grid.export_relief_order:
+                probe = max(0.0, bat.clamp(bat.kw + PV_PROBE_KW) - bat.kw)
+                bat.kw += probe
+            consumption = grid(export_side=True) - pv_cut + pv_now  # the load, the battery and the cars
+            allowed = max(0.0, consumption - export_aim)
+            if allowed < site.pv.peak_kw:
+                pv_limit = allowed
+                pv_cut = max(0.0, pv_now - allowed)
+                if pv_cut > 0:
+                    actions.append(f"export limit: PV limited to {allowed:.1f} kW")
+    if curtailable and pv_now is None and site.pv is not None:
+        # PV unknown: what it gives cannot be set against the load. It is limited as in the safe
+        # state (a share of the last trusted load, plus the export allowed), never above the limit in force.
+        pv_limit = _blind_pv_limit_kw(site, measured)
+        if limit_now is not None:
+            pv_limit = min(pv_limit, limit_now)
+        actions.append(f"PV reading unknown: PV limited to {pv_limit:.1f} kW")
+    # What is left beyond a limit after every lever, and whether it was avoidable at all.
+    breach, unavoidable = None, False
+    predicted_import, predicted_export = grid(export_side=False), grid(export_side=True)
+    if predicted_import > site.import_limit_kw:
+        breach = "import"
+        unavoidable = (
+            (not bat.known or bat.kw <= -bat.discharge_max + 1e-6)
+            and all(ev_amps[n] == 0.0 for n in known_cars)
+            and (pv_limit is None or (pv_now is not None and pv_limit >= pv_now))
+        )
+    elif predicted_export < -site.export_limit_kw:
+        breach = "export"
+        cars_full = all(
+            not measured.ev_connected.get(n, False) or ev_amps[n] >= chargers[n].max_current_a - 1e-6
+            or not _following(measured, chargers[n])
+            for n in known_cars
+        )  # fmt: skip
+        unavoidable = (
+            (not bat.known or bat.kw >= bat.charge_max - 1e-6)
+            and cars_full
+            and (not curtailable or (pv_limit is not None and pv_limit <= 0.0))
+        )
+    if breach is not None:
+        actions.append(f"{breach} limit cannot be held this tick" + (": every lever at its end" if unavoidable else ""))
     return Setpoints(
-        battery_kw=battery,
+        battery_kw=bat.kw,
         ev_current_a=ev_amps,
         pv_limit_kw=pv_limit,
         safe_state=False,
-        predicted_grid_kw=grid(pv_out),
+        predicted_grid_kw=grid(export_side=True),
         actions=tuple(actions),
         pv_probe_kw=probe,
+        breach=breach,
+        unavoidable=unavoidable,
     )
 
 
@@ -309,6 +465,15 @@ def export_headroom_kw(measured: Measured) -> float:
     if measured.load_swing_kw is None:
         return HEADROOM_KW
     return min(HEADROOM_KW, max(EXPORT_HEADROOM_MIN_KW, LOAD_SWING_HEADROOM_FACTOR * measured.load_swing_kw))
+
+
+def _blind_pv_limit_kw(site: SiteConfig, measured: Measured) -> float:
+    """PV while its balance against the load cannot be seen: a share of the last trusted load, falling to
+    nothing as the blindness lasts, plus the export allowed."""
+    load = measured.last_load_kw
+    trust = max(0.0, 1.0 - measured.blind_s / BLIND_TRUST_S)
+    covered = 0.0 if load is None else max(0.0, SAFE_STATE_LOAD_SHARE * trust * load)
+    return max(0.0, covered + site.export_limit_kw - HEADROOM_KW)
 
 
 def _safe_state(site: SiteConfig, measured: Measured, chargers: dict[str, ChargerRating]) -> Setpoints:
@@ -325,8 +490,7 @@ def _safe_state(site: SiteConfig, measured: Measured, chargers: dict[str, Charge
         elif safe.pv == "zero_export_limit":
             # Blind, with the battery idle: PV may cover at most a share of the last trusted load (the
             # load may fall while we cannot see it). Not what PV gave: a charging battery took part of that.
-            load = measured.last_load_kw
-            pv_limit = 0.0 if load is None else max(0.0, SAFE_STATE_LOAD_SHARE * load - HEADROOM_KW)
+            pv_limit = _blind_pv_limit_kw(site, measured)
     return Setpoints(
         battery_kw=0.0,
         ev_current_a=amps,

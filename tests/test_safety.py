@@ -20,6 +20,7 @@ from controller.safety import (
     Setpoints,
     Targets,
     apply_safety,
+    mean_ramp_change_kw,
 )
 
 SCHOOL = Path(__file__).parents[1] / "config" / "sites" / "zhongshan_school.toml"
@@ -73,11 +74,15 @@ def test_zero_export_headroom_follows_the_loads_swings(
     assert out.predicted_grid_kw == pytest.approx(headroom_kw)
 
 
-def test_export_relief_overrides_the_ramp(site: SiteConfig) -> None:
-    # The plan says idle and the ramp would allow 50 kW; the export limit needs 80 kW now.
+def test_export_relief_beyond_the_ramp_goes_to_pv(site: SiteConfig) -> None:
+    # The plan says idle and the export limit needs 80 kW now; the battery moves at most its ramp
+    # (50 kW/s), and only half of that counts on the tick's mean: PV is limited for the rest, the grid
+    # held at the headroom's import.
     out = apply_safety(site, measured(grid_kw=-80.0, pv_kw=150.0), Targets(), previous_battery_kw=0.0, dt_s=1.0)
-    assert out.battery_kw == pytest.approx(80.0 + HEADROOM_KW)
+    assert out.battery_kw == pytest.approx(50.0)
+    assert out.pv_limit_kw == pytest.approx(70.0 + mean_ramp_change_kw(50.0, 50.0, 1.0) - HEADROOM_KW)
     assert out.predicted_grid_kw == pytest.approx(HEADROOM_KW)
+    assert out.breach is None
 
 
 def test_curtailed_pv_is_probed_with_the_battery(site: SiteConfig) -> None:
@@ -85,7 +90,8 @@ def test_curtailed_pv_is_probed_with_the_battery(site: SiteConfig) -> None:
     m = measured(grid_kw=1.0, pv_kw=100.0, pv_limit_kw=100.0)
     out = apply_safety(site, m, Targets(), previous_battery_kw=0.0, dt_s=1.0)
     assert out.battery_kw == pytest.approx(5.0)  # charge a little more ...
-    assert out.pv_limit_kw == pytest.approx(105.0)  # ... and let PV rise by as much, never more
+    # ... and let PV rise by as much as the battery takes on the tick's mean, never more
+    assert out.pv_limit_kw == pytest.approx(100.0 + mean_ramp_change_kw(5.0, 50.0, 1.0))
 
 
 def test_full_battery_means_curtailment(site: SiteConfig) -> None:
@@ -165,7 +171,8 @@ def test_grid_charging_never_sets_a_new_month_peak(site: SiteConfig) -> None:
     # Charging from PV surplus is not limited by it.
     noon = measured(grid_kw=-60.0, pv_kw=200.0, soc=0.3)
     out = apply_safety(site, noon, Targets(battery_kw=60.0, charge_cap_kw=0.0), previous_battery_kw=0.0, dt_s=1.0)
-    assert out.battery_kw >= 60.0  # the whole surplus (zero export), whatever the cap
+    assert out.battery_kw == pytest.approx(50.0)  # as much surplus as the ramp allows, whatever the cap
+    assert not any("no new peak" in a for a in out.actions)
 
 
 def test_without_load_history_the_battery_runs_self_consumption(site: SiteConfig) -> None:

@@ -65,8 +65,11 @@ def state_payload(runtime: Runtime) -> dict[str, Any]:
         "controller_state": "starting",
     }
     if measured is not None and setpoints is not None:
-        ev_total = sum(measured.ev_kw.values())
-        load = None if measured.grid_kw is None else measured.grid_kw + measured.pv_kw - measured.battery_kw - ev_total
+        known = [kw for kw in measured.ev_kw.values() if kw is not None]
+        ev_total = sum(known) if len(known) == len(measured.ev_kw) else None  # unknown is not zero
+        load = None
+        if measured.grid_kw is not None and measured.pv_kw is not None and measured.battery_kw is not None:
+            load = None if ev_total is None else measured.grid_kw + measured.pv_kw - measured.battery_kw - ev_total
         body.update(
             {
                 "controller_state": "safe_state" if setpoints.safe_state else "running",
@@ -108,6 +111,10 @@ def health_payload(runtime: Runtime, mqtt_dropped: int = 0) -> dict[str, Any]:
         "buses": {name: asdict(bus.stats) for name, bus in runtime.buses.items()},
         "safe_state_ticks": runtime.stats.safe_state_ticks,
         "write_failures": runtime.stats.write_failures,
+        # Ticks beyond each limit after correction (total, longest run, kWh), avoidable or not.
+        "import_breaches": runtime.stats.import_breaches.to_json(),
+        "export_breaches": runtime.stats.export_breaches.to_json(),
+        "battery_response_kw_per_s": round(runtime.battery_response.kw_per_s, 2),
         "mqtt_status_dropped": mqtt_dropped,
     }
 
