@@ -1,7 +1,9 @@
-"""Device drivers: a register map and an address turned into exchanges and quantities. No I/O here."""
+"""Device drivers: a register map and an address turned into exchanges and quantities. No I/O here
+(beyond logging when a reading stops or starts being plausible)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 from collections.abc import Callable, Mapping
@@ -15,6 +17,8 @@ from firmware_bridge.errors import DeviceException, FrameError
 from firmware_bridge.maps import Access, DeviceMap, Dlt645Point, ModbusPoint, RegisterType
 
 __all__ = ["DeviceDriver", "Exchange", "Readings"]
+
+_log = logging.getLogger(__name__)
 
 Readings = dict[str, float]
 Decoder = Callable[[bytes], tuple[int, Any | None, list[FrameError]]]
@@ -93,17 +97,71 @@ def registers_from_values(
 
 
 class DeviceDriver:
-    """Reads and writes one device through its register map."""
+    """Reads and writes one device through its register map.
+
+    Every reading is checked against its point's plausible range (in site units: the map's range times
+    `ct_ratio` for the quantities a CT scales). An implausible one (outside, NaN, infinite) is left out
+    of the returned Readings, so the controller sees the quantity as unknown, never as 0.0 or as the
+    previous value. Rejections are counted per quantity, and logged once per episode: the first one
+    with the value and the range, then one line when the quantity reads plausible again.
+    """
 
     def __init__(self, name: str, device_map: DeviceMap, address: int | str, *, ct_ratio: float = 1.0) -> None:
         self.name = name
         self.map = device_map
         self.address = address
         self.ct_ratio = ct_ratio
+        self._plausible: dict[str, tuple[float, float]] = {}
+        for point in device_map.readable:
+            low, high = point.plausible_min, point.plausible_max
+            if low is None or high is None:  # the map's validation refuses this; a hand-built map might not
+                raise ValueError(f"{device_map.name}: {point.name} has no plausible range")
+            ct = self._ct(point.name)
+            self._plausible[point.name] = (low * ct, high * ct)
+        self._implausible: dict[str, int] = {}
+        self._episode: dict[str, int] = {}  # quantity -> rejections in the episode still going on
         self._reads = self._plan_reads()
 
     def _ct(self, quantity: str) -> float:
         return self.ct_ratio if quantity.endswith(CT_SCALED_SUFFIXES) else 1.0
+
+    # --- plausibility -----------------------------------------------------------------------------
+
+    def plausible_range(self, quantity: str) -> tuple[float, float]:
+        """The (lowest, highest) reading of `quantity` accepted, in site units (CT ratio applied)."""
+        return self._plausible[quantity]
+
+    def implausible_counts(self) -> dict[str, int]:
+        """Readings dropped as implausible since start, per quantity (only quantities with any)."""
+        return dict(self._implausible)
+
+    def implausible_now(self) -> frozenset[str]:
+        """Quantities whose latest reading was implausible: an episode is going on."""
+        return frozenset(self._episode)
+
+    def _accept(self, quantity: str, value: float, raw: float) -> bool:
+        """True if `value` (site units) is plausible; counts and logs the episodes of those that are not."""
+        low, high = self._plausible[quantity]
+        if math.isfinite(value) and low <= value <= high:
+            if quantity in self._episode:
+                rejected = self._episode.pop(quantity)
+                fields = {"device": self.name, "quantity": quantity, "value": value, "rejected_in_episode": rejected}
+                _log.info("reading plausible again", extra=fields)
+            return True
+        self._implausible[quantity] = self._implausible.get(quantity, 0) + 1
+        if quantity not in self._episode:
+            self._episode[quantity] = 0
+            fields = {
+                "device": self.name,
+                "quantity": quantity,
+                "value": value,
+                "raw": raw,
+                "plausible_min": low,
+                "plausible_max": high,
+            }
+            _log.warning("implausible reading dropped", extra=fields)
+        self._episode[quantity] += 1
+        return False
 
     @property
     def protocol(self) -> BusProtocol:
@@ -161,8 +219,9 @@ class DeviceDriver:
                 raise FrameError(2, f"asked for {count} registers, got {len(registers)}")
             readings: Readings = {}
             for name, first, end, kind, word_order, factor in layout:
-                value = words_to_raw(kind, registers[first:end], word_order) * factor
-                if math.isfinite(value):  # a meter in a bad state can return NaN floats: no reading then
+                raw = words_to_raw(kind, registers[first:end], word_order)
+                value = raw * factor
+                if self._accept(name, value, raw):  # a meter in a bad state returns NaN or 0xFFFF: unknown
                     readings[name] = value
             return readings
 
@@ -214,7 +273,9 @@ class DeviceDriver:
             result = dlt645.decode_read_reply(frame)
             if result.di != di:
                 raise FrameError(10, f"reply carries DI {result.di:08X}, asked for {di:08X}")
-            return {point.name: result.values[0] * point.scale * point.sign * self._ct(point.name)}
+            raw = result.values[0]
+            value = raw * point.scale * point.sign * self._ct(point.name)
+            return {point.name: value} if self._accept(point.name, value, raw) else {}
 
         return Exchange(
             device=self.name,

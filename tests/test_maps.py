@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from config import BusProtocol
@@ -21,6 +23,33 @@ def test_all_maps_load_and_cover_the_brief() -> None:
         "generic_pv_inverter",
         "generic_ev_charger",
     } <= set(all_maps())
+
+
+@pytest.mark.parametrize("name", sorted(all_maps()))
+def test_every_read_point_has_a_plausible_range(name: str) -> None:
+    device_map = all_maps()[name]
+    assert device_map.readable
+    for point in device_map.points:
+        low, high = point.plausible_min, point.plausible_max
+        if point.access is Access.WRITE:
+            assert (low, high) == (None, None), point.name
+            continue
+        assert low is not None, point.name
+        assert high is not None, point.name
+        assert math.isfinite(low), point.name
+        assert math.isfinite(high), point.name
+        assert low < high, point.name
+        # The ranges must let real readings through: each class's sane values sit inside.
+        if point.name in METER_VALUES:
+            assert low <= METER_VALUES[point.name] <= high, point.name
+        if point.name == "soc_pct":
+            assert (low, high) == (0, 100)
+        if point.name == "frequency_hz":
+            assert (low, high) == (45, 65)
+        if point.name.endswith("_v") and point.name != "dc_voltage_v":
+            assert (low, high) == (0, 500), point.name
+        if point.name == "state_code":
+            assert (low, high) == (0, 3), point.name
 
 
 @pytest.mark.parametrize("name", sorted(all_maps()))
@@ -58,6 +87,31 @@ def test_malformed_map_names_the_field() -> None:
 
 def test_map_missing_a_required_point_is_refused() -> None:
     text = 'name = "x"\ndescription = "d"\nprotocol = "modbus_rtu"\nkinds = ["battery_inverter"]\n'
-    text += 'default_baud_rate = 9600\npoints = [{ name = "power_kw", function = 3, address = 1, type = "int16" }]\n'
+    text += 'default_baud_rate = 9600\npoints = [{ name = "power_kw", function = 3, address = 1, type = "int16", '
+    text += "plausible_min = -100, plausible_max = 100 }]\n"
     with pytest.raises(MapError, match="needs points"):
+        _parse(text, "x.toml")
+
+
+_HEAD = 'name = "x"\ndescription = "d"\nprotocol = "modbus_rtu"\nkinds = ["pv_meter"]\ndefault_baud_rate = 9600\n'
+
+
+def test_readable_point_without_a_plausible_range_is_refused() -> None:
+    text = _HEAD + 'points = [{ name = "power_kw", function = 3, address = 1, type = "int16", plausible_max = 5 }]\n'
+    with pytest.raises(MapError, match=r"points\.0.*needs plausible_min and plausible_max"):
+        _parse(text, "x.toml")
+
+
+@pytest.mark.parametrize(("low", "high"), [(5, 5), (10, -10), ("nan", 1)])
+def test_empty_or_nan_plausible_range_is_refused(low: object, high: object) -> None:
+    text = _HEAD + 'points = [{ name = "power_kw", function = 3, address = 1, type = "int16", '
+    text += f"plausible_min = {low}, plausible_max = {high} }}]\n"
+    with pytest.raises(MapError, match="finite and increasing"):
+        _parse(text, "x.toml")
+
+
+def test_write_range_on_a_read_only_point_is_refused() -> None:
+    text = _HEAD + 'points = [{ name = "power_kw", function = 3, address = 1, type = "int16", minimum = 0, '
+    text += "maximum = 100, plausible_min = 0, plausible_max = 100 }]\n"
+    with pytest.raises(MapError, match="minimum/maximum bound writes"):
         _parse(text, "x.toml")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from enum import StrEnum
 from functools import cache
@@ -64,7 +65,35 @@ _WORDS = {
 Quantity = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*_(kw|kwh|v|a|hz|pct|fraction|pf|code)$")]
 
 
-class ModbusPoint(_Model):
+# Why a plausible range of its own rather than `minimum`/`maximum`: those bound what the controller
+# may *write* (the device's accepted setpoint range), and only writable points have them. A plausible
+# range bounds what a *reading* can physically be (a SoC of 0..100 %, a grid frequency of 45..65 Hz, a
+# power within what the device class can carry), and every readable point needs one. The two differ
+# even on one point: a setpoint register may accept the full int16 range while the device never
+# reports more than its class carries. Mixing them would either loosen the read check to the register
+# range (0x7FFF would pass) or narrow writes to a read bound chosen for garbage detection.
+#
+# Units: the range is in the point's unit after scale and sign. For quantities a current transformer
+# scales (kW, kWh, A) the range is per unit of CT ratio, i.e. what the meter itself can report at its
+# own terminals; the driver multiplies it by the device's `ct_ratio`. A DL/T 645 meter that reports
+# XX.XXXX kW (at most 79.9999) therefore gets +-80 kW in its map and +-800 kW behind a 10:1 CT, and
+# a 1e9 kW reading is implausible whatever the ratio. NaN and infinities are never plausible.
+class _Plausible(_Model):
+    plausible_min: float | None = Field(default=None, description="Lowest plausible reading (unit of name)")
+    plausible_max: float | None = Field(default=None, description="Highest plausible reading (unit of name)")
+
+    def _check_plausible(self, readable: bool) -> None:
+        low, high = self.plausible_min, self.plausible_max
+        if readable:
+            if low is None or high is None:
+                raise ValueError("a readable point needs plausible_min and plausible_max")
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"plausible range {low}..{high} must be finite and increasing")
+        elif (low, high) != (None, None):
+            raise ValueError("a write-only point is never read: it takes no plausible range")
+
+
+class ModbusPoint(_Plausible):
     """One quantity in Modbus registers: value = raw * scale * sign, written as value / scale / sign."""
 
     name: Quantity
@@ -75,11 +104,18 @@ class ModbusPoint(_Model):
     scale: float = Field(default=1.0, description="Multiplier from the raw register value to the unit in name")
     sign: Literal[1, -1] = Field(default=1, description="-1 when the device counts the other way round")
     access: Access = Access.READ
-    minimum: float | None = None
-    maximum: float | None = None
+    minimum: float | None = Field(default=None, description="Lowest value a write may send")
+    maximum: float | None = Field(default=None, description="Highest value a write may send")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Self:
+        self._check_plausible(readable=self.access is not Access.WRITE)
+        if self.access is Access.READ and (self.minimum, self.maximum) != (None, None):
+            raise ValueError("minimum/maximum bound writes; a read-only point takes plausible_min/plausible_max")
+        return self
 
 
-class Dlt645Point(_Model):
+class Dlt645Point(_Plausible):
     """One quantity behind a DL/T 645 data identifier (value = BCD * 10^-decimals * scale * sign)."""
 
     name: Quantity
@@ -89,6 +125,11 @@ class Dlt645Point(_Model):
     access: Literal[Access.READ] = Access.READ
     # Each DL/T 645 read is ~200 ms at 2400 baud: slow-changing points are read every Nth poll.
     every_n_polls: int = Field(default=1, ge=1, le=3600)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Self:
+        self._check_plausible(readable=True)
+        return self
 
 
 class DeviceMap(_Model):
