@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "BridgeError",
     "DeviceException",
+    "DeviceLost",
     "DeviceTimeout",
     "FrameError",
     "PortError",
@@ -26,6 +27,10 @@ class FrameError(BridgeError):
 
 class DeviceTimeout(BridgeError, TimeoutError):
     """The device did not answer in time (after the retries the bus allowed)."""
+
+
+class DeviceLost(BridgeError):
+    """The device is lost and its next attempt is not due: it was not asked (no bus time spent)."""
 
 
 class DeviceException(BridgeError):

@@ -9,7 +9,7 @@ import pytest
 
 from config import BusProtocol, DeviceKind
 from firmware_bridge.bus import Bus, Health
-from firmware_bridge.errors import DeviceException, DeviceTimeout, PortError
+from firmware_bridge.errors import DeviceException, DeviceLost, DeviceTimeout, PortError
 from firmware_bridge.scheduler import Measurement, Poller, WriteResult
 from firmware_bridge.simulator import Fault, FaultMode
 from firmware_bridge.transport import SerialLink
@@ -38,16 +38,20 @@ async def test_silent_device_times_out_then_is_lost_and_backs_off() -> None:
             with pytest.raises(DeviceTimeout):
                 await r.bus.transact(exchange)
         assert r.bus.health("m1").state is Health.LOST
-        assert not r.bus.is_due("m1")  # backing off: the scheduler skips it
+        assert not r.bus.is_due("m1")  # waiting for its next attempt: the scheduler skips it
         seen = r.sim.device("m1").requests_seen
+        with pytest.raises(DeviceLost, match="not asked"):
+            await r.bus.transact(exchange)  # a caller that does not check is_due is refused at once
+        assert r.sim.device("m1").requests_seen == seen
         with pytest.raises(DeviceTimeout):
-            await r.bus.transact(exchange)
+            await r.bus.transact(exchange, even_if_lost=True)
         assert r.sim.device("m1").requests_seen == seen + 1  # a lost device gets no retries
         # The other meter is unaffected, and m1 recovers as soon as it answers again.
         assert (await read(r.bus, r.drivers["m2"].read_exchanges()))["power_kw"] == pytest.approx(12.5)
         r.sim.set_fault("m1", Fault())
-        await read(r.bus, r.drivers["m1"].read_exchanges())
+        await r.bus.transact(exchange, even_if_lost=True)  # its next attempt (tests/test_bridge_recovery.py)
         assert r.bus.health("m1").state is Health.OK
+        await read(r.bus, r.drivers["m1"].read_exchanges())
 
 
 async def test_cancelled_transaction_raises_cancelled_and_the_bus_still_works() -> None:
