@@ -285,12 +285,13 @@ async def test_a_thousand_hostile_payloads_over_the_broker_are_all_refused(
     ):
         await wait_for(run.service.connected.is_set)
         for index in range(1000):
-            payload = shapes[index % len(shapes)] if index % 3 else rng.randbytes(rng.randint(0, 300))
+            payload = shapes[index % len(shapes)] if index % 3 else rng.randbytes(rng.randint(1, 300))
             await client.publish(topics.config_set, payload, qos=1)
         await wait_for(lambda: len(sub.of(topics.config_reply)) >= 1000, 60.0)
         assert run.runtime.site.tuning == site.tuning
     replies = sub.of(topics.config_reply)
     assert len(replies) == 1000
+    assert run.service.commands.failed == 0
     assert all(isinstance(r, dict) and r["accepted"] is False and r["errors"] for r in replies)
     assert not TuningStore(site).path.exists()
     assert run.runtime.stats.ticks == 151
@@ -336,7 +337,8 @@ def test_config_set_from_a_shell_is_seen_by_a_running_controller(
     state = json.loads(capsys.readouterr().out)
     assert state["tuning"]["battery"]["reserve_soc"] == 0.4
     audit = (tmp_path / "var" / "zhongshan-school.tuning.audit.jsonl").read_text().splitlines()
-    assert [json.loads(line)["by"] for line in audit] == ["cli:wang"]
+    entries = [json.loads(line) for line in audit]
+    assert [(e["requested_by"], e["verified"], e["by"].startswith("cli:")) for e in entries] == [("wang", True, True)]
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from config import ConfigError, load_site
 from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, Command, refusal
+from controller.strict_json import JsonLimits, JsonRefused, decode_json
 from controller.tuning import TuningStore, shell_identity
 
-# A patch from a file is a few hundred bytes; a huge file is a mistake.
-MAX_PATCH_FILE_BYTES = 65_536
+# A patch is a few hundred bytes; a huge one is a mistake. Same bounds as an MQTT command's.
+PATCH_LIMITS = JsonLimits(max_bytes=65_536)
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,25 +29,29 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     put = sub.add_parser("set", help="apply a JSON merge patch to [tuning]; null resets a field to the site file")
     put.add_argument("config", help="site TOML file")
     put.add_argument("patch", help='JSON, e.g. \'{"grid": {"import_limit_kw": 200}}\', or @FILE')
-    put.add_argument("--by", default=None, help="who is changing it, for the audit log (default cli:user@host)")
+    put.add_argument("--by", default=None, help="on whose behalf, for the audit log (recorded as self-declared, "
+                     "beside the OS account that ran the command)")  # fmt: skip
+    put.add_argument("--base-version", type=int, default=None, metavar="N",
+                     help="refuse unless the overrides are still at version N (from `config get`)")  # fmt: skip
 
 
 def _patch(text: str) -> Any:
+    """The patch argument (or @FILE), decoded with the same bounds and strictness as an MQTT command."""
     if text.startswith("@"):
         path = Path(text[1:])
         try:
-            raw = path.read_bytes()
+            with path.open("rb") as handle:
+                raw = handle.read(PATCH_LIMITS.max_bytes + 1)
         except OSError as err:
             raise ConfigError(str(path), [f"cannot read file: {err.strerror}"]) from None
-        if len(raw) > MAX_PATCH_FILE_BYTES:
-            raise ConfigError(str(path), [f"file is {len(raw)} bytes, more than {MAX_PATCH_FILE_BYTES}"])
-        text, source = raw.decode("utf-8", errors="replace"), str(path)
+        source = str(path)
     else:
-        source = "patch"
+        # argv holds undecodable bytes as surrogates: back to the bytes, so UTF-8 is checked as for a file.
+        raw, source = os.fsencode(text), "patch"
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(source, [f"not JSON at byte offset {err.pos}: {err.msg}"]) from None
+        return decode_json(raw, PATCH_LIMITS, what="patch")
+    except JsonRefused as err:
+        raise ConfigError(source, err.errors) from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -54,12 +60,15 @@ def _run(args: argparse.Namespace) -> int:
         if args.action == "get":
             sys.stdout.write(json.dumps(store.state(), indent=2) + "\n")
             return EXIT_OK
-        result = store.apply(_patch(args.patch), by=f"cli:{args.by}" if args.by else shell_identity(), via="cli")
+        result = store.apply(
+            _patch(args.patch), by=shell_identity(), via="cli", verified=True,
+            requested_by=args.by, base_version=args.base_version,
+        )  # fmt: skip
     except ConfigError as err:
         sys.stderr.write(refusal(err.source, err.errors))
         return EXIT_BAD_INPUT
     if not result.accepted:
-        sys.stderr.write(refusal("patch", result.errors))
+        sys.stderr.write(refusal("patch", [*result.errors, f"overrides version: {result.version}"]))
         return EXIT_BAD_INPUT
     sys.stdout.write(json.dumps({"saved_to": str(store.path), **result.to_json()}, indent=2) + "\n")
     return EXIT_OK

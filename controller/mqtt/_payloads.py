@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["Sensor", "Topics", "discovery_messages", "health_payload", "plan_payload", "state_payload"]
 
 SOFTWARE_VERSION = "0.1.0"
+MAX_USERNAME_CHARS = 64  # the last level of config/set/<username>
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,17 @@ class Topics:
     @property
     def config_reply(self) -> str:
         return f"{self.prefix}/config/reply"  # answers, with the correlation id of the command
+
+    def command_sender(self, topic: str) -> str | None:
+        """For a command topic, the username it carries ("" on the shared `config/set`, whose sender is
+        self-declared); None for any other topic. `config/set/<user>` names an authenticated user only
+        where the broker's ACL lets each user publish to their own topic alone (see the README)."""
+        if topic == self.config_set:
+            return ""
+        head = self.config_set + "/"
+        if topic.startswith(head) and 0 < len(topic) - len(head) <= MAX_USERNAME_CHARS and "/" not in topic[len(head):]:
+            return topic[len(head):]
+        return None
 
 
 def _r(value: float | None, digits: int = 3) -> float | None:

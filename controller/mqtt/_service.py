@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -25,6 +26,7 @@ import aiomqtt
 from config import SiteConfig
 from controller.mqtt._payloads import Topics, discovery_messages, health_payload, plan_payload, state_payload
 from controller.runtime import Runtime
+from controller.strict_json import JsonLimits, JsonRefused, decode_json, json_type_name
 from controller.tuning import TuningStore
 
 __all__ = ["Backoff", "MqttService", "Outbox", "broker_address"]
@@ -45,6 +47,8 @@ KEEPALIVE_S = 15  # the broker declares us offline (last will) within 1.5× this
 HA_STATUS_TOPIC_SUFFIX = "status"  # Home Assistant's birth/will topic under its discovery prefix
 MAX_CORRELATION_ID_CHARS = 200
 MAX_REQUESTED_BY_CHARS = 100
+MAX_ERROR_CHARS = 300  # one reply line; a hostile key name must not make a 16 kB reply
+COMMAND_KEYS = frozenset({"correlation_id", "patch", "requested_by", "base_version"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +58,16 @@ class _Message:
     retain: bool
 
 
-def _no_constants(name: str) -> Any:
-    """NaN and Infinity are not JSON, though Python's parser takes them; a limit of NaN compares false
-    with everything and would slip past every bound."""
-    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
+@dataclass(slots=True)
+class CommandCounters:
+    """Tuning commands since start: each is received once and then accepted, refused or failed
+    (refused by an exception in our own code: answered, logged with its traceback)."""
+
+    received: int = 0
+    accepted: int = 0
+    refused: int = 0
+    failed: int = 0
+    retained_ignored: int = 0
 
 
 class Outbox:
@@ -143,13 +153,17 @@ class MqttService:
         self.outbox = Outbox(site.mqtt.outbox_messages)
         self.connected = asyncio.Event()
         self.connections = 0
-        self.commands_answered = 0
+        self.commands = CommandCounters()
         self._min_interval_s = 1.0 / site.mqtt.status_max_rate_hz
         self._last_state_wall = -float("inf")
         self._last_health_wall = -float("inf")
         self._last_health_states: dict[str, str] = {}
         self._plans_published = -1
         self._apply_lock = asyncio.Lock()
+
+    @property
+    def commands_answered(self) -> int:
+        return self.commands.received
 
     def attach(self) -> None:
         self.runtime.listeners.append(self._on_tick)
@@ -226,9 +240,11 @@ class MqttService:
         try:
             await client.publish(self.topics.availability, b"online", qos=1, retain=True)
             await client.subscribe(self.topics.config_set, qos=1)
+            await client.subscribe(f"{self.topics.config_set}/+", qos=1)  # per-user: config/set/<username>
             if self.site.mqtt.ha_discovery:
                 await client.subscribe(f"{self.site.mqtt.ha_discovery_prefix}/{HA_STATUS_TOPIC_SUFFIX}", qos=1)
                 await self._send_discovery(client)
+            self._requeue_retained()
             self.connected.set()
             _log.info("MQTT connected", extra={"broker": f"{self.host}:{self.port}", "queued": len(self.outbox)})
             async with asyncio.TaskGroup() as group:
@@ -238,6 +254,17 @@ class MqttService:
             self.connected.clear()
             if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 await self._final_flush(client)
+
+    def _requeue_retained(self) -> None:
+        """A broker that lost its retained messages (restarted without persistence, or another broker
+        behind the same address) learns config/state, plan and health again on every connect. Queued
+        behind anything older still waiting, so the newest is the one left retained."""
+        self.publish_config_state()
+        plan = plan_payload(self.runtime)
+        if plan is not None:
+            self.outbox.put(self._json(self.topics.plan, plan, retain=True), control=True)
+        health = health_payload(self.runtime, self.outbox.dropped)
+        self.outbox.put(self._json(self.topics.health, health, retain=True), control=True)
 
     async def _final_flush(self, client: aiomqtt.Client) -> None:
         """On a clean stop: what is queued, then `offline` (a clean disconnect sends no last will)."""
@@ -269,31 +296,56 @@ class MqttService:
         ha_status = f"{self.site.mqtt.ha_discovery_prefix}/{HA_STATUS_TOPIC_SUFFIX}"
         async for message in client.messages:
             topic = str(message.topic)
-            payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+            payload = bytes(message.payload) if isinstance(message.payload, bytes | bytearray) else b""
             if topic == ha_status:
-                if bytes(payload) == b"online" and self.site.mqtt.ha_discovery:
+                if payload == b"online" and self.site.mqtt.ha_discovery:
                     await self._send_discovery(client)  # Home Assistant restarted: tell it again
-            elif topic == self.topics.config_set:
-                reply = await self.handle_command(bytes(payload))
+                continue
+            sender = self.topics.command_sender(topic)
+            if sender is None or not payload:
+                continue  # an empty message clears a retained command (ours, or the sender's): nothing to answer
+            try:
+                reply = await self.handle_command(payload, retained=message.retain, sender=sender or None)
                 self.outbox.put(self._json(self.topics.config_reply, reply, retain=False), control=True)
+            except Exception:  # handle_command answers everything; this is for our own reply's encoding
+                self.commands.failed += 1
+                _log.exception("tuning command reply failed", extra={"topic": topic})
+            if message.retain:
+                self.commands.retained_ignored += 1
+                # Left retained, the command would be refused again on every reconnect; clear it where
+                # the broker lets us (an ACL may not: then it is refused each time, never applied).
+                await client.publish(topic, b"", qos=1, retain=True)
 
     # --- commands ---------------------------------------------------------------------------------------
 
-    async def handle_command(self, payload: bytes) -> dict[str, Any]:
-        """Validate and apply one tuning command; always returns the reply (never raises on bad input)."""
-        self.commands_answered += 1
-        correlation_id: Any = None
-        cap = self.site.mqtt.max_payload_bytes
-        if len(payload) > cap:
-            return self._reply(None, [f"payload: {len(payload)} bytes, more than the cap of {cap}"])
+    async def handle_command(
+        self, payload: bytes, *, retained: bool = False, sender: str | None = None
+    ) -> dict[str, Any]:
+        """Validate and apply one tuning command; always returns the reply, never raises on any input
+        (every exception is answered and counted; cancellation still propagates). `sender` is the
+        username the command topic carries (`config/set/<user>`), which the broker's ACL vouches for."""
+        self.commands.received += 1
         try:
-            body = json.loads(payload, parse_constant=_no_constants)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            where = f" at byte offset {err.pos}" if isinstance(err, json.JSONDecodeError) else ""
-            return self._reply(None, [f"payload: not JSON{where}: {err}"])
+            reply = await self._command(payload, retained=retained, sender=sender)
+        except Exception as err:  # a payload must never end the controller: logged, answered, counted
+            self.commands.failed += 1
+            _log.exception("tuning command failed", extra={"error_type": type(err).__name__})
+            line = f"internal error while handling the command ({type(err).__name__}); see the controller log"
+            reply = {"correlation_id": None, "accepted": False, "errors": [line]}
+        if reply.get("accepted"):
+            self.commands.accepted += 1
+        else:
+            self.commands.refused += 1
+        return reply
+
+    async def _command(self, payload: bytes, *, retained: bool, sender: str | None) -> dict[str, Any]:
+        try:
+            body = decode_json(payload, JsonLimits(max_bytes=self.site.mqtt.max_payload_bytes))
+        except JsonRefused as err:
+            return self._reply(None, err.errors)
         if not isinstance(body, dict):
-            return self._reply(None, [f'payload: expected {{"correlation_id", "patch"}}, got {type(body).__name__}'])
-        correlation_id = body.get("correlation_id")
+            return self._reply(None, [f'payload: expected {{"correlation_id", "patch"}}, got {json_type_name(body)}'])
+        correlation_id: Any = body.get("correlation_id")
         errors = []
         if correlation_id is not None and (
             not isinstance(correlation_id, str | int) or isinstance(correlation_id, bool)
@@ -301,27 +353,48 @@ class MqttService:
         ):  # fmt: skip
             errors.append(f"correlation_id: a string or integer of at most {MAX_CORRELATION_ID_CHARS} characters")
             correlation_id = None
-        unknown = sorted(set(body) - {"correlation_id", "patch", "requested_by"})
+        unknown = sorted(set(body) - COMMAND_KEYS)
         if unknown:
-            errors.append(f"payload: unknown keys {unknown}; expected correlation_id, patch, requested_by")
-        requested_by = body.get("requested_by", "anonymous")
-        if not isinstance(requested_by, str) or not 0 < len(requested_by) <= MAX_REQUESTED_BY_CHARS:
+            shown = [key[:40] for key in unknown[:5]]
+            errors.append(f"payload: unknown keys {shown}; expected {', '.join(sorted(COMMAND_KEYS))}")
+        requested_by = body.get("requested_by")
+        if requested_by is not None and (not isinstance(requested_by, str)
+                                         or not 0 < len(requested_by) <= MAX_REQUESTED_BY_CHARS):  # fmt: skip
             errors.append(f"requested_by: a string of 1 to {MAX_REQUESTED_BY_CHARS} characters")
+        base_version = body.get("base_version")
+        if base_version is not None and (not isinstance(base_version, int) or isinstance(base_version, bool)
+                                         or base_version < 0):  # fmt: skip
+            errors.append("base_version: a JSON integer, the version of config/state the patch was made against")
         if "patch" not in body:
             errors.append("patch: missing; send the [tuning] fields to change as a JSON object")
+        if retained:
+            errors.append("retained: a retained command is never applied (it would replay on every reconnect); "
+                          "publish commands with retain off")  # fmt: skip
         if not self.site.mqtt.remote_tuning:
             errors.append("remote tuning is disabled for this site (mqtt.remote_tuning = false in the site file)")
         if errors:
             return self._reply(correlation_id, errors)
+        if sender is not None:
+            by, verified = f"mqtt-user:{sender}", True
+        else:
+            by, verified = f"mqtt:{requested_by or 'anonymous'} (self-declared)", False
         async with self._apply_lock:  # one patch at a time, in arrival order
-            result = await asyncio.to_thread(self.tuning.apply, body["patch"], by=f"mqtt:{requested_by}", via="mqtt")
+            result = await asyncio.to_thread(
+                functools.partial(self.tuning.apply, body["patch"], by=by, via="mqtt", verified=verified,
+                                  requested_by=requested_by, correlation_id=correlation_id,
+                                  base_version=base_version)
+            )  # fmt: skip
         if not result.accepted:
-            return self._reply(correlation_id, result.errors)
+            return self._reply(correlation_id, result.errors, result.version)
         assert result.site is not None
         self.runtime.request_site(result.site)
         self.publish_config_state()
         return {"correlation_id": correlation_id, **result.to_json()}
 
-    def _reply(self, correlation_id: Any, errors: list[str]) -> dict[str, Any]:
-        _log.info("tuning command refused", extra={"correlation_id": correlation_id, "errors": errors[:5]})
-        return {"correlation_id": correlation_id, "accepted": False, "errors": errors}
+    def _reply(self, correlation_id: Any, errors: list[str], version: int | None = None) -> dict[str, Any]:
+        shown = [line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..." for line in errors[:20]]
+        _log.info("tuning command refused", extra={"correlation_id": correlation_id, "errors": shown[:5]})
+        body: dict[str, Any] = {"correlation_id": correlation_id, "accepted": False, "errors": shown}
+        if version is not None:
+            body["version"] = version
+        return body
