@@ -34,6 +34,7 @@ __all__ = [
     "PvRating",
     "SafeState",
     "SerialBusConfig",
+    "SimulationConfig",
     "SiteConfig",
     "SiteIdentity",
     "StorageConfig",
@@ -427,6 +428,19 @@ class StorageConfig(_Model):
         return self._sibling(".state.json")
 
 
+class SimulationConfig(_Model):
+    """What the simulated plant does when the site runs with --simulate; ignored on real hardware."""
+
+    load_profile: Literal["school", "community_centre"] = Field(
+        default="school", description="school: 45 kW + 120 kW in school hours; community_centre: open 08-21 daily"
+    )
+    load_scale: float = Field(default=1.0, gt=0.0, le=100.0, description="Multiplies the profile's kW")
+    battery_response_kw_per_s: float | None = Field(
+        default=None, gt=0.0, le=100_000.0,
+        description="How fast the simulated battery moves to its setpoint; unset: at once",
+    )  # fmt: skip
+
+
 class SiteConfig(_Model):
     site: SiteIdentity
     buses: list[SerialBusConfig] = Field(default_factory=list)
@@ -440,6 +454,7 @@ class SiteConfig(_Model):
     tuning: Tuning = Tuning()
     mqtt: MqttConfig = MqttConfig()
     storage: StorageConfig = StorageConfig()
+    simulation: SimulationConfig = SimulationConfig()
 
     @model_validator(mode="after")
     def _wiring_and_bounds(self) -> Self:

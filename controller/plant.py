@@ -1,4 +1,5 @@
-"""A simulated school plant: PV with passing clouds, school load, battery physics, EV arrivals.
+"""A simulated plant: PV with passing clouds, a school or community-centre load (with steps and noise),
+battery physics (optionally slower than its rating), EV arrivals.
 
 It exposes what each device's meter would read and accepts the setpoints the devices would take,
 so the simulated meters of firmware_bridge can serve it over real protocols.
@@ -13,12 +14,16 @@ from datetime import date, datetime, timedelta
 from typing import Literal
 
 from config import DeviceKind, SiteConfig
+from controller.safety import LIMIT_MARGIN_KW, mean_ramp_change_kw
 
 __all__ = ["EvArrival", "Plant", "Weather", "school_arrivals"]
 
 Weather = Literal["sunny", "overcast", "passing_clouds"]
 # Overcast sky: this share of the clear-sky yield, with slow variation.
 OVERCAST_FACTOR = 0.3
+
+# Random load noise and meter noise repeat with this period (s): drawn once, looked up by the second.
+NOISE_PERIOD_S = 3607
 
 # State codes of the generic EV charger map (IEC 61851): A no vehicle, B connected, C charging.
 EV_NO_VEHICLE, EV_CONNECTED, EV_CHARGING = 0.0, 1.0, 2.0
@@ -66,6 +71,12 @@ class Plant:
     arrivals: list[EvArrival] = field(default_factory=list)
     weather: Weather = "passing_clouds"
     holidays: frozenset[date] = frozenset()  # school closed: the weekend load
+    # The site's own kind of load and battery (site.simulation), and what a random site adds: load
+    # steps (a few a day, up to this many kW either way), load noise and meter noise (standard
+    # deviations, kW).
+    load_step_kw: float = 0.0
+    load_noise_kw: float = 0.0
+    meter_noise_kw: float = 0.0
     now_s: float = 0.0
     soc: float = 0.5
     battery_setpoint_kw: float = 0.0
@@ -88,6 +99,12 @@ class Plant:
     # Demand is metered as the largest 15-minute average import.
     peak_15min_kw: float = 0.0
     baseline_peak_15min_kw: float = 0.0
+    # The last interval between two ticks, judged on its mean grid flow (what the controller's last
+    # correction achieved over it): the mean, and whether any setting of the levers could have kept
+    # it inside the import / export limit (the battery at the rate it really moves).
+    interval_grid_kw: float | None = None
+    interval_import_avoidable: bool = True
+    interval_export_avoidable: bool = True
     evs: dict[str, _Ev] = field(default_factory=dict)
     # Sessions that ended: (arrival, delivered kWh), to judge "satisfied where physically possible".
     finished: list[tuple[EvArrival, float]] = field(default_factory=list)
@@ -104,6 +121,14 @@ class Plant:
             for _ in range(40)
         ]
         self.evs = {c.name: _Ev() for c in self.site.ev_chargers}
+        # Load steps: (start s, end s, kW), a few a day over two weeks.
+        self._steps = [
+            (start, start + self._random.uniform(60, 3 * 3600), self._random.uniform(-1, 1) * self.load_step_kw)
+            for start in (self._random.uniform(0, 14 * 86400) for _ in range(60 if self.load_step_kw else 0))
+        ]
+        self._load_noise = [self._random.gauss(0.0, self.load_noise_kw) for _ in range(NOISE_PERIOD_S)]
+        self._meter_noise = [self._random.gauss(0.0, self.meter_noise_kw) for _ in range(NOISE_PERIOD_S)]
+        self._meter_reads = 0
         self._refresh()
 
     # --- the world ---------------------------------------------------------------------------------
@@ -137,16 +162,33 @@ class Plant:
     def _load(self, at_s: float) -> float:
         t = self.local_time(at_s)
         hour = t.hour + t.minute / 60
-        school_day = t.weekday() < 5 and t.date() not in self.holidays
-        base = 45.0
-        if school_day and 7.5 <= hour < 17.5:
-            base += 120.0
-        if school_day and 11.5 <= hour < 13.0:
-            base += 35.0
-        if 17.5 <= hour < 21.0:
-            base += 25.0
-        # Deterministic wobble (no state): HVAC and kitchen cycling.
-        return base * (1 + 0.05 * math.sin(at_s / 97.0) + 0.03 * math.sin(at_s / 13.0))
+        working_day = t.weekday() < 5 and t.date() not in self.holidays
+        sim = self.site.simulation
+        if sim.load_profile == "school":
+            base = 45.0
+            if working_day and 7.5 <= hour < 17.5:
+                base += 120.0
+            if working_day and 11.5 <= hour < 13.0:
+                base += 35.0
+            if 17.5 <= hour < 21.0:
+                base += 25.0
+        else:  # community centre: open every day 08-21, classes in the evening, events at weekends
+            base = 15.0
+            if 8.0 <= hour < 21.0:
+                base += 30.0
+            if 18.0 <= hour < 21.0:
+                base += 20.0
+            if not working_day and 14.0 <= hour < 17.0:
+                base += 25.0
+        base *= sim.load_scale
+        for start, end, kw in self._steps:
+            if start <= at_s < end:
+                base += kw
+        # Deterministic wobble (no state): HVAC and kitchen cycling; then noise.
+        load = base * (1 + 0.05 * math.sin(at_s / 97.0) + 0.03 * math.sin(at_s / 13.0))
+        if self.load_noise_kw:
+            load += self._load_noise[int(at_s) % NOISE_PERIOD_S]
+        return max(0.0, load)
 
     def _refresh(self) -> None:
         self.pv_available_kw = self._pv_available(self.now_s)
@@ -175,26 +217,49 @@ class Plant:
             else:
                 amps = min(ev.current_limit_a, charger.max_current_a)
                 ev.power_kw = charger.phases * charger.voltage_v * amps / 1000
-        b = self.site.battery
-        if b is None:
+        if self.site.battery is None:
             self.battery_kw = 0.0
             return
-        # The BMS enforces its own limits whatever it is told.
+        target = self._battery_target_kw()
+        if self.site.simulation.battery_response_kw_per_s is None or (target == 0.0 and self._bms_stops()):
+            self.battery_kw = target  # at once (or the BMS cutting it off)
+
+    def _battery_target_kw(self) -> float:
+        """Where the battery is going: its setpoint within what the BMS allows (whatever it is told)."""
+        b = self.site.battery
+        assert b is not None
         kw = max(-b.max_discharge_kw, min(b.max_charge_kw, self.battery_setpoint_kw))
         if kw > 0 and self.soc >= b.soc_max - 1e-6:
             kw = 0.0
         if kw < 0 and self.soc <= b.soc_min + 1e-6:
             kw = 0.0
-        self.battery_kw = kw
+        return kw
+
+    def _bms_stops(self) -> bool:
+        b = self.site.battery
+        assert b is not None
+        return (self.battery_kw > 0 and self.soc >= b.soc_max - 1e-6) or (
+            self.battery_kw < 0 and self.soc <= b.soc_min + 1e-6
+        )
 
     @property
     def grid_kw(self) -> float:
         return self.load_kw + self.battery_kw + sum(ev.power_kw for ev in self.evs.values()) - self.pv_kw
 
     def advance(self, to_s: float) -> None:
-        """Integrate the current flows from now to `to_s` (flows are held over the interval)."""
-        dt_h = max(0.0, to_s - self.now_s) / 3600
+        """Integrate the current flows from now to `to_s` (flows are held over the interval; a battery
+        slower than at once moves towards its setpoint at its rate)."""
+        dt_s = max(0.0, to_s - self.now_s)
+        dt_h = dt_s / 3600
+        battery_start_kw = battery_end_kw = self.battery_kw
         if dt_h > 0:
+            rate = self.site.simulation.battery_response_kw_per_s
+            if rate is not None and self.site.battery is not None:
+                step = self._battery_target_kw() - self.battery_kw
+                mean_kw = self.battery_kw + mean_ramp_change_kw(step, rate, dt_s)
+                battery_end_kw = self.battery_kw + max(-rate * dt_s, min(rate * dt_s, step))
+                self.battery_kw = mean_kw  # the interval's mean, for the energy below
+            self._judge_interval(dt_s, battery_start_kw)
             grid = self.grid_kw
             price = self.site.tariff.band_at(self.local_time())[1]
             export_price = self.site.tariff.export_price_cny_per_kwh
@@ -208,6 +273,7 @@ class Plant:
             if b is not None:
                 stored = self.battery_kw * (b.charge_efficiency if self.battery_kw > 0 else 1 / b.discharge_efficiency)
                 self.soc = min(b.soc_max, max(b.soc_min, self.soc + stored * dt_h / b.capacity_kwh))
+                self.battery_kw = battery_end_kw
             for ev in self.evs.values():
                 if ev.arrival is not None and ev.power_kw > 0:
                     add = min(ev.power_kw * dt_h, ev.arrival.energy_kwh - ev.delivered_kwh)
@@ -215,6 +281,34 @@ class Plant:
                     self.delivered_kwh += add
         self.now_s = to_s
         self._refresh()
+
+    def _judge_interval(self, dt_s: float, battery_start_kw: float) -> None:
+        """The interval's mean grid flow, and whether the levers could have kept it inside each limit:
+        the battery at what the BMS and the tuning allow, moving at its real rate; the cars off or flat
+        out (those that want energy); PV at nothing (curtailable) or all the sun gives."""
+        site, t = self.site, self.site.tuning.battery
+        rate = site.simulation.battery_response_kw_per_s
+        charge = discharge = 0.0
+        if site.battery is not None:
+            if self.soc < t.soc_max - 1e-6:
+                charge = site.battery_max_charge_kw
+            if self.soc > t.soc_min + 1e-6:
+                discharge = site.battery_max_discharge_kw
+
+        def battery_mean(to_kw: float) -> float:
+            step = to_kw - battery_start_kw
+            return to_kw if rate is None else battery_start_kw + mean_ramp_change_kw(step, rate, dt_s)
+
+        cars_max = sum(
+            c.max_kw for c in site.ev_chargers
+            if (ev := self.evs[c.name]).arrival is not None and ev.delivered_kwh < ev.arrival.energy_kwh - 1e-6
+        )  # fmt: skip
+        curtailable = site.pv is not None and site.pv.curtailable
+        highest = self.load_kw + battery_mean(charge) + cars_max - (0.0 if curtailable else self.pv_available_kw)
+        lowest = self.load_kw + battery_mean(-discharge) - self.pv_available_kw
+        self.interval_grid_kw = self.grid_kw
+        self.interval_export_avoidable = highest >= -site.export_limit_kw - LIMIT_MARGIN_KW
+        self.interval_import_avoidable = lowest <= site.import_limit_kw + LIMIT_MARGIN_KW
 
     def _demand(self, import_kwh: float, baseline_kwh: float) -> None:
         index = float(self.now_s // 900)
@@ -247,10 +341,9 @@ class Plant:
 
     def readings(self, kind: DeviceKind, device: str) -> dict[str, float]:
         if kind is DeviceKind.GRID_METER:
-            grid = self.grid_kw
-            return _meter(grid, self.grid_import_kwh, self.grid_export_kwh)
+            return _meter(self.grid_kw + self._noise(), self.grid_import_kwh, self.grid_export_kwh)
         if kind is DeviceKind.PV_METER:
-            return _meter(self.pv_kw, self.pv_kwh, 0.0)
+            return _meter(self.pv_kw + self._noise(), self.pv_kwh, 0.0)
         if kind is DeviceKind.BATTERY_INVERTER:
             return {"power_kw": self.battery_kw, "soc_pct": self.soc * 100, "dc_voltage_v": 700.0 + 60 * self.soc,
                     "state_code": 1.0}  # fmt: skip
@@ -272,6 +365,12 @@ class Plant:
             if ev is not None:
                 ev.current_limit_a = value
         self._refresh()
+
+    def _noise(self) -> float:
+        if not self.meter_noise_kw:
+            return 0.0
+        self._meter_reads += 1
+        return self._meter_noise[self._meter_reads % NOISE_PERIOD_S]
 
     def _charger_name(self, device: str) -> str:
         return next((c.name for c in self.site.ev_chargers if c.device == device), device)

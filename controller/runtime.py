@@ -20,18 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from config import DeviceKind, SiteConfig
+from controller.breaches import BreachCount
 from controller.clock import Clock
 from controller.forecast import Forecaster
 from controller.safety import (
-    HEADROOM_KW,
-    LIMIT_MARGIN_KW,
-    LOAD_SWING_HEADROOM_FACTOR,
     BatteryResponse,
+    LoadSwing,
     Measured,
     PvProber,
     Setpoints,
     Targets,
     apply_safety,
+    safe_setpoints,
 )
 from controller.storage.atomic import write_atomic
 from controller.storage.timeseries import TimeSeriesStore
@@ -43,7 +43,7 @@ from firmware_bridge.scheduler import Measurement
 from firmware_bridge.transport import Link
 from optimiser import Plan, Scenario, solve
 
-__all__ = ["BreachCount", "Counters", "RunStats", "Runtime"]
+__all__ = ["Counters", "RunStats", "Runtime"]
 
 _log = logging.getLogger(__name__)
 
@@ -68,9 +68,6 @@ HOLD_AFTER_TICKS = 1.5
 # this much per held tick, leaning towards import until the reading returns or the safe state takes
 # over (stale_data_timeout_s, 10 s by default: at most 10 kW of PV held back, during a fault only).
 HOLD_PV_LEAN_KW_PER_TICK = 1.0
-# The zero-export headroom follows the load's swings over about this long: a step (lunch ends) raises
-# it for a few minutes, a calm afternoon lowers it.
-LOAD_SWING_WINDOW_S = 300.0
 # Demand charges are billed on the largest average import over aligned blocks of this length.
 DEMAND_BLOCK_MINUTES = 15
 # A setpoint is rewritten only when it moved by more than this (the bus has better things to do).
@@ -115,45 +112,6 @@ class Counters:
     energy_cost_cny: float = 0.0  # import at the TOU price in force, minus export revenue
     carbon_kg: float = 0.0  # grid import × the grid emission factor
     carbon_avoided_kg: float = 0.0  # PV energy used on site × the grid emission factor
-
-
-@dataclass
-class BreachCount:
-    """Ticks whose measured grid flow was beyond a limit (by more than the meters' margin) after the
-    previous tick's correction, split by whether the safety layer had every lever at its end."""
-
-    ticks: int = 0
-    longest_run_ticks: int = 0
-    energy_kwh: float = 0.0  # beyond the limit
-    unavoidable_ticks: int = 0
-    unavoidable_energy_kwh: float = 0.0
-    _run: int = 0
-
-    def add(self, beyond_kw: float, dt_s: float, *, unavoidable: bool) -> None:
-        if beyond_kw <= LIMIT_MARGIN_KW:
-            self._run = 0
-            return
-        self.ticks += 1
-        self._run += 1
-        self.longest_run_ticks = max(self.longest_run_ticks, self._run)
-        self.energy_kwh += beyond_kw * dt_s / 3600
-        if unavoidable:
-            self.unavoidable_ticks += 1
-            self.unavoidable_energy_kwh += beyond_kw * dt_s / 3600
-
-    @property
-    def avoidable_ticks(self) -> int:
-        return self.ticks - self.unavoidable_ticks
-
-    def to_json(self) -> dict[str, float]:
-        return {
-            "ticks": self.ticks,
-            "avoidable_ticks": self.avoidable_ticks,
-            "unavoidable_ticks": self.unavoidable_ticks,
-            "longest_run_ticks": self.longest_run_ticks,
-            "energy_kwh": round(self.energy_kwh, 4),
-            "unavoidable_energy_kwh": round(self.unavoidable_energy_kwh, 4),
-        }
 
 
 @dataclass
@@ -276,10 +234,7 @@ class Runtime:
         self._written: dict[tuple[str, str], float] = {}
         self._write_failed: dict[tuple[str, str], int] = {}
         self._pv_limit_kw: float | None = None
-        self._last_load_kw: float | None = None
-        # The load's mean change per tick, an exponential average over LOAD_SWING_WINDOW_S: sizes the
-        # zero-export headroom. Starts where the fixed headroom was, and learns down (or up) from there.
-        self._load_swing_kw = HEADROOM_KW / LOAD_SWING_HEADROOM_FACTOR
+        self._load_swing = LoadSwing()
         self.month_peak_kw = 0.0  # largest completed 15-minute average import this month
         self._demand_block: tuple[int, int] | None = None
         self._demand_month = 0
@@ -431,12 +386,21 @@ class Runtime:
         return True
 
     async def _leave_safe(self) -> None:
-        """On the way out: battery idle, cars at their minimum, PV unrestricted only without zero export."""
+        """On the way out, the safe state (the same one as when the grid meter goes stale): battery idle,
+        cars at their minimum (or off), and PV limited to what the site consumes without them, since a
+        PV limit that counted on a charging battery would export what the battery no longer takes."""
+        measured = self.last_measured or Measured(None, None, None, None, {}, {}, self._pv_limit_kw)
+        safe = safe_setpoints(self.site, dataclasses.replace(measured, grid_kw=None, blind_s=0.0))
         for name in self._devices(DeviceKind.BATTERY_INVERTER):
             await self._write_now(name, "power_setpoint_kw", 0.0)
         for charger in self.site.ev_chargers:
             amps = charger.min_current_a if self.site.control.safe_state.ev_chargers == "minimum" else 0.0
             await self._write_now(self._charger_device(charger.name), "current_limit_a", amps)
+        if self.site.pv is not None and self.site.pv.curtailable:
+            limit = safe.pv_limit_kw
+            pct = 100.0 if limit is None else max(0.0, min(100.0, 100 * limit / self.site.pv.peak_kw))
+            for name in self._devices(DeviceKind.PV_INVERTER):
+                await self._write_now(name, "power_limit_pct", round(pct, 1))
 
     async def _write_now(self, device: str, quantity: str, value: float) -> bool:
         try:
@@ -548,17 +512,14 @@ class Runtime:
         ev_total = sum(v for v in ev_kw.values() if v is not None)
         load_known = grid is not None and pv is not None and battery is not None and cars_known
         if load_known and grid is not None and pv is not None and battery is not None:
-            load_kw = grid + pv - battery - ev_total
-            if self._last_load_kw is not None:
-                weight = min(1.0, dt_s / LOAD_SWING_WINDOW_S)
-                self._load_swing_kw += weight * (abs(load_kw - self._last_load_kw) - self._load_swing_kw)
-            self._last_load_kw = load_kw
+            self._load_swing.observe(grid + pv - battery - ev_total, dt_s)
         if grid is not None:
             self._last_grid_ok_s = self.clock.now()
         blind_s = 0.0 if self._last_grid_ok_s is None else self.clock.now() - self._last_grid_ok_s
         self.battery_response.observe(battery, dt_s)
-        measured = Measured(grid, pv, battery, soc, ev_kw, connected, self._pv_limit_kw, offered, self._last_load_kw,
-                            self._load_swing_kw, self.battery_response.kw_per_s, blind_s)  # fmt: skip
+        measured = Measured(grid, pv, battery, soc, ev_kw, connected, self._pv_limit_kw, offered,
+                            self._load_swing.last_load_kw, self._load_swing.kw, self.battery_response.kw_per_s,
+                            blind_s)  # fmt: skip
         self._count_breaches(grid, dt_s)
         self._note_full_cars(connected, offered, ev_kw)
         targets = self._targets()
@@ -581,8 +542,9 @@ class Runtime:
             )  # fmt: skip
             self._pv_prober.applied(pv, setpoints)
         self._breach_unavoidable = setpoints.unavoidable
-        if load_known and pv is not None and self._last_load_kw is not None:
-            self.forecaster.observe(self.clock.local(), self._last_load_kw, pv, self._pv_limit_kw is not None)
+        last_load = self._load_swing.last_load_kw
+        if load_known and pv is not None and last_load is not None:
+            self.forecaster.observe(self.clock.local(), last_load, pv, self._pv_limit_kw is not None)
         if grid is not None:
             self._demand(max(grid, 0.0), dt_s)
             self._count(grid, pv, battery, ev_total if cars_known else None, dt_s)

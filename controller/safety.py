@@ -17,6 +17,7 @@ from config import ChargerRating, SiteConfig
 
 __all__ = [
     "BatteryResponse",
+    "LoadSwing",
     "Measured",
     "PvProber",
     "Setpoints",
@@ -24,6 +25,7 @@ __all__ = [
     "apply_safety",
     "export_headroom_kw",
     "mean_ramp_change_kw",
+    "safe_setpoints",
 ]
 
 # A limit is breached only beyond this margin: meters and inverters are not exact to the watt.
@@ -60,10 +62,17 @@ SAFE_STATE_LOAD_SHARE = 0.8
 # the share falls linearly to nothing over this long, leaving PV only what may be exported.
 BLIND_TRUST_S = 900.0
 # The battery's response rate is learned from how far it moved in a tick when asked to move further.
-# It never falls below this (a battery that moves slower is not following at all) and grows back by
-# this factor a tick while the battery keeps up with what it is asked.
+# It never falls below this (a battery that moves slower is not following at all). Setpoints run this
+# factor ahead of the rate it has shown (so a faster battery can show more); limits count only what
+# it has shown.
 BATTERY_RATE_FLOOR_KW_PER_S = 0.5
 BATTERY_RATE_GROWTH = 1.2
+# A battery that ends a tick further than this from its setpoint fell short of it (it moved all tick).
+BATTERY_RATE_TOLERANCE_KW = 0.2
+BATTERY_RATE_TOLERANCE_SHARE = 0.02
+# The export headroom follows the load's swings over about this long: a step (lunch ends) raises it
+# for a few minutes, a calm afternoon lowers it.
+LOAD_SWING_WINDOW_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,14 +182,29 @@ class BatteryResponse:
         asked, moved = setpoint_kw - before_kw, measured_kw - before_kw
         if abs(asked) <= BATTERY_FOLLOWING_MARGIN_KW or moved * asked <= 0:
             return  # a small step tells nothing; no move at all is refusal or the BMS, not slowness
-        if abs(moved) < abs(asked) - BATTERY_FOLLOWING_MARGIN_KW:
-            self.kw_per_s = max(BATTERY_RATE_FLOOR_KW_PER_S, abs(moved) / dt_s)
+        if abs(moved) < abs(asked) - max(BATTERY_RATE_TOLERANCE_KW, BATTERY_RATE_TOLERANCE_SHARE * abs(asked)):
+            self.kw_per_s = max(BATTERY_RATE_FLOOR_KW_PER_S, abs(moved) / dt_s)  # moving all tick: its rate
         elif abs(asked) >= 0.9 * self.kw_per_s * dt_s:
-            self.kw_per_s = min(self.rated_kw_per_s, self.kw_per_s * BATTERY_RATE_GROWTH)
+            self.kw_per_s = min(self.rated_kw_per_s, max(self.kw_per_s, abs(asked) / dt_s))  # kept up: shown
 
     def sent(self, measured_kw: float | None, setpoint_kw: float) -> None:
         """A setpoint went out while the battery read measured_kw."""
         self._last = None if measured_kw is None else (measured_kw, setpoint_kw)
+
+
+class LoadSwing:
+    """The load's mean change per tick, an exponential average over LOAD_SWING_WINDOW_S: sizes the export
+    headroom. Starts where the fixed headroom was, and learns down (or up) from there."""
+
+    def __init__(self) -> None:
+        self.kw = HEADROOM_KW / LOAD_SWING_HEADROOM_FACTOR
+        self.last_load_kw: float | None = None  # the site load (without battery and cars) last seen
+
+    def observe(self, load_kw: float, dt_s: float) -> None:
+        if self.last_load_kw is not None:
+            weight = min(1.0, dt_s / LOAD_SWING_WINDOW_S)
+            self.kw += weight * (abs(load_kw - self.last_load_kw) - self.kw)
+        self.last_load_kw = load_kw
 
 
 def mean_ramp_change_kw(step_kw: float, rate_kw_per_s: float, dt_s: float) -> float:
@@ -231,7 +255,7 @@ class _Battery:
                 self.discharge_max = 0.0
         rated = b.ramp_kw_per_s if b is not None else 0.0
         rate = rated if measured.battery_rate_kw_per_s is None else min(rated, measured.battery_rate_kw_per_s)
-        self.reach = rate * dt_s
+        self.reach = min(rated, rate * BATTERY_RATE_GROWTH) * dt_s
         self.rate, self.dt_s = rate, dt_s
         # An inverter that is not doing what it was told last tick (refusing setpoints, its BMS in the
         # way) is not counted on. A setpoint that creeps by less than the margin a tick would hide a
@@ -263,6 +287,24 @@ class _Battery:
             return self.now_kw  # not seen doing what it was told: its help is not counted on
         return self.now_kw + mean_ramp_change_kw(step, self.rate, self.dt_s)
 
+    def relieve(self, amount_kw: float, *, charging_helps: bool) -> float:
+        """Move the setpoint so that the counted effect moves `amount_kw` in the helping direction (as far
+        as the window and the ramp allow); returns the setpoint change."""
+        sign = 1.0 if charging_helps else -1.0
+        want = self.effect(charging_helps=charging_helps) + sign * amount_kw
+        change = sign * (want - self.now_kw)  # > 0: beyond where the battery is now, in the helping direction
+        if change <= 0 or not self.follows:
+            kw = want  # short of where it is now: counted in full (or not counted on at all: asked anyway)
+        else:
+            reach = self.rate * self.dt_s
+            # mean_ramp_change_kw inverted: a step d gives a mean d (1 - d / 2 reach), at most reach / 2.
+            step = reach if change >= reach / 2 else reach - (reach * reach - 2 * reach * change) ** 0.5
+            kw = self.now_kw + sign * step
+        new = self.clamp(kw)
+        new = max(new, self.kw) if charging_helps else min(new, self.kw)
+        moved, self.kw = new - self.kw, new
+        return moved
+
 
 def apply_safety(
     site: SiteConfig,
@@ -279,7 +321,7 @@ def apply_safety(
     `battery_accepts`: False when the battery's last setpoint write failed: it is not counted on."""
     chargers = {c.name: c for c in site.ev_chargers}
     if measured.grid_kw is None:
-        return _safe_state(site, measured, chargers)
+        return safe_setpoints(site, measured)
     grid_now = measured.grid_kw
     actions: list[str] = []
     bat = _Battery(site, measured, previous_battery_kw, dt_s, battery_accepts)
@@ -361,10 +403,9 @@ def apply_safety(
         if excess <= 0:
             break
         if import_lever == "battery" and bat.known:
-            lower = bat.clamp(bat.kw - excess)
-            if lower < bat.kw:
-                actions.append(f"import limit: battery {lower - bat.kw:+.1f} kW")
-                bat.kw = lower
+            moved = bat.relieve(excess, charging_helps=False)
+            if moved < 0:
+                actions.append(f"import limit: battery {moved:+.1f} kW")
                 excess = grid(export_side=False) - import_aim
         elif import_lever == "ev":
             for name in sorted(ev_amps, key=lambda n: -ev_amps[n]):
@@ -383,16 +424,21 @@ def apply_safety(
     for lever in site.tuning.grid.export_relief_order:
         surplus = export_aim - grid(export_side=True)
         if lever == "battery" and bat.known and surplus > 0:
-            higher = bat.clamp(bat.kw + surplus)
-            if higher > bat.kw:
-                actions.append(f"export limit: battery {higher - bat.kw:+.1f} kW")
-                bat.kw = higher
+            moved = bat.relieve(surplus, charging_helps=True)
+            if moved > 0:
+                actions.append(f"export limit: battery {moved:+.1f} kW")
         elif lever == "ev" and surplus > 0:
             for name, charger in chargers.items():
                 if surplus <= 0 or name not in known_cars or not measured.ev_connected.get(name, False):
                     continue
                 if not _following(measured, charger):
-                    continue  # only a car seen taking what it is offered is counted on to take more
+                    # Only a car seen taking what it is offered is counted on to take more; one that is not
+                    # is offered current all the same (taking it can only help), not counted on.
+                    wanted = _ev_current(charger, min(charger.max_kw, max(charger.min_kw, surplus)))
+                    if wanted > ev_amps[name]:
+                        ev_amps[name] = wanted
+                        actions.append(f"export limit: {name} offered {wanted:.1f} A")
+                    continue
                 now_kw = _ev_kw(charger, ev_amps[name])
                 want = min(charger.max_kw, now_kw + surplus)
                 if want < charger.min_kw:
@@ -429,7 +475,7 @@ def apply_safety(
     if predicted_import > site.import_limit_kw:
         breach = "import"
         unavoidable = (
-            (not bat.known or bat.kw <= -bat.discharge_max + 1e-6)
+            (not bat.known or bat.kw <= max(-bat.discharge_max, bat.base - bat.reach) + 1e-6)
             and all(ev_amps[n] == 0.0 for n in known_cars)
             and (pv_limit is None or (pv_now is not None and pv_limit >= pv_now))
         )
@@ -441,7 +487,7 @@ def apply_safety(
             for n in known_cars
         )  # fmt: skip
         unavoidable = (
-            (not bat.known or bat.kw >= bat.charge_max - 1e-6)
+            (not bat.known or bat.kw >= min(bat.charge_max, bat.base + bat.reach) - 1e-6)
             and cars_full
             and (not curtailable or (pv_limit is not None and pv_limit <= 0.0))
         )
@@ -476,8 +522,10 @@ def _blind_pv_limit_kw(site: SiteConfig, measured: Measured) -> float:
     return max(0.0, covered + site.export_limit_kw - HEADROOM_KW)
 
 
-def _safe_state(site: SiteConfig, measured: Measured, chargers: dict[str, ChargerRating]) -> Setpoints:
-    """Blind: battery idle, cars at their minimum (or off), PV limited to the last trusted load."""
+def safe_setpoints(site: SiteConfig, measured: Measured) -> Setpoints:
+    """The safe state, for a stale grid meter and for every exit: battery idle, cars at their minimum (or
+    off), PV limited to a share of the last trusted load (plus the export allowed)."""
+    chargers = {c.name: c for c in site.ev_chargers}
     safe = site.control.safe_state
     amps = {
         name: (c.min_current_a if safe.ev_chargers == "minimum" and measured.ev_connected.get(name, False) else 0.0)

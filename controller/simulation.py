@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from config import SiteConfig
+from controller.breaches import BreachCount
 from controller.plant import Plant, school_arrivals
 from controller.safety import LIMIT_MARGIN_KW, Setpoints
 from firmware_bridge.maps import load_map
@@ -20,35 +21,56 @@ __all__ = ["Recorder", "simulated_site"]
 
 @dataclass
 class Recorder:
-    """Checks every tick against the plant's truth after the tick's setpoints took effect."""
+    """Judges every tick's correction by the plant's truth: the mean grid flow over the interval that
+    the last tick's setpoints governed, against each limit, and whether it was avoidable at all."""
 
     site: SiteConfig
     plant: Plant
-    breach_ticks: int = 0
-    longest_breach_ticks: int = 0
+    import_breaches: BreachCount = field(default_factory=BreachCount)
+    export_breaches: BreachCount = field(default_factory=BreachCount)
     soc_out_of_bounds_ticks: int = 0
-    _run: int = 0
     grid_kw: list[float] = field(default_factory=list)
-    # Runs of more than one tick beyond a limit: (first second, ticks, worst grid kW), for the reports.
+    # Runs of avoidable breach ticks: (first second, ticks, worst grid kW), for the reports.
     long_breaches: list[tuple[float, int, float]] = field(default_factory=list)
+    _avoidable_run: int = 0
+    _last_s: float | None = None
+
+    @property
+    def breach_ticks(self) -> int:
+        return self.import_breaches.ticks + self.export_breaches.ticks
+
+    @property
+    def avoidable_breach_ticks(self) -> int:
+        return self.import_breaches.avoidable_ticks + self.export_breaches.avoidable_ticks
+
+    @property
+    def longest_breach_ticks(self) -> int:
+        return max(self.import_breaches.longest_run_ticks, self.export_breaches.longest_run_ticks)
 
     def __call__(self, now_s: float, setpoints: Setpoints) -> None:
-        grid = self.plant.grid_kw
-        self.grid_kw.append(grid)
-        breach = (
-            grid > self.site.import_limit_kw + LIMIT_MARGIN_KW or grid < -self.site.export_limit_kw - LIMIT_MARGIN_KW
-        )
-        self._run = self._run + 1 if breach else 0
-        if self._run == 2:
-            self.long_breaches.append((now_s - 1, 2, grid))
-        elif self._run > 2:
-            first, _, worst = self.long_breaches[-1]
-            self.long_breaches[-1] = (first, self._run, grid if abs(grid) > abs(worst) else worst)
-        self.breach_ticks += breach
-        self.longest_breach_ticks = max(self.longest_breach_ticks, self._run)
+        last, self._last_s = self._last_s, now_s
+        grid = self.plant.interval_grid_kw
         b = self.site.battery
         if b is not None and not b.soc_min - 1e-6 <= self.plant.soc <= b.soc_max + 1e-6:
             self.soc_out_of_bounds_ticks += 1
+        if last is None or grid is None:
+            return  # the first tick: no correction judged yet
+        self.grid_kw.append(grid)
+        dt_s = now_s - last
+        beyond_import = grid - self.site.import_limit_kw
+        beyond_export = -grid - self.site.export_limit_kw
+        import_avoidable, export_avoidable = self.plant.interval_import_avoidable, self.plant.interval_export_avoidable
+        self.import_breaches.add(beyond_import, dt_s, unavoidable=not import_avoidable)
+        self.export_breaches.add(beyond_export, dt_s, unavoidable=not export_avoidable)
+        avoidable = (beyond_import > LIMIT_MARGIN_KW and import_avoidable) or (
+            beyond_export > LIMIT_MARGIN_KW and export_avoidable
+        )
+        self._avoidable_run = self._avoidable_run + 1 if avoidable else 0
+        if self._avoidable_run == 1:
+            self.long_breaches.append((last, 1, grid))
+        elif self._avoidable_run > 1:
+            first, _, worst = self.long_breaches[-1]
+            self.long_breaches[-1] = (first, self._avoidable_run, grid if abs(grid) > abs(worst) else worst)
 
 
 @contextlib.asynccontextmanager

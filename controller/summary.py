@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from config import SiteConfig
+from controller.breaches import BreachCount
 from controller.plant import Plant
 from controller.runtime import Runtime
 from controller.simulation import Recorder
@@ -37,12 +38,23 @@ def summary_text(
         f" {avoided_kg:.1f} kgCO2 avoided vs baseline",
         f"  EVs: {plant.delivered_kwh:.1f} of {plant.requested_kwh:.1f} kWh requested delivered"
         f" (baseline {plant.baseline_delivered_kwh:.1f})",
-        f"  limits: {recorder.breach_ticks} ticks beyond a grid limit after correction (longest run"
-        f" {recorder.longest_breach_ticks}); SoC out of bounds {recorder.soc_out_of_bounds_ticks} ticks;"
-        f" safe state {stats['safe_state_ticks']} ticks",
+        f"  limits (plant truth, after correction): {_breaches('import', recorder.import_breaches)};"
+        f" {_breaches('export', recorder.export_breaches)}",
+        f"  SoC out of bounds {recorder.soc_out_of_bounds_ticks} ticks; safe state {stats['safe_state_ticks']} ticks;"
+        f" the controller's own count (meters): import {stats['import_breach_ticks']:.0f} ticks"
+        f" ({stats['import_breach_unavoidable_ticks']:.0f} unavoidable), export {stats['export_breach_ticks']:.0f}"
+        f" ({stats['export_breach_unavoidable_ticks']:.0f} unavoidable)",
         f"  ticks: {stats['ticks']}, processing p50 {stats['tick_processing_p50_ms']:.3f} ms,"
         f" p99 {stats['tick_processing_p99_ms']:.3f} ms (excluding bus I/O); {stats['plans']} plans,"
         f" median {stats['plan_time_median_ms']:.1f} ms; bus errors {stats['bus_errors']},"
         f" failed writes {stats['write_failures']}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _breaches(limit: str, count: BreachCount) -> str:
+    return (
+        f"{count.ticks} ticks beyond the {limit} limit ({count.avoidable_ticks} avoidable, {count.unavoidable_ticks}"
+        f" unavoidable), longest run {count.longest_run_ticks}, {count.energy_kwh:.2f} kWh beyond"
+        f" ({count.unavoidable_energy_kwh:.2f} unavoidable)"
+    )

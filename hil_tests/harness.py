@@ -67,6 +67,9 @@ class ScenarioResult:
     logged_ticks: int = 0
     breach_ticks: int = 0
     longest_breach_ticks: int = 0
+    avoidable_breach_ticks: int = 0
+    unavoidable_breach_ticks: int = 0
+    breach_energy_kwh: float = 0.0
     soc_out_of_bounds_ticks: int = 0
     safe_state_ticks: int = 0
     safe_entered_s: float | None = None
@@ -311,14 +314,18 @@ def _judge(  # noqa: PLR0917 - one call site, every piece of the run it judges
     soc_initial: float,
 ) -> None:
     fail = result.failures.append
-    result.breach_ticks = run.recorder.breach_ticks
-    result.longest_breach_ticks = run.recorder.longest_breach_ticks
+    rec = run.recorder
+    result.breach_ticks = rec.breach_ticks
+    result.longest_breach_ticks = rec.longest_breach_ticks
+    result.avoidable_breach_ticks = rec.avoidable_breach_ticks
+    result.unavoidable_breach_ticks = rec.breach_ticks - rec.avoidable_breach_ticks
+    result.breach_energy_kwh = rec.import_breaches.energy_kwh + rec.export_breaches.energy_kwh
     result.soc_out_of_bounds_ticks = run.recorder.soc_out_of_bounds_ticks
     result.ended_safe = bool(run.safe and run.safe[-1])
-    if result.longest_breach_ticks > 1:
+    if result.avoidable_breach_ticks:
         runs = run.recorder.long_breaches[:3]
         where = ", ".join(f"{n} ticks from {t:.0f} s (worst {kw:+.1f} kW)" for t, n, kw in runs)
-        fail(f"a grid limit was breached for more than one tick in a row: {where}")
+        fail(f"{result.avoidable_breach_ticks} avoidable ticks beyond a grid limit: {where}")
     if result.soc_out_of_bounds_ticks:
         fail(f"SoC outside its bounds for {result.soc_out_of_bounds_ticks} ticks")
     if result.logged_ticks != result.ticks:

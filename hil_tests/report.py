@@ -28,7 +28,8 @@ def markdown(results: list[ScenarioResult]) -> str:
         " self-consumption, and the perfect-foresight optimum (HiGHS LP on 15-min averages, same car energy"
         " and final SoC as the run). The controller only sees its meters and its own forecasts.",
         "",
-        "| scenario | length | result | longest breach (ticks) | SoC out of bounds | safe state | EV kWh"
+        "| scenario | length | result | breach ticks: avoidable / unavoidable (longest run, kWh)"
+        " | SoC out of bounds | safe state | EV kWh"
         " delivered/requested | log ticks/ticks | bill: run / no battery / self-cons. / optimum | gap to"
         " optimum | kgCO2: run / no battery / self-cons. | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -44,7 +45,8 @@ def markdown(results: list[ScenarioResult]) -> str:
             safe = f"entered {r.safe_entered_s:.0f} s, {left}"
         verdict = "PASS" if r.passed else "FAIL: " + "; ".join(r.failures)
         lines.append(
-            f"| {r.name} | {r.simulated_s / 3600:.1f} h | {verdict} | {r.longest_breach_ticks} |"
+            f"| {r.name} | {r.simulated_s / 3600:.1f} h | {verdict} | {r.avoidable_breach_ticks} /"
+            f" {r.unavoidable_breach_ticks} ({r.longest_breach_ticks}, {r.breach_energy_kwh:.2f}) |"
             f" {r.soc_out_of_bounds_ticks} | {safe} | {r.ev_delivered_kwh:.1f}/{r.ev_requested_kwh:.1f} |"
             f" {r.logged_ticks}/{r.ticks} | {_money(r, 'realised')} / {_money(r, 'no battery')} /"
             f" {_money(r, 'self-consumption')} / {_money(r, 'perfect foresight')} | {gap} |"
