@@ -90,6 +90,17 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
+def _pruned(value: dict[str, Any]) -> dict[str, Any]:
+    """Overrides without empty sections: `{"grid": {"x": null}}` on no overrides leaves no override,
+    so it writes nothing (RFC 7396 would keep the emptied object)."""
+    out = {}
+    for key, item in value.items():
+        kept = _pruned(item) if isinstance(item, dict) else item
+        if kept != {}:
+            out[key] = kept
+    return out
+
+
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict):
         out: dict[str, Any] = {}
@@ -314,7 +325,7 @@ class TuningStore:
                 f"base_version: {base_version} is stale, the overrides are at version {disk.version}; "
                 "read config/state again and send the patch against it"
             ], version=disk.version)  # fmt: skip
-        overrides = merge_patch(disk.tuning, patch)
+        overrides = _pruned(merge_patch(disk.tuning, patch))
         try:
             site = self._validated(overrides)
         except ConfigError as err:
