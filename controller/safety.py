@@ -37,9 +37,12 @@ HEADROOM_KW = 1.0
 # Holding the export limit costs the headroom's import (or export revenue) all day while PV is
 # curtailed, so on the export side it is sized to the site: twice the load's recent mean change per
 # tick (what the load may drop before the next tick corrects it), no less than the PV limit
-# register's step (0.1 % of 300 kWp) and no more than HEADROOM_KW. Until the runtime has measured
-# swings, HEADROOM_KW.
+# register's step (0.1 % of 300 kWp). Until the runtime has measured swings, HEADROOM_KW. On a noisy
+# site (two noisy meters make the consumption the PV limit rests on) it grows with the swings, up to
+# EXPORT_HEADROOM_MAX_KW: capped at HEADROOM_KW, 0.3 kW of meter noise on the grid and PV meters
+# exported 1.5 kW beyond the limit on random sites.
 EXPORT_HEADROOM_MIN_KW = 0.3
+EXPORT_HEADROOM_MAX_KW = 5.0
 LOAD_SWING_HEADROOM_FACTOR = 2.0
 # PV within this of its limit is taken as held back by it; the battery then probes this much per tick.
 PV_AT_LIMIT_KW = 0.5
@@ -510,7 +513,7 @@ def export_headroom_kw(measured: Measured) -> float:
     """How far inside the export limit this tick aims (see EXPORT_HEADROOM_MIN_KW)."""
     if measured.load_swing_kw is None:
         return HEADROOM_KW
-    return min(HEADROOM_KW, max(EXPORT_HEADROOM_MIN_KW, LOAD_SWING_HEADROOM_FACTOR * measured.load_swing_kw))
+    return min(EXPORT_HEADROOM_MAX_KW, max(EXPORT_HEADROOM_MIN_KW, LOAD_SWING_HEADROOM_FACTOR * measured.load_swing_kw))
 
 
 def _blind_pv_limit_kw(site: SiteConfig, measured: Measured) -> float:

@@ -10,6 +10,7 @@ import pytest
 
 from config import SiteConfig, load_site
 from controller.safety import (
+    EXPORT_HEADROOM_MAX_KW,
     EXPORT_HEADROOM_MIN_KW,
     HEADROOM_KW,
     LIMIT_MARGIN_KW,
@@ -58,8 +59,8 @@ def test_zero_export_surplus_goes_to_battery_then_curtailment(site: SiteConfig) 
 
 @pytest.mark.parametrize(
     ("swing_kw", "headroom_kw"),
-    [(None, HEADROOM_KW), (0.05, EXPORT_HEADROOM_MIN_KW), (0.3, 0.6), (3.0, HEADROOM_KW)],
-    ids=["not-measured-yet", "calm", "wobbling", "noisy"],
+    [(None, HEADROOM_KW), (0.05, EXPORT_HEADROOM_MIN_KW), (0.3, 0.6), (1.5, 3.0), (30.0, EXPORT_HEADROOM_MAX_KW)],
+    ids=["not-measured-yet", "calm", "wobbling", "noisy", "wild"],
 )
 def test_zero_export_headroom_follows_the_loads_swings(
     site: SiteConfig, swing_kw: float | None, headroom_kw: float
