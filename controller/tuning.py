@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from config import ConfigError, SiteConfig, Tuning, parse_site
 from controller.file_lock import LockTimeout, exclusive_lock
@@ -46,6 +46,7 @@ __all__ = [
     "TuningStore",
     "follow_file",
     "merge_patch",
+    "patch_errors",
     "shell_identity",
     "strict_type_errors",
 ]
@@ -131,6 +132,35 @@ def strict_type_errors(overrides: dict[str, Any]) -> list[str]:
             lines.append(f"{path}: must be {expected}, got {json_type_name(given)} {_short(given)}")
         return lines
     return []
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    return value
+
+
+def _unknown_fields(patch: dict[str, Any]) -> list[str]:
+    """Keys of a patch that name no `[tuning]` field (with `null` too: a typo must not pass as a reset)."""
+    lines = []
+    stack: list[tuple[dict[str, Any], type[BaseModel], str]] = [(patch, Tuning, "tuning")]
+    while stack:
+        body, model, prefix = stack.pop()
+        for key, value in body.items():
+            known = model.model_fields.get(key)
+            if known is None:
+                lines.append(f"{prefix}.{key[:40]}: not a field of [{prefix}]; fields: {', '.join(model.model_fields)}")
+                continue
+            section = known.annotation
+            if isinstance(value, dict) and isinstance(section, type) and issubclass(section, BaseModel):
+                stack.append((value, section, f"{prefix}.{key}"))
+    return lines
+
+
+def patch_errors(patch: dict[str, Any]) -> list[str]:
+    """What is wrong with a patch on its own, before it meets the overrides: unknown fields and JSON
+    types (`null` resets a field, so it is the one value every field takes)."""
+    return _unknown_fields(patch) or strict_type_errors(_without_nulls(patch))
 
 
 def shell_identity() -> str:
@@ -359,7 +389,7 @@ class TuningStore:
             return ["patch: empty; nothing to change"]
         if nesting_depth(patch, MAX_PATCH_DEPTH) > MAX_PATCH_DEPTH:
             return [f"patch: nested deeper than {MAX_PATCH_DEPTH} levels; [tuning] is not that deep"]
-        return []
+        return patch_errors(patch)
 
     def _append_audit(self, entry: dict[str, Any]) -> None:
         """One JSON line per accepted change, fsynced: the log survives the power cut the file does."""
