@@ -55,6 +55,9 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveKw = Annotated[float, Field(gt=0.0, le=100_000.0)]
 NonNegativeKw = Annotated[float, Field(ge=0.0, le=100_000.0)]
 Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,39}$")]
+# The safety layer aims 1 kW inside the import limit and counts a breach only 0.5 kW beyond it (meter
+# accuracy): a lower limit leaves no room between the two.
+MIN_IMPORT_LIMIT_KW = 2.0
 
 
 class SiteIdentity(_Model):
@@ -509,6 +512,54 @@ class SiteConfig(_Model):
                 raise ValueError(f"tuning.grid.{field} ({value}) exceeds the grid rating {limit}")
         if self.tuning.replan_period_s is not None and self.tuning.replan_period_s < self.control.tick_period_s:
             raise ValueError("tuning.replan_period_s must not be shorter than control.tick_period_s")
+        self._check_limits_enforceable()
+
+    def _check_limits_enforceable(self) -> None:
+        """Refuse a configuration (site file or remote patch alike) under which the loop could not hold a
+        grid limit: every lever the site has is listed in each relief order (the order is the priority,
+        not a choice of levers), no lever is tuned to 0 kW, and the import limit leaves room to aim."""
+        tuned = self.tuning.grid.import_limit_kw is not None
+        field = "tuning.grid.import_limit_kw" if tuned else "grid.import_limit_kw"
+        if self.import_limit_kw < MIN_IMPORT_LIMIT_KW:
+            raise ValueError(
+                f"{field} ({self.import_limit_kw} kW) is below {MIN_IMPORT_LIMIT_KW} kW: the loop aims 1 kW inside"
+                " the import limit and meters are trusted to 0.5 kW, so any load would breach it"
+            )
+        levers: dict[str, str] = {}
+        if self.battery is not None:
+            levers["battery"] = "the site has a battery"
+            for name in ("max_charge_kw", "max_discharge_kw"):
+                if getattr(self.tuning.battery, name) == 0.0:
+                    raise ValueError(
+                        f"tuning.battery.{name} is 0 kW: the battery is a relief lever of both grid limits and could"
+                        " not move; leave it unset (the rating) or give it a power"
+                    )
+        if self.ev_chargers:
+            levers["ev"] = "the site has EV chargers"
+        orders = (("import_relief_order", ("battery", "ev")), ("export_relief_order", ("battery", "ev", "pv")))
+        for order_name, needed in orders:
+            order = getattr(self.tuning.grid, order_name)
+            wanted = dict(levers)
+            if order_name == "export_relief_order" and self.pv is not None and self.pv.curtailable:
+                wanted["pv"] = "the site's PV is curtailable"
+            for lever in needed:
+                if lever in wanted and lever not in order:
+                    raise ValueError(
+                        f"tuning.grid.{order_name} leaves out {lever!r} though {wanted[lever]}: with the other"
+                        " levers at their end the limit would be left unenforced (the order sets priority; list"
+                        " every lever)"
+                    )
+        if self.pv is not None and self.pv.peak_kw > self.export_limit_kw:
+            if not self.pv.curtailable and self.battery is None and not self.ev_chargers:
+                raise ValueError(
+                    f"pv.curtailable is false and the site has no battery and no chargers: nothing can hold the"
+                    f" export limit ({self.export_limit_kw} kW) below the PV peak ({self.pv.peak_kw} kW)"
+                )
+            if self.pv.curtailable and self.control.safe_state.pv == "unrestricted":
+                raise ValueError(
+                    f"control.safe_state.pv is 'unrestricted': blind, PV would export up to {self.pv.peak_kw} kW"
+                    f" against an export limit of {self.export_limit_kw} kW; use 'zero_export_limit' or 'off'"
+                )
 
     # Effective limits: what the loop enforces, the tighter of rating and tuning.
     @property

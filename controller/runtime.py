@@ -518,7 +518,7 @@ class Runtime:
         blind_s = 0.0 if self._last_grid_ok_s is None else self.clock.now() - self._last_grid_ok_s
         self.battery_response.observe(battery, dt_s)
         measured = Measured(grid, pv, battery, soc, ev_kw, connected, self._pv_limit_kw, offered,
-                            self._load_swing.last_load_kw, self._load_swing.kw, self.battery_response.kw_per_s,
+                            self._load_swing.last_load_kw, self._load_swing.kw, self.battery_response.shown_kw_per_s,
                             blind_s)  # fmt: skip
         self._count_breaches(grid, dt_s)
         self._note_full_cars(connected, offered, ev_kw)

@@ -92,7 +92,9 @@ class Measured:
     ev_offered_kw: dict[str, float] = field(default_factory=dict)  # what each car was last allowed
     last_load_kw: float | None = None  # the site load (without battery and cars) at the last trusted reading
     load_swing_kw: float | None = None  # the load's recent mean change per tick (None: not measured yet)
-    battery_rate_kw_per_s: float | None = None  # how fast the battery was seen to move (None: its rating)
+    # How fast the battery has shown it moves towards a setpoint (BatteryResponse); None: not shown yet,
+    # so a move that helps a limit is not counted on (it is asked for at the rated ramp all the same).
+    battery_rate_kw_per_s: float | None = None
     blind_s: float = 0.0  # how long the grid meter has been stale (safe state only)
 
 
@@ -173,7 +175,9 @@ class BatteryResponse:
 
     def __init__(self, rated_kw_per_s: float) -> None:
         self.rated_kw_per_s = rated_kw_per_s
-        self.kw_per_s = rated_kw_per_s
+        # Shown, not rated: a first step against an inverter five times slower than its rating, counted at
+        # the rating, exported 13 kW beyond the limit for a tick.
+        self.shown_kw_per_s: float | None = None
         self._last: tuple[float, float] | None = None  # (measured, setpoint) when the setpoint went out
 
     def observe(self, measured_kw: float | None, dt_s: float) -> None:
@@ -185,10 +189,16 @@ class BatteryResponse:
         asked, moved = setpoint_kw - before_kw, measured_kw - before_kw
         if abs(asked) <= BATTERY_FOLLOWING_MARGIN_KW or moved * asked <= 0:
             return  # a small step tells nothing; no move at all is refusal or the BMS, not slowness
+        shown = self.shown_kw_per_s
         if abs(moved) < abs(asked) - max(BATTERY_RATE_TOLERANCE_KW, BATTERY_RATE_TOLERANCE_SHARE * abs(asked)):
-            self.kw_per_s = max(BATTERY_RATE_FLOOR_KW_PER_S, abs(moved) / dt_s)  # moving all tick: its rate
-        elif abs(asked) >= 0.9 * self.kw_per_s * dt_s:
-            self.kw_per_s = min(self.rated_kw_per_s, max(self.kw_per_s, abs(asked) / dt_s))  # kept up: shown
+            self.shown_kw_per_s = max(BATTERY_RATE_FLOOR_KW_PER_S, abs(moved) / dt_s)  # moving all tick: its rate
+        elif shown is None or abs(asked) >= 0.9 * shown * dt_s:
+            self.shown_kw_per_s = min(self.rated_kw_per_s, max(shown or 0.0, abs(asked) / dt_s))  # kept up
+
+    @property
+    def kw_per_s(self) -> float:
+        """The rate setpoints are paced by: what it has shown, or its rating until it has shown any."""
+        return self.rated_kw_per_s if self.shown_kw_per_s is None else self.shown_kw_per_s
 
     def sent(self, measured_kw: float | None, setpoint_kw: float) -> None:
         """A setpoint went out while the battery read measured_kw."""
@@ -257,9 +267,12 @@ class _Battery:
             if measured.soc <= t.soc_min:
                 self.discharge_max = 0.0
         rated = b.ramp_kw_per_s if b is not None else 0.0
-        rate = rated if measured.battery_rate_kw_per_s is None else min(rated, measured.battery_rate_kw_per_s)
-        self.reach = min(rated, rate * BATTERY_RATE_GROWTH) * dt_s
-        self.rate, self.dt_s = rate, dt_s
+        shown = measured.battery_rate_kw_per_s
+        # Setpoints run a little ahead of the rate shown (or at the rating until then); limits count only
+        # what it has shown.
+        self.reach = (rated if shown is None else min(rated, shown * BATTERY_RATE_GROWTH)) * dt_s
+        self.rate = 0.0 if shown is None else min(rated, shown)
+        self.dt_s = dt_s
         # An inverter that is not doing what it was told last tick (refusing setpoints, its BMS in the
         # way) is not counted on. A setpoint that creeps by less than the margin a tick would hide a
         # refusing inverter for ticks, so a failed write counts as not following at once.
@@ -301,7 +314,8 @@ class _Battery:
         else:
             reach = self.rate * self.dt_s
             # mean_ramp_change_kw inverted: a step d gives a mean d (1 - d / 2 reach), at most reach / 2.
-            step = reach if change >= reach / 2 else reach - (reach * reach - 2 * reach * change) ** 0.5
+            # Nothing shown yet: ask for all it may do, count none of it.
+            step = self.reach if change >= reach / 2 else reach - (reach * reach - 2 * reach * change) ** 0.5
             kw = self.now_kw + sign * step
         new = self.clamp(kw)
         new = max(new, self.kw) if charging_helps else min(new, self.kw)

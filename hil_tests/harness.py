@@ -102,6 +102,8 @@ class ScenarioResult:
 def _site(scenario: HilScenario, workdir: Path, broker_port: int | None) -> SiteConfig:
     data = load_site(SITES / f"{scenario.site}.toml", environment=False).model_dump()
     data["storage"] = {"path": str(workdir / "series.sqlite3")}
+    if scenario.battery_response_kw_per_s is not None:
+        data["simulation"]["battery_response_kw_per_s"] = scenario.battery_response_kw_per_s
     if broker_port is None:
         data["mqtt"]["enabled"] = False
     else:

@@ -184,7 +184,7 @@ def run_site_day(seed: int, *, hours: float = 24.0) -> DayResult:
         swing.observe(grid + pv - battery - sum(v or 0.0 for v in ev_kw.values()), dt)
         response.observe(battery, dt)
         measured = Measured(grid, pv, battery, plant.soc, ev_kw, connected, pv_limit, offered, swing.last_load_kw,
-                            swing.kw, response.kw_per_s)  # fmt: skip
+                            swing.kw, response.shown_kw_per_s)  # fmt: skip
         out = apply_safety(site, measured, targets, setpoint_battery, dt, probe_allowed=prober.allowed(now, pv))
         prober.applied(pv, out)
         _write(site, plant, out, written)

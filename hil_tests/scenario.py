@@ -11,6 +11,7 @@
     cars = "school"                    # school | none
     mqtt = false                       # start a Mosquitto for this scenario
     history_days = 0                   # days the controller already ran the site before `start`
+    battery_response_kw_per_s = 10.0   # the simulated inverter is this slow (default: the site's [simulation])
     [[faults]]                         # at/for are offsets from the start; keep them inside short_duration
     at = "5m"
     for = "30s"
@@ -114,6 +115,9 @@ class HilScenario(_Model):
     # The controller ran the site this many days before `start`: its state file holds the load profile
     # and PV yield it learned from its meters then (as a site's does every week but its first).
     history_days: int = Field(default=0, ge=0, le=28)
+    # The simulated battery inverter moves this fast (kW/s), whatever its site file rates it at: a real
+    # inverter slower than its configured ramp. None: the site's [simulation] setting.
+    battery_response_kw_per_s: float | None = Field(default=None, gt=0.0)
     faults: list[Fault] = Field(default_factory=list)
     expect: Expect = Expect()
 

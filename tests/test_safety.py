@@ -41,6 +41,7 @@ def measured(**kw: object) -> Measured:
         "ev_kw": {"ev1": 0.0, "ev2": 0.0},
         "ev_connected": {"ev1": False, "ev2": False},
         "pv_limit_kw": None,
+        "battery_rate_kw_per_s": 50.0,  # the school's rated ramp, shown
     }
     base.update(kw)
     return Measured(**base)  # type: ignore[arg-type]
