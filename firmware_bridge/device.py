@@ -14,7 +14,7 @@ from typing import Any
 from config import BusProtocol
 from firmware_bridge import dlt645, modbus
 from firmware_bridge.errors import DeviceException, FrameError
-from firmware_bridge.maps import Access, DeviceMap, Dlt645Point, ModbusPoint, RegisterType
+from firmware_bridge.maps import Access, DeviceMap, Dlt645Point, ModbusPoint, RegisterType, Watchdog
 
 __all__ = ["DeviceDriver", "Exchange", "Readings"]
 
@@ -25,6 +25,10 @@ Decoder = Callable[[bytes], tuple[int, Any | None, list[FrameError]]]
 
 # Quantities a current transformer scales: the meter sees secondary values, the site primary ones.
 CT_SCALED_SUFFIXES = ("_kw", "_kwh", "_a")
+
+# A watchdog is kept alive this many times per timeout, so one lost or refused keepalive (a CRC error,
+# a busy device) never lets it run out while the controller is alive.
+KEEPALIVES_PER_TIMEOUT = 3
 
 # Unused registers read to join two blocks cost 2 bytes each; a new transaction costs ~12 bytes
 # of framing plus the device's turnaround, so bridging small gaps is cheaper than splitting.
@@ -120,6 +124,7 @@ class DeviceDriver:
             self._plausible[point.name] = (low * ct, high * ct)
         self._implausible: dict[str, int] = {}
         self._episode: dict[str, int] = {}  # quantity -> rejections in the episode still going on
+        self._heartbeat = 0
         self._reads = self._plan_reads()
 
     def _ct(self, quantity: str) -> float:
@@ -321,3 +326,54 @@ class DeviceDriver:
             expected_reply_bytes=8,
             description=f"write {quantity}={value}",
         )
+
+    # --- communication watchdog -------------------------------------------------------------------
+
+    @property
+    def watchdog(self) -> Watchdog | None:
+        """The device's own communication watchdog, if its map declares one."""
+        return self.map.watchdog
+
+    def watchdog_setup(self, timeout_s: float, fallbacks: Mapping[str, float]) -> list[Exchange]:
+        """The writes that arm the watchdog, in order: each configurable fallback, then the timeout (the
+        timeout last, so the device never runs armed with a stale fallback). `fallbacks` gives a value for
+        every setpoint whose fallback lives in a register (`watchdog_configurable()`); a fixed one cannot
+        be changed. Send them at start and again whenever the device recovers (it may have rebooted with
+        its watchdog off). ValueError for a map without watchdog, a missing or fixed fallback, or a value
+        the registers cannot hold. A timeout of 0 turns the watchdog off."""
+        watchdog = self._watchdog()
+        configurable = self.watchdog_configurable()
+        missing = sorted(set(configurable) - set(fallbacks))
+        if missing:
+            raise ValueError(f"{self.name}: the watchdog needs fallback values for {missing}")
+        unknown = sorted(set(fallbacks) - set(configurable))
+        if unknown:
+            fixed = {s: f.value for s, f in watchdog.fallback.items() if f.point is None}
+            raise ValueError(f"{self.name}: no configurable fallback for {unknown} (fixed in the device: {fixed})")
+        exchanges = [self.write_exchange(configurable[setpoint], value) for setpoint, value in fallbacks.items()]
+        exchanges.append(self.write_exchange(watchdog.timeout_point, timeout_s))
+        return exchanges
+
+    def watchdog_configurable(self) -> dict[str, str]:
+        """Setpoint -> the point that holds its fallback, for the fallbacks the controller sets."""
+        return {s: f.point for s, f in self._watchdog().fallback.items() if f.point is not None}
+
+    def keepalive_exchange(self) -> Exchange | None:
+        """A heartbeat write (a new value each time, as devices that watch for change want). None when the
+        device has no heartbeat register: then a setpoint write is the keepalive, and the controller
+        must write one (the current value again is fine) at least every `keepalive_period_s`."""
+        watchdog = self._watchdog()
+        if watchdog.heartbeat_point is None:
+            return None
+        self._heartbeat = (self._heartbeat + 1) % 0x10000
+        return self.write_exchange(watchdog.heartbeat_point, float(self._heartbeat))
+
+    @staticmethod
+    def keepalive_period_s(timeout_s: float) -> float:
+        """How often to keep a watchdog of `timeout_s` alive."""
+        return timeout_s / KEEPALIVES_PER_TIMEOUT
+
+    def _watchdog(self) -> Watchdog:
+        if self.map.watchdog is None:
+            raise ValueError(f"{self.name}: {self.map.name} declares no communication watchdog")
+        return self.map.watchdog

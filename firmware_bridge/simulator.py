@@ -12,6 +12,7 @@ import os
 import random
 import tempfile
 import termios
+import time
 import tty
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -64,6 +65,10 @@ class SimulatedDevice:
     setpoints: dict[str, float] = field(default_factory=dict)
     requests_seen: int = 0
     ct_ratio: float = 1.0  # the meter reports secondary values; the plant values are primary
+    # The device's own time, for its communication watchdog (tests and accelerated runs inject theirs).
+    clock: Callable[[], float] = time.monotonic
+    watchdog_trips: int = 0  # how often the watchdog ran out and the fallbacks were applied
+    _watchdog_deadline: float | None = field(init=False, repr=False, default=None)
     # The map's Modbus points, and the points each (function, address, count) block covers: a
     # controller asks for the same few blocks every second, so each is worked out once.
     _modbus_points: list[ModbusPoint] = field(init=False, repr=False)
@@ -118,9 +123,41 @@ class SimulatedDevice:
         self.setpoints[target.name] = value
         if self.sink is not None:
             self.sink(target.name, value)
+        self._alive()
         if isinstance(request, modbus.WriteSingleRequest):
             return modbus.WriteSingleReply(unit, request.address, request.value)
         return modbus.WriteMultipleReply(unit, request.address, len(words))
+
+    # --- communication watchdog -------------------------------------------------------------------
+
+    def _alive(self) -> None:
+        """A valid write arrived: restart the watchdog (armed while its timeout register is above 0)."""
+        watchdog = self.map.watchdog
+        if watchdog is None:
+            return
+        timeout_s = self.setpoints.get(watchdog.timeout_point, 0.0)
+        self._watchdog_deadline = self.clock() + timeout_s if timeout_s > 0 else None
+
+    def check_watchdog(self) -> bool:
+        """Apply the fallbacks if the watchdog ran out (once; the next valid write re-arms it). A real
+        device checks on its own; the simulation calls this each plant step and before each request."""
+        watchdog = self.map.watchdog
+        if watchdog is None or self._watchdog_deadline is None or self.clock() < self._watchdog_deadline:
+            return False
+        self._watchdog_deadline = None
+        self.watchdog_trips += 1
+        applied: dict[str, float] = {}
+        for setpoint, fallback in watchdog.fallback.items():
+            configured = None if fallback.point is None else self.setpoints.get(fallback.point)
+            value = configured if configured is not None else fallback.value
+            if value is None:
+                continue  # a fallback register never written and no firmware default: leave it be
+            applied[setpoint] = self.setpoints[setpoint] = value
+            if self.sink is not None:
+                self.sink(setpoint, value)
+        fields = {"device": self.name, "fallbacks": applied}
+        _log.warning("simulated device watchdog ran out: fallbacks applied", extra=fields)
+        return True
 
     # --- DL/T 645 ---------------------------------------------------------------------------------
 
@@ -191,6 +228,10 @@ class SimulatedBus:
 
     def set_fault(self, name: str, fault: Fault) -> None:
         self.device(name).fault = fault
+
+    def check_watchdogs(self) -> list[str]:
+        """Let every device's watchdog act (call each plant step); the names of those that ran out."""
+        return [d.name for d in self.devices.values() if d.check_watchdog()]
 
     async def __aenter__(self) -> SimulatedBus:
         if self._link_dir is None:
@@ -285,6 +326,7 @@ class SimulatedBus:
             self._send(request_bytes)
         if device is None:
             return  # another device's address, or broadcast: silence
+        device.check_watchdog()  # it ran out before this request arrived, whoever else checks
         device.requests_seen += 1
         fault = device.fault
         active = fault.mode is not FaultMode.NONE and self._random.random() < fault.probability

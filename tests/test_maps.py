@@ -73,7 +73,9 @@ async def test_every_writable_point_reaches_the_device(name: str) -> None:
     config = bus_config(BusProtocol.MODBUS_RTU, [device("dut", name, 7)])
     async with rig(config) as r:
         for point in writable:
-            value = 12.3 if point.minimum is None or point.minimum >= 0 else -12.3
+            # 12.3 at the register's resolution (a uint16 of seconds holds 12), negative where allowed.
+            value = round(12.3 / point.scale) * point.scale
+            value = value if point.minimum is None or point.minimum >= 0 else -value
             assert await r.bus.transact(r.drivers["dut"].write_exchange(point.name, value)) == {point.name: value}
             assert r.sim.device("dut").setpoints[point.name] == pytest.approx(value, abs=0.05)
 

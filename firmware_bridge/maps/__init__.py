@@ -21,6 +21,8 @@ __all__ = [
     "MapError",
     "ModbusPoint",
     "RegisterType",
+    "Watchdog",
+    "WatchdogFallback",
     "all_maps",
     "check_site_devices",
     "load_map",
@@ -62,7 +64,7 @@ _WORDS = {
 }
 
 
-Quantity = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*_(kw|kwh|v|a|hz|pct|fraction|pf|code)$")]
+Quantity = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*_(kw|kwh|v|a|hz|pct|fraction|pf|code|s)$")]
 
 
 # Why a plausible range of its own rather than `minimum`/`maximum`: those bound what the controller
@@ -132,6 +134,39 @@ class Dlt645Point(_Plausible):
         return self
 
 
+class WatchdogFallback(_Model):
+    """What a device applies to one setpoint when its communication watchdog runs out."""
+
+    point: Quantity | None = Field(
+        default=None, description="Writable point holding the fallback value, set by the controller at start"
+    )
+    value: float | None = Field(
+        default=None, description="The firmware's fallback (with `point`: what it applies until one is written)"
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if self.point is None and self.value is None:
+            raise ValueError("a fallback needs a point that holds it, a fixed value, or both")
+        return self
+
+
+class Watchdog(_Model):
+    """A device-side communication watchdog: when no valid write arrives within the timeout, the device
+    applies its fallbacks by itself (the controller crashed, was killed, or the bus is cut).
+
+    Any successful write to the device counts as alive (a setpoint, the heartbeat, the configuration);
+    reads do not, so a SCADA or a logger polling the device cannot keep a dead controller's setpoints
+    alive. A timeout of 0 leaves the watchdog off, as the devices ship.
+    """
+
+    timeout_point: Quantity = Field(description="Writable point: seconds without a valid write before fallback")
+    heartbeat_point: Quantity | None = Field(
+        default=None, description="Writable point whose only purpose is to say the controller is alive"
+    )
+    fallback: dict[str, WatchdogFallback] = Field(min_length=1, description="Setpoint -> its fallback")
+
+
 class DeviceMap(_Model):
     name: str = Field(pattern=r"^[a-z0-9_]+$")
     description: str
@@ -141,6 +176,7 @@ class DeviceMap(_Model):
     # Modbus only: registers per read request; some devices refuse long reads.
     max_registers_per_read: int = Field(default=100, ge=1, le=125)
     points: list[ModbusPoint | Dlt645Point] = Field(min_length=1)
+    watchdog: Watchdog | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -155,7 +191,22 @@ class DeviceMap(_Model):
             missing = [n for n in REQUIRED_POINTS[kind] if n not in names]
             if missing:
                 raise ValueError(f"kind {kind.value} needs points {missing}")
+        if self.watchdog is not None:
+            self._check_watchdog(self.watchdog)
         return self
+
+    def _check_watchdog(self, watchdog: Watchdog) -> None:
+        writable = {p.name for p in self.points if p.access is not Access.READ and isinstance(p, ModbusPoint)}
+        named = [("watchdog.timeout_point", watchdog.timeout_point)]
+        if watchdog.heartbeat_point is not None:
+            named.append(("watchdog.heartbeat_point", watchdog.heartbeat_point))
+        for setpoint, fallback in watchdog.fallback.items():
+            named.append((f"watchdog.fallback.{setpoint}", setpoint))
+            if fallback.point is not None:
+                named.append((f"watchdog.fallback.{setpoint}.point", fallback.point))
+        for where, name in named:
+            if name not in writable:
+                raise ValueError(f"{where}: {name!r} is not a writable Modbus point of this map")
 
     def point(self, name: str) -> ModbusPoint | Dlt645Point:
         for point in self.points:
