@@ -62,6 +62,9 @@ class DeviceHealth:
     last_ok_at: float | None = None
     retry_at: float = 0.0  # while lost: when the next attempt is allowed
     last_error: str = ""
+    # Times it answered again after failing (degraded or lost -> ok). A device that was away may have
+    # rebooted with its defaults: a caller that configured it (a watchdog) does so again when this moves.
+    recoveries: int = 0
 
 
 @dataclass(slots=True)
@@ -157,6 +160,7 @@ class Bus:
     def _succeeded(self, device: str) -> None:
         health = self.health(device)
         if health.state is not Health.OK:
+            health.recoveries += 1
             _log.info("device recovered", extra={"bus": self.name, "device": device})
         health.state = Health.OK
         health.consecutive_failures = 0

@@ -144,8 +144,10 @@ async def test_lost_device_is_not_written_until_due_and_the_caller_knows_at_once
         # It answers again: the next due write goes through and it is healthy at once.
         s.sim.set_fault("bat", Fault())
         s.clock.step_to(s.bus.health("bat").retry_at)
+        assert s.bus.health("bat").recoveries == 0
         assert await s.bus.transact(write) == {"power_setpoint_kw": -20.0}
         assert s.bus.health("bat").state is Health.OK
+        assert s.bus.health("bat").recoveries == 1  # the caller re-arms what a reboot may have reset
         assert s.sim.device("bat").setpoints["power_setpoint_kw"] == pytest.approx(-20.0)
 
 
