@@ -298,6 +298,44 @@ async def test_a_thousand_hostile_payloads_over_the_broker_are_all_refused(
     assert run.runtime.stats.safe_state_ticks == 0
 
 
+async def test_a_retained_command_is_refused_and_cleared_never_replayed(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    site = school(tmp_path, broker=f"mqtt://127.0.0.1:{mosquitto.port}", remote_tuning=True)
+    topics = Topics(site.topic_prefix)
+    command = {"correlation_id": "kept", "patch": {"grid": {"import_limit_kw": 111}}}
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+        await client.publish(topics.config_set, json.dumps(command).encode(), qos=1, retain=True)
+    async with subscribed(mosquitto.port, topics.config_reply) as sub, running(site, 40.0, speed=20.0) as run:
+        await wait_for(lambda: len(sub.of(topics.config_reply)) >= 1)
+        reply = sub.of(topics.config_reply)[0]
+        assert reply["correlation_id"] == "kept"
+        assert not reply["accepted"]
+        assert reply["errors"][0].startswith("retained: a retained command is never applied")
+    assert run.service.commands.retained_ignored == 1
+    assert run.runtime.site.tuning == site.tuning
+    assert not TuningStore(site).path.exists()
+    # Cleared: a late subscriber (or the next start) finds no retained command.
+    async with subscribed(mosquitto.port, topics.config_set) as late:
+        await asyncio.sleep(0.5)
+    assert late.messages == []
+
+
+async def test_retained_status_is_sent_again_to_a_broker_that_lost_it(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    site = school(tmp_path, broker=f"mqtt://127.0.0.1:{mosquitto.port}", remote_tuning=True)
+    topics = Topics(site.topic_prefix)
+    async with running(site, 200.0, speed=20.0) as run:  # 10 s of wall time: still running for the checks
+        await wait_for(lambda: run.service.connected.is_set() and run.runtime.stats.plans >= 1)
+        await wait_for(lambda: len(run.service.outbox.control) == 0)
+        mosquitto.kill()
+        (tmp_path / "mosquitto.db").unlink(missing_ok=True)  # a broker that comes back with nothing retained
+        await asyncio.to_thread(mosquitto.start)
+        await wait_for(lambda: run.service.connections >= 2 and run.service.connected.is_set(), 15.0)
+        async with subscribed(mosquitto.port, f"{topics.prefix}/#", "homeassistant/#") as late:
+            await wait_for(lambda: {topics.availability, topics.config_state, topics.plan, topics.health}
+                           <= {t for t, _, retained in late.messages if retained}, 15.0)  # fmt: skip
+            await wait_for(lambda: len([t for t, _, r in late.messages if r and t.endswith("/config")]) == len(SENSORS))
+        assert late.of(topics.config_state)[0]["version"] == 0
+
+
 async def test_embedded_broker_serves_status_and_commands(tmp_path: Path) -> None:
     site = school(tmp_path, broker="embedded", embedded_port=0, remote_tuning=True)
     topics = Topics(site.topic_prefix)
