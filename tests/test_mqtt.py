@@ -337,21 +337,63 @@ async def test_retained_status_is_sent_again_to_a_broker_that_lost_it(tmp_path: 
 
 
 async def test_embedded_broker_serves_status_and_commands(tmp_path: Path) -> None:
-    site = school(tmp_path, broker="embedded", embedded_port=0, remote_tuning=True)
+    site = school(tmp_path, broker="embedded", embedded_port=0, remote_tuning=False)  # no tuning: anonymous
     topics = Topics(site.topic_prefix)
     async with running(site, 40.0, speed=20.0) as run:
         await wait_for(run.service.connected.is_set)
-        async with (
-            subscribed(run.service.port, f"{topics.prefix}/#") as sub,
-            aiomqtt.Client("127.0.0.1", run.service.port) as client,
-        ):
-            await client.publish(
-                topics.config_set, b'{"correlation_id": "e1", "patch": {"battery": {"reserve_soc": 0.3}}}'
-            )
-            await wait_for(lambda: sub.of(topics.config_reply) and len(sub.of(topics.state)) >= 5)
-            assert sub.of(topics.config_reply)[0]["correlation_id"] == "e1"
-            assert sub.of(topics.config_reply)[0]["accepted"]
+        async with subscribed(run.service.port, f"{topics.prefix}/#") as sub:
+            await wait_for(lambda: len(sub.of(topics.state)) >= 5)
             assert sub.of(topics.availability)[0] == "online"  # retained
+    assert not (tmp_path / "series.mqtt-users.json").exists()
+
+
+async def test_embedded_broker_with_remote_tuning_authenticates_and_the_topic_names_the_sender(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    site = school(tmp_path, broker="embedded", embedded_port=0, remote_tuning=True)
+    topics = Topics(site.topic_prefix)
+    accounts = tmp_path / "series.mqtt-users.json"
+    with caplog.at_level("WARNING", logger="controller.mqtt._broker_auth"):
+        async with running(site, 60.0, speed=20.0) as run:
+            await wait_for(run.service.connected.is_set)
+            password = json.loads(accounts.read_text())["engineer"]
+            with pytest.raises(aiomqtt.MqttError):
+                async with aiomqtt.Client("127.0.0.1", run.service.port):
+                    pass  # anonymous: refused
+            with pytest.raises(aiomqtt.MqttError):
+                async with aiomqtt.Client("127.0.0.1", run.service.port, username="engineer", password="guess"):
+                    pass
+            replies: list[dict[str, Any]] = []
+            async with aiomqtt.Client("127.0.0.1", run.service.port, username="engineer", password=password) as client:
+                await client.subscribe(topics.config_reply, qos=1)
+                await client.publish(f"{topics.config_set}/greensite", _cmd("impersonating"), qos=1)
+                await client.publish(topics.config_set, _cmd("unnamed"), qos=1)
+                await client.publish(f"{topics.config_set}/engineer", _cmd("e1"), qos=1)
+                async with asyncio.timeout(10):
+                    async for message in client.messages:
+                        replies.append(json.loads(bytes(message.payload)))
+                        break
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        async for message in client.messages:
+                            replies.append(json.loads(bytes(message.payload)))
+            assert [r["correlation_id"] for r in replies] == ["e1"]  # the ACL dropped the others
+            assert replies[0]["accepted"]
+    assert accounts.stat().st_mode & 0o777 == 0o600
+    audit = [json.loads(line) for line in TuningStore(site).audit_path.read_text().splitlines()]
+    assert [(a["correlation_id"], a["by"], a["verified"]) for a in audit] == [("e1", "mqtt-user:engineer", True)]
+    shown = [r for r in caplog.records if "accounts generated" in r.getMessage()]
+    assert len(shown) == 1
+    assert shown[0].password == password  # type: ignore[attr-defined]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="controller.mqtt._broker_auth"):
+        async with running(site, 5.0, speed=20.0) as run:
+            await wait_for(run.service.connected.is_set)  # the same accounts: the controller connects again
+    assert not [r for r in caplog.records if "accounts generated" in r.getMessage()]  # shown once only
+
+
+def _cmd(correlation_id: str) -> bytes:
+    return json.dumps({"correlation_id": correlation_id, "patch": {"battery": {"reserve_soc": 0.3}}}).encode()
 
 
 def test_config_set_from_a_shell_is_seen_by_a_running_controller(

@@ -143,11 +143,14 @@ class MqttService:
         port: int,
         tls: bool = False,
         identifier: str | None = None,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
+        """`credentials` (user, password) replace the site file's: the embedded broker's own account."""
         self.site = site
         self.runtime = runtime
         self.tuning = tuning
         self.host, self.port, self.tls = host, port, tls
+        self.credentials = credentials
         self.identifier = identifier or f"greensite-{site.site.id}"
         self.topics = Topics(site.topic_prefix)
         self.outbox = Outbox(site.mqtt.outbox_messages)
@@ -208,12 +211,16 @@ class MqttService:
                 certfile=tls.cert_file if tls else None,
                 keyfile=tls.key_file if tls else None,
             )
+        username = mqtt.username
+        password = mqtt.password.get_secret_value() if mqtt.password is not None else None
+        if self.credentials is not None:
+            username, password = self.credentials
         return aiomqtt.Client(
             self.host,
             self.port,
             identifier=self.identifier,
-            username=mqtt.username,
-            password=mqtt.password.get_secret_value() if mqtt.password is not None else None,
+            username=username,
+            password=password,
             will=aiomqtt.Will(self.topics.availability, b"offline", qos=1, retain=True),
             tls_params=tls_params,
             keepalive=KEEPALIVE_S,

@@ -7,7 +7,9 @@ import functools
 from collections.abc import AsyncIterator
 
 from config import SiteConfig
-from controller.mqtt._broker import embedded_broker
+from controller.mqtt._broker import BrokerAccess, embedded_broker
+from controller.mqtt._broker_auth import CONTROLLER_USER, broker_users, users_path
+from controller.mqtt._payloads import Topics
 from controller.mqtt._service import MqttService, broker_address
 from controller.runtime import Runtime
 from controller.tuning import TuningStore, follow_file
@@ -34,10 +36,17 @@ async def site_services(
         yield None
         return
     async with contextlib.AsyncExitStack() as stack:
-        port = None
+        port, credentials = None, None
         if site.mqtt.broker == "embedded":
-            port = await stack.enter_async_context(embedded_broker(site.mqtt.embedded_port))
+            access = None
+            if site.mqtt.remote_tuning:  # who may tune must be known: no anonymous clients then
+                users = broker_users(users_path(site.storage.path))
+                topics = Topics(site.topic_prefix)
+                access = BrokerAccess(users, topics.config_set, [topics.prefix, site.mqtt.ha_discovery_prefix])
+                credentials = (CONTROLLER_USER, users[CONTROLLER_USER])
+            port = await stack.enter_async_context(embedded_broker(site.mqtt.embedded_port, access))
         host, port, tls = broker_address(site, port)
-        service = MqttService(site, runtime, tuning, host=host, port=port, tls=tls, identifier=identifier)
+        service = MqttService(site, runtime, tuning, host=host, port=port, tls=tls, identifier=identifier,
+                              credentials=credentials)  # fmt: skip
         service.attach()
         yield service
