@@ -370,9 +370,7 @@ async def test_embedded_broker_with_remote_tuning_authenticates_and_the_topic_na
                 await client.publish(topics.config_set, _cmd("unnamed"), qos=1)
                 await client.publish(f"{topics.config_set}/engineer", _cmd("e1"), qos=1)
                 async with asyncio.timeout(10):
-                    async for message in client.messages:
-                        replies.append(json.loads(bytes(message.payload)))
-                        break
+                    replies.append(await _first_json(client))
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.5):
                         async for message in client.messages:
@@ -390,6 +388,13 @@ async def test_embedded_broker_with_remote_tuning_authenticates_and_the_topic_na
         async with running(site, 5.0, speed=20.0) as run:
             await wait_for(run.service.connected.is_set)  # the same accounts: the controller connects again
     assert not [r for r in caplog.records if "accounts generated" in r.getMessage()]  # shown once only
+
+
+async def _first_json(client: aiomqtt.Client) -> Any:
+    async for message in client.messages:
+        assert isinstance(message.payload, bytes)
+        return json.loads(message.payload)
+    raise AssertionError("no message")
 
 
 def _cmd(correlation_id: str) -> bytes:
@@ -465,6 +470,40 @@ async def test_tls_with_client_certificate_and_password(tmp_path: Path) -> None:
         async with running(no_cert, 20.0, speed=20.0) as run:
             pass
         assert run.service.connections == 0
+    finally:
+        broker.kill()
+
+
+def _password_file(folder: Path, accounts: dict[str, str]) -> Path:
+    passwd = folder / "passwd"
+    for index, (user, password) in enumerate(accounts.items()):
+        create = ["-c"] if index == 0 else []
+        subprocess.run(["mosquitto_passwd", "-b", *create, str(passwd), user, password], check=True)
+    return passwd
+
+
+async def test_the_example_mosquitto_acl_lets_each_user_command_only_as_themselves(tmp_path: Path) -> None:
+    acl = Path(__file__).parents[1] / "config" / "mosquitto" / "greensite.acl"
+    passwd = _password_file(tmp_path, {"greensite": "controller-pw", "wang": "wang-pw"})
+    broker = Mosquitto(tmp_path, extra_config=f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n")
+    broker.start()
+    try:
+        site = school(tmp_path, broker=f"mqtt://127.0.0.1:{broker.port}", remote_tuning=True, username="greensite",
+                      password="controller-pw")  # fmt: skip
+        topics = Topics(site.topic_prefix)
+        async with running(site, 60.0, speed=20.0) as run:
+            await wait_for(run.service.connected.is_set)
+            async with aiomqtt.Client("127.0.0.1", broker.port, username="wang", password="wang-pw") as client:
+                await client.subscribe(topics.config_reply, qos=1)
+                await client.publish(topics.config_set, _cmd("shared"), qos=1)  # denied: self-declared only
+                await client.publish(f"{topics.config_set}/greensite", _cmd("impersonating"), qos=1)  # denied
+                await client.publish(f"{topics.config_set}/wang", _cmd("w1"), qos=1)
+                async with asyncio.timeout(10):
+                    reply = await _first_json(client)
+        assert reply["correlation_id"] == "w1"
+        assert reply["accepted"]
+        audit = [json.loads(line) for line in TuningStore(site).audit_path.read_text().splitlines()]
+        assert [(a["correlation_id"], a["by"], a["verified"]) for a in audit] == [("w1", "mqtt-user:wang", True)]
     finally:
         broker.kill()
 
