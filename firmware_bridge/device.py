@@ -159,8 +159,9 @@ class DeviceDriver:
             fields = {
                 "device": self.name,
                 "quantity": quantity,
-                "value": value,
-                "raw": raw,
+                # NaN and inf as text: JSON log lines stay valid JSON.
+                "value": value if math.isfinite(value) else str(value),
+                "raw": raw if math.isfinite(raw) else str(raw),
                 "plausible_min": low,
                 "plausible_max": high,
             }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -54,10 +55,15 @@ async def test_raw_0xffff_soc_is_missing_counted_and_logged_once_per_episode(cap
 
 
 @pytest.mark.parametrize("bad_kw", [math.nan, math.inf, 1e9, -1e9])
-async def test_nan_or_absurd_float32_power_is_missing_and_voltages_still_read(bad_kw: float) -> None:
+async def test_nan_or_absurd_float32_power_is_missing_and_voltages_still_read(
+    bad_kw: float, caplog: pytest.LogCaptureFixture
+) -> None:
     config = bus_config(BusProtocol.MODBUS_RTU, [device("m", "eastron_sdm630", 1, DeviceKind.GRID_METER)])
     async with rig(config, values=dict(METER_VALUES, power_kw=bad_kw)) as r:
-        readings = await read_all(r.bus, r.drivers["m"])
+        with caplog.at_level(logging.WARNING, logger="firmware_bridge.device"):
+            readings = await read_all(r.bus, r.drivers["m"])
+    (record,) = caplog.records
+    json.dumps(record.__dict__["value"], allow_nan=False)  # the log line stays valid JSON
     assert "power_kw" not in readings
     assert readings["voltage_l1_v"] == pytest.approx(231.2)
     assert r.drivers["m"].implausible_counts() == {"power_kw": 1}
