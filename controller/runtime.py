@@ -535,7 +535,7 @@ class Runtime:
             action = f"holding: grid reading {grid_age:.0f} s old" + ("" if lean is None else f", PV {lean:.1f} kW")
             setpoints = dataclasses.replace(held, pv_limit_kw=lean, actions=(action,), breach=None, unavoidable=False)
         else:
-            probe = self._pv_prober.allowed(self.clock.now(), pv)
+            probe = self._pv_prober.allowed(self.clock.now(), pv, self._pv_limit_kw)
             setpoints = apply_safety(
                 self.site, measured, targets, self._setpoint_battery_kw, dt_s,
                 probe_allowed=probe, battery_accepts=not self._battery_refused,

@@ -50,10 +50,12 @@ PV_PROBE_KW = 5.0
 # A probe that PV does not follow (the limit only matched what the sun gives) is not repeated every
 # tick, which would swing the battery and the PV limit by PV_PROBE_KW each second: the next probe waits
 # PROBE_WAIT_MIN_S, doubling up to PROBE_WAIT_MAX_S while PV keeps not following. A probe PV follows
-# (sun behind the limit) allows the next at once. Curtailment found late costs at most
-# PV_PROBE_KW x PROBE_WAIT_MAX_S, about 0.04 kWh.
+# (sun behind the limit) allows the next at once, and so does PV falling away from its limit (a cloud:
+# when it clears, the sun is found within seconds). Each probe is two battery reversals: at 32 s, a
+# battery in steady sun reversed 3.5 times a minute; at 300 s, under one every two minutes. What waits
+# is the sun's slow rise under a held limit, under 1 kW over the wait.
 PROBE_WAIT_MIN_S = 4.0
-PROBE_WAIT_MAX_S = 32.0
+PROBE_WAIT_MAX_S = 300.0
 # A car drawing this much less than it was allowed is limiting itself (full, or its own schedule).
 EV_FOLLOWING_MARGIN_KW = 1.0
 # A battery within this of its last setpoint is taken to follow it (rounding, deadband, a slow step).
@@ -147,16 +149,22 @@ class PvProber:
         self._wait_s = 0.0
         self._next_s = 0.0
 
-    def allowed(self, now_s: float, pv_kw: float | None) -> bool:
-        """Whether this tick may probe; judges the previous tick's probe by the PV measured now."""
+    def allowed(self, now_s: float, pv_kw: float | None, limit_kw: float | None = None) -> bool:
+        """Whether this tick may probe; judges the previous tick's probe by the PV measured now.
+        `limit_kw`: the PV limit in force; PV well below it (a cloud) resets the wait."""
         if pv_kw is None:
             self._probed_from_kw = None
             return False
+        if limit_kw is not None and self._probed_from_kw is None and pv_kw < limit_kw - 2 * PV_AT_LIMIT_KW:
+            self._wait_s = 0.0
+            self._next_s = min(self._next_s, now_s)
         if self._probed_from_kw is not None:
-            if pv_kw >= self._probed_from_kw + PV_AT_LIMIT_KW:
+            gained = pv_kw - self._probed_from_kw
+            if gained >= PV_PROBE_KW / 2:
                 self._wait_s = 0.0  # PV rose with the limit: there is more sun, keep looking
-            else:
+            elif gained < PV_AT_LIMIT_KW:
                 self._wait_s = min(max(2.0 * self._wait_s, PROBE_WAIT_MIN_S), PROBE_WAIT_MAX_S)
+            # else the sun is creeping up behind the limit: look again after as long
             self._next_s = now_s + self._wait_s
             self._probed_from_kw = None
         return now_s >= self._next_s
@@ -480,11 +488,20 @@ def apply_safety(
                 if pv_cut > 0:
                     actions.append(f"export limit: PV limited to {allowed:.1f} kW")
     if curtailable and pv_now is None and site.pv is not None:
-        # PV unknown: what it gives cannot be set against the load. It is limited as in the safe
-        # state (a share of the last trusted load, plus the export allowed), never above the limit in force.
-        pv_limit = _blind_pv_limit_kw(site, measured)
+        # PV unknown, the grid seen: the limit in force stays (never raised while PV is unknown) and comes
+        # down by whatever the grid shows exported beyond the aim, so it bites whatever PV gives. It is
+        # never worked out from the load: with PV unknown the load is a guess, and a limit that followed
+        # the battery's moves spiralled (the battery covering the import the limit made, the limit
+        # following the battery down) to 100 kW of discharge. Unrestricted until now, it starts from what
+        # the last trusted load, the battery and the cars take (or, without one, the safe state's).
+        surplus = max(0.0, export_aim - grid(export_side=True))
         if limit_now is not None:
-            pv_limit = min(pv_limit, limit_now)
+            start_kw = limit_now
+        elif measured.last_load_kw is None:
+            start_kw = _blind_pv_limit_kw(site, measured)
+        else:
+            start_kw = min(site.pv.peak_kw, measured.last_load_kw + grid(export_side=True) - rest - export_aim)
+        pv_limit = max(0.0, start_kw - surplus)
         actions.append(f"PV reading unknown: PV limited to {pv_limit:.1f} kW")
     # What is left beyond a limit after every lever, and whether it was avoidable at all.
     breach, unavoidable = None, False

@@ -19,6 +19,7 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -31,7 +32,7 @@ from controller.plant import EvArrival, Plant
 from controller.safety import BatteryResponse, LoadSwing, Measured, PvProber, Setpoints, Targets, apply_safety
 from controller.simulation import Recorder
 
-__all__ = ["DayResult", "random_site", "run_site_day"]
+__all__ = ["DayResult", "closed_loop", "random_site", "run_site_day"]
 
 SCHOOL = Path(__file__).parents[1] / "config" / "sites" / "zhongshan_school.toml"
 # The runtime's write rule (controller/runtime.py): a setpoint is rewritten when it moved past this.
@@ -87,6 +88,9 @@ def random_site(seed: int) -> tuple[SiteConfig, dict[str, Any], str]:
                           "battery_response_kw_per_s": None if not slow or data["battery"] is None
                           else data["battery"]["ramp_kw_per_s"] / 5}  # fmt: skip
     chargers = rnd.randint(0, 4)
+    if not curtailable and battery_kind == "none" and not chargers:
+        curtailable = True  # the schema refuses a site where nothing can hold the export limit
+        data["pv"] = None if peak_pv == 0 else {"peak_kw": peak_pv, "curtailable": True}
     data["ev_chargers"] = [
         {"name": f"ev{i + 1}", "device": f"charger-{i + 1}", "phases": rnd.choice([1, 3]),
          "voltage_v": 230.0, "min_current_a": 6.0, "max_current_a": rnd.choice([16.0, 32.0])}
@@ -151,6 +155,7 @@ def _plan(site: SiteConfig, rnd: random.Random) -> Targets:
 
 
 def run_site_day(seed: int, *, hours: float = 24.0) -> DayResult:
+    """One random site for `hours` from a random day of the year, under an adversarial plan."""
     site, extras, description = random_site(seed)
     rnd = random.Random(seed + 1)
     zone = ZoneInfo(site.site.timezone)
@@ -160,6 +165,20 @@ def run_site_day(seed: int, *, hours: float = 24.0) -> DayResult:
                   meter_noise_kw=extras["meter_noise_kw"])  # fmt: skip
     t = site.tuning.battery
     plant.soc = {"empty": t.soc_min, "full": t.soc_max, "half": 0.5, "none": 0.5}[extras["battery_kind"]]
+    return closed_loop(site, plant, lambda: _plan(site, rnd), hours * 3600, seed=seed, description=description)
+
+
+def closed_loop(
+    site: SiteConfig,
+    plant: Plant,
+    plan: Callable[[], Targets],
+    duration_s: float,
+    *,
+    seed: int = 0,
+    description: str = "",
+    on_tick: Callable[[float, Setpoints], None] | None = None,
+) -> DayResult:
+    """The runtime's tick without the buses against `plant`, a new plan step from `plan()` every 15 minutes."""
     recorder = Recorder(site, plant)
     dt = site.control.tick_period_s
     prober, swing = PvProber(), LoadSwing()
@@ -169,12 +188,12 @@ def run_site_day(seed: int, *, hours: float = 24.0) -> DayResult:
     targets = Targets()
     last_delta, reversals = 0.0, 0
     chargers = {c.name: c for c in site.ev_chargers}
-    ticks = int(hours * 3600 / dt)
+    ticks = int(duration_s / dt)
     for index in range(ticks + 1):
         now = index * dt
         plant.advance(now)
-        if index % int(PLAN_STEP_S / dt) == 0:
-            targets = _plan(site, rnd)
+        if index % max(1, int(PLAN_STEP_S / dt)) == 0:
+            targets = plan()
         grid = plant.readings(DeviceKind.GRID_METER, "grid")["power_kw"]
         pv = plant.readings(DeviceKind.PV_METER, "pv")["power_kw"] if site.pv is not None else 0.0
         battery = plant.battery_kw if site.battery is not None else 0.0
@@ -185,7 +204,8 @@ def run_site_day(seed: int, *, hours: float = 24.0) -> DayResult:
         response.observe(battery, dt)
         measured = Measured(grid, pv, battery, plant.soc, ev_kw, connected, pv_limit, offered, swing.last_load_kw,
                             swing.kw, response.shown_kw_per_s)  # fmt: skip
-        out = apply_safety(site, measured, targets, setpoint_battery, dt, probe_allowed=prober.allowed(now, pv))
+        allowed = prober.allowed(now, pv, pv_limit)
+        out = apply_safety(site, measured, targets, setpoint_battery, dt, probe_allowed=allowed)
         prober.applied(pv, out)
         _write(site, plant, out, written)
         delta = out.battery_kw - setpoint_battery
@@ -195,6 +215,8 @@ def run_site_day(seed: int, *, hours: float = 24.0) -> DayResult:
         setpoint_battery, pv_limit = out.battery_kw, out.pv_limit_kw
         response.sent(battery, setpoint_battery)
         recorder(now, out)
+        if on_tick is not None:
+            on_tick(now, out)
     return DayResult(seed, description, ticks, recorder.import_breaches, recorder.export_breaches, reversals)
 
 

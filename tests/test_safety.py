@@ -15,6 +15,7 @@ from controller.safety import (
     HEADROOM_KW,
     LIMIT_MARGIN_KW,
     PROBE_WAIT_MAX_S,
+    PROBE_WAIT_MIN_S,
     PV_PROBE_KW,
     Measured,
     PvProber,
@@ -229,7 +230,8 @@ def zero_export_loop(
         pv = sun if limit_kw is None else min(sun, limit_kw)
         grid = load_kw + battery_kw - pv
         m = measured(grid_kw=grid, pv_kw=pv, battery_kw=battery_kw, pv_limit_kw=limit_kw, soc=0.5)
-        out = apply_safety(site, m, Targets(), battery_kw, 1.0, probe_allowed=prober.allowed(float(second), pv))
+        allowed = prober.allowed(float(second), pv, limit_kw)
+        out = apply_safety(site, m, Targets(), battery_kw, 1.0, probe_allowed=allowed)
         prober.applied(pv, out)
         battery_kw, limit_kw = out.battery_kw, out.pv_limit_kw
         outs.append(out)
@@ -244,18 +246,27 @@ def test_zero_export_steady_sun_does_not_swing_the_battery(site: SiteConfig) -> 
     outs, _ = zero_export_loop(site, [236.0] * 200)
     battery = [o.battery_kw for o in outs[50:]]
     swings = sum(abs(b - a) > 1.0 for a, b in itertools.pairwise(battery))
-    assert swings <= 12  # a probe every 32 s at most once settled, two swings each
+    assert swings <= 12  # probes further and further apart once settled, two swings each
     assert sum(o.pv_probe_kw > 0 for o in outs[50:]) <= 6
 
 
 def test_zero_export_finds_the_sun_behind_the_limit(site: SiteConfig) -> None:
     """Clouds clear: PV held back by the zero-export limit is found by the probes, and the battery
     takes it, within the longest probe wait plus one probe per PV_PROBE_KW of new sun."""
-    sun = [236.0] * 150 + [276.0] * 150
+    sun = [236.0] * 150 + [276.0] * 500
     outs, pv = zero_export_loop(site, sun)
     found_by = 150 + int(PROBE_WAIT_MAX_S) + int(40 / PV_PROBE_KW) + 4
     assert min(pv[found_by:]) >= 276.0 - 2 * HEADROOM_KW
     assert outs[-1].battery_kw == pytest.approx(276.0 - 200.0 - HEADROOM_KW, abs=2.0)
+
+
+def test_a_cloud_passing_restarts_the_probes(site: SiteConfig) -> None:
+    """Long steady sun has stretched the probe wait; a cloud takes PV well below its limit, and when it
+    clears, brighter than before, the sun behind the limit is found within seconds, not minutes."""
+    sun = [236.0] * 600 + [150.0] * 30 + [276.0] * 60
+    _, pv = zero_export_loop(site, sun)
+    found_by = 630 + 2 * int(PROBE_WAIT_MIN_S) + int(40 / PV_PROBE_KW) + 4
+    assert min(pv[found_by:]) >= 276.0 - 2 * HEADROOM_KW
 
 
 def test_a_refused_setpoint_write_means_the_battery_is_not_counted_on(site: SiteConfig) -> None:
