@@ -6,13 +6,16 @@ import argparse
 import sys
 
 from config import ConfigError, load_site
+from config._preflight import preflight
 from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, Command
 from firmware_bridge.maps import check_site_devices
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", metavar="FILE", help="site TOML files")
-    parser.add_argument("--no-env", action="store_true", help="ignore GREENSITE_* environment overrides")
+    parser.add_argument("--no-env", action="store_true",
+                        help="the file alone: ignore GREENSITE_* environment overrides, skip checks of this machine "
+                             "(TLS files readable, storage writable)")  # fmt: skip
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -22,6 +25,8 @@ def _run(args: argparse.Namespace) -> int:
             site = load_site(name, environment=not args.no_env)
             # Register maps live in firmware_bridge; a model the bridge cannot drive is a site error.
             problems = check_site_devices(site)
+            # What the site needs of this machine at start (TLS files, storage); the file alone with --no-env.
+            problems += preflight(site, machine=not args.no_env)
         except ConfigError as err:
             problems = err.errors
         if problems:
