@@ -171,3 +171,43 @@ def test_valid_patch_is_a_deep_copy_away() -> None:
     data = copy.deepcopy(school())
     data["tuning"]["grid"]["import_limit_kw"] = 300.0
     assert parse_site(data, environment=False).import_limit_kw == 300.0
+
+
+@pytest.mark.parametrize(
+    ("change", "phrase"),
+    [
+        (lambda d: d["tuning"]["grid"].update(export_relief_order=["battery", "ev"]),
+         "tuning.grid.export_relief_order leaves out 'pv'"),
+        (lambda d: d["tuning"]["grid"].update(import_relief_order=["battery"]),
+         "tuning.grid.import_relief_order leaves out 'ev'"),
+        (lambda d: d["tuning"]["grid"].update(import_limit_kw=0.0), "tuning.grid.import_limit_kw (0.0 kW) is below"),
+        (lambda d: d["grid"].update(import_limit_kw=1.0), "grid.import_limit_kw (1.0 kW) is below"),
+        (lambda d: d["tuning"]["battery"].update(max_charge_kw=0.0), "tuning.battery.max_charge_kw is 0 kW"),
+        (lambda d: d["tuning"]["battery"].update(max_discharge_kw=0.0), "tuning.battery.max_discharge_kw is 0 kW"),
+        (lambda d: d["control"]["safe_state"].update(pv="unrestricted"), "control.safe_state.pv is 'unrestricted'"),
+    ],
+    ids=["export-order-without-pv", "import-order-without-ev", "tuned-import-0", "rated-import-1",
+         "charge-0", "discharge-0", "blind-pv-unrestricted"],
+)  # fmt: skip
+def test_a_limit_that_could_not_be_enforced_is_refused(change: Any, phrase: str) -> None:
+    """The issue's patches (a relief order that leaves PV out, a zero import limit, a 0 kW battery) are
+    refused with the field named and why, in the site file as over MQTT (the same schema)."""
+    data = school()
+    change(data)
+    errors = refused(data)
+    assert any(phrase in e for e in errors), errors
+
+
+def test_uncurtailable_pv_needs_some_lever() -> None:
+    data = school()
+    data["pv"]["curtailable"] = False
+    data["buses"][0]["devices"] = [d for d in data["buses"][0]["devices"]
+                                   if d["kind"] not in {"pv_inverter", "battery_inverter", "ev_charger"}]  # fmt: skip
+    del data["battery"]
+    data["ev_chargers"] = []
+    data["tuning"]["grid"] = {}
+    errors = refused(data)
+    assert any("nothing can hold the export limit" in e for e in errors), errors
+    data["ev_chargers"] = []
+    data["grid"]["export_limit_kw"] = 400.0  # above the PV peak: nothing to hold
+    assert parse_site(data, environment=False).export_limit_kw == 400.0
