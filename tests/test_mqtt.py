@@ -334,6 +334,8 @@ async def test_retained_status_is_sent_again_to_a_broker_that_lost_it(tmp_path: 
                            <= {t for t, _, retained in late.messages if retained}, 15.0)  # fmt: skip
             await wait_for(lambda: len([t for t, _, r in late.messages if r and t.endswith("/config")]) == len(SENSORS))
         assert late.of(topics.config_state)[0]["version"] == 0
+        assert late.of(topics.health)[0]["mqtt_commands"] == {"received": 0, "accepted": 0, "refused": 0,
+                                                               "failed": 0, "retained_ignored": 0}  # fmt: skip
 
 
 async def test_embedded_broker_serves_status_and_commands(tmp_path: Path) -> None:

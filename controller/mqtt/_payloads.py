@@ -107,7 +107,7 @@ def state_payload(runtime: Runtime) -> dict[str, Any]:
     return body
 
 
-def health_payload(runtime: Runtime, mqtt_dropped: int = 0) -> dict[str, Any]:
+def health_payload(runtime: Runtime, mqtt_dropped: int = 0, commands: dict[str, int] | None = None) -> dict[str, Any]:
     devices: dict[str, Any] = {}
     for name, bus_name in runtime.bus_of.items():
         health = runtime.buses[bus_name].health(name)
@@ -128,6 +128,8 @@ def health_payload(runtime: Runtime, mqtt_dropped: int = 0) -> dict[str, Any]:
         "export_breaches": runtime.stats.export_breaches.to_json(),
         "battery_response_kw_per_s": round(runtime.battery_response.kw_per_s, 2),
         "mqtt_status_dropped": mqtt_dropped,
+        # Tuning commands since start: received, accepted, refused, failed (our exception), retained_ignored.
+        "mqtt_commands": commands or {},
     }
 
 

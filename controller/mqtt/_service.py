@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -191,7 +191,7 @@ class MqttService:
         states = {name: str(runtime.buses[bus].health(name).state) for name, bus in runtime.bus_of.items()}
         if states != self._last_health_states or wall - self._last_health_wall >= HEALTH_PERIOD_S:
             self._last_health_states, self._last_health_wall = states, wall
-            body = health_payload(runtime, self.outbox.dropped)
+            body = health_payload(runtime, self.outbox.dropped, asdict(self.commands))
             self.outbox.put(self._json(self.topics.health, body, retain=True), control=True)
         if runtime.stats.plans != self._plans_published:
             self._plans_published = runtime.stats.plans
@@ -270,7 +270,7 @@ class MqttService:
         plan = plan_payload(self.runtime)
         if plan is not None:
             self.outbox.put(self._json(self.topics.plan, plan, retain=True), control=True)
-        health = health_payload(self.runtime, self.outbox.dropped)
+        health = health_payload(self.runtime, self.outbox.dropped, asdict(self.commands))
         self.outbox.put(self._json(self.topics.health, health, retain=True), control=True)
 
     async def _final_flush(self, client: aiomqtt.Client) -> None:
