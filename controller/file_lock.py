@@ -25,7 +25,9 @@ class LockTimeout(TimeoutError):
 def exclusive_lock(path: Path, timeout_s: float) -> Iterator[None]:
     """Hold `path` (created if missing, never removed: removing a lock file races its next user)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # Read-only is enough for flock, and lets a writer under another account (a shell as root, the
+    # controller as its own user) take a lock file the other created.
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -339,6 +339,9 @@ class TuningStore:
                     )  # fmt: skip
             except LockTimeout as err:
                 return PatchResult(False, [f"overrides file: {err}; nothing changed, try again"], version=self.version)
+            except OSError as err:  # the lock file cannot be made or opened: nothing was read or written
+                line = f"overrides file: cannot lock {self.lock_path}: {err.strerror}; nothing changed"
+                return PatchResult(False, [line], version=self.version)
 
     def _apply_locked(self, patch: dict[str, Any], base_version: int | None, who: dict[str, Any]) -> PatchResult:
         try:

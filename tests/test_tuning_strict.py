@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -272,3 +273,48 @@ def test_nothing_is_written_when_a_patch_only_resets_what_is_not_set(tmp_path: P
     assert result.changes == {}
     assert result.version == 0
     assert not store.path.exists()
+
+
+async def test_a_command_cancelled_while_its_patch_is_written_still_reaches_the_runtime(
+    controller: _Controller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lost connection cancels the receive task; the worker thread finishes the write regardless."""
+    real_apply = controller.store.apply
+    handed: list[Any] = []
+    release = threading.Event()
+
+    def slow_apply(*args: Any, **kwargs: Any) -> Any:
+        release.wait(5)
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(controller.store, "apply", slow_apply)
+    monkeypatch.setattr(controller.runtime, "request_site", handed.append)
+    task = asyncio.create_task(controller.service.handle_command(_command({"grid": {"import_limit_kw": 222}})))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert handed == []
+    release.set()
+    for _ in range(200):
+        if handed:
+            break
+        await asyncio.sleep(0.01)
+    assert [site.import_limit_kw for site in handed] == [222.0]
+    assert json.loads(controller.store.path.read_text())["tuning"] == {"grid": {"import_limit_kw": 222}}
+
+
+def test_a_writer_stuck_holding_the_lock_times_the_next_one_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from controller import tuning
+    from controller.file_lock import exclusive_lock
+
+    store = TuningStore(school(tmp_path))
+    monkeypatch.setattr(tuning, "LOCK_TIMEOUT_S", 0.1)
+    with exclusive_lock(store.lock_path, 1.0):  # flock is per open file: this holds it against the store
+        result = store.apply({"grid": {"import_limit_kw": 300}}, by="t", via="cli")
+    assert not result.accepted
+    assert "held by another writer for more than 0.1 s; nothing changed" in result.errors[0]
+    assert not store.path.exists()
+    assert store.apply({"grid": {"import_limit_kw": 300}}, by="t", via="cli").accepted

@@ -27,7 +27,7 @@ from config import SiteConfig
 from controller.mqtt._payloads import Topics, discovery_messages, health_payload, plan_payload, state_payload
 from controller.runtime import Runtime
 from controller.strict_json import JsonLimits, JsonRefused, decode_json, json_type_name
-from controller.tuning import TuningStore
+from controller.tuning import PatchResult, TuningStore
 
 __all__ = ["Backoff", "MqttService", "Outbox", "broker_address"]
 
@@ -386,17 +386,36 @@ class MqttService:
         else:
             by, verified = f"mqtt:{requested_by or 'anonymous'} (self-declared)", False
         async with self._apply_lock:  # one patch at a time, in arrival order
-            result = await asyncio.to_thread(
+            applying = asyncio.ensure_future(asyncio.to_thread(
                 functools.partial(self.tuning.apply, body["patch"], by=by, via="mqtt", verified=verified,
                                   requested_by=requested_by, correlation_id=correlation_id,
                                   base_version=base_version)
-            )  # fmt: skip
+            ))  # fmt: skip
+            try:
+                result = await asyncio.shield(applying)
+            except asyncio.CancelledError:
+                # The thread goes on and may write the file: the runtime must still be handed what it wrote.
+                applying.add_done_callback(self._adopt_late)
+                raise
         if not result.accepted:
             return self._reply(correlation_id, result.errors, result.version)
-        assert result.site is not None
-        self.runtime.request_site(result.site)
-        self.publish_config_state()
+        self._adopt(result)
         return {"correlation_id": correlation_id, **result.to_json()}
+
+    def _adopt(self, result: PatchResult) -> None:
+        if result.accepted and result.site is not None:
+            self.runtime.request_site(result.site)
+            self.publish_config_state()
+
+    def _adopt_late(self, applying: asyncio.Future[PatchResult]) -> None:
+        """A patch whose command was cancelled (connection lost, shutdown) while its thread wrote it."""
+        if applying.cancelled():
+            return
+        error = applying.exception()
+        if error is not None:
+            _log.error("tuning patch failed after its command was cancelled", extra={"error": repr(error)[:300]})
+            return
+        self._adopt(applying.result())
 
     def _reply(self, correlation_id: Any, errors: list[str], version: int | None = None) -> dict[str, Any]:
         shown = [line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..." for line in errors[:20]]
