@@ -421,7 +421,11 @@ async def follow_file(
     handed to `on_change` (which applies it at the next tick boundary)."""
     while True:
         await asyncio.sleep(period_s)
-        site = await asyncio.to_thread(store.reload_if_changed)
+        try:
+            site = await asyncio.to_thread(store.reload_if_changed)
+        except Exception:  # runs in the control loop's TaskGroup: logged, tried again, never the loop's end
+            _log.exception("tuning file check failed", extra={"file": str(store.path)})
+            continue
         if site is not None:
             _log.warning("tuning file changed, applying", extra={"file": str(store.path), "version": store.version})
             on_change(site)

@@ -319,6 +319,27 @@ async def test_a_retained_command_is_refused_and_cleared_never_replayed(tmp_path
     assert late.messages == []
 
 
+async def test_a_bug_in_the_mqtt_service_restarts_it_not_the_controller(
+    tmp_path: Path, mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = school(tmp_path, broker=f"mqtt://127.0.0.1:{mosquitto.port}")
+    real = MqttService._requeue_retained
+    calls: list[int] = []
+
+    def buggy(self: MqttService) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("a bug of ours")
+        real(self)
+
+    monkeypatch.setattr(MqttService, "_requeue_retained", buggy)
+    async with running(site, 100.0, speed=20.0) as run:
+        await wait_for(run.service.connected.is_set)
+    assert run.service.failures == 1
+    assert run.service.connections == 2
+    assert run.runtime.stats.ticks == 101
+
+
 async def test_retained_status_is_sent_again_to_a_broker_that_lost_it(tmp_path: Path, mosquitto: Mosquitto) -> None:
     site = school(tmp_path, broker=f"mqtt://127.0.0.1:{mosquitto.port}", remote_tuning=True)
     topics = Topics(site.topic_prefix)

@@ -318,3 +318,28 @@ def test_a_writer_stuck_holding_the_lock_times_the_next_one_out(
     assert "held by another writer for more than 0.1 s; nothing changed" in result.errors[0]
     assert not store.path.exists()
     assert store.apply({"grid": {"import_limit_kw": 300}}, by="t", via="cli").accepted
+
+
+async def test_the_file_follower_outlives_an_exception(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller.tuning import follow_file
+
+    store = TuningStore(school(tmp_path))
+    calls: list[int] = []
+    handed: list[Any] = []
+
+    def flaky() -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("disk hiccup")
+        return store.site if len(calls) == 3 else None
+
+    monkeypatch.setattr(store, "reload_if_changed", flaky)
+    follower = asyncio.create_task(follow_file(store, handed.append, period_s=0.001))
+    for _ in range(500):
+        if handed:
+            break
+        await asyncio.sleep(0.002)
+    follower.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await follower
+    assert handed == [store.site]

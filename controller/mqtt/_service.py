@@ -156,6 +156,7 @@ class MqttService:
         self.outbox = Outbox(site.mqtt.outbox_messages)
         self.connected = asyncio.Event()
         self.connections = 0
+        self.failures = 0  # the service restarted after an exception of ours (not a lost connection)
         self.commands = CommandCounters()
         self._min_interval_s = 1.0 / site.mqtt.status_max_rate_hz
         self._last_state_wall = -float("inf")
@@ -241,6 +242,12 @@ class MqttService:
                 self.connected.clear()
                 _log.warning("MQTT connection lost", extra={"broker": f"{self.host}:{self.port}",
                                                             "error": str(group.exceptions[0])[:300]})  # fmt: skip
+            except* Exception as group:
+                # A bug of ours: this service runs in the control loop's TaskGroup, and only the control
+                # loop's own death may end the process. Logged with its traceback, counted, restarted.
+                self.connected.clear()
+                self.failures += 1
+                _log.error("MQTT service failed, restarting it", exc_info=group.exceptions[0])
             await asyncio.sleep(backoff.next_delay_s())
 
     async def _session(self, client: aiomqtt.Client) -> None:
