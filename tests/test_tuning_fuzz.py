@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.strict_json import JsonLimits, JsonRefused, decode_json
+from controller.strict_json import JsonLimits, JsonRefused, decode_json, nesting_depth
 from hil_tests.tuning_fuzz import KINDS, generate, run_payloads
 
 LIMITS = JsonLimits(max_bytes=16_384)
@@ -53,7 +54,28 @@ def test_json_within_the_bounds_is_decoded_exactly(value: Any) -> None:
         decoded = decode_json(text, LIMITS)
     except JsonRefused as err:
         # Lone surrogates are not UTF-8; deep values are refused; nothing else.
-        assert any("not UTF-8" in e or "nested deeper" in e for e in err.errors), err.errors  # noqa: PT017
+        assert any("not UTF-8" in e or "levels deep" in e for e in err.errors), err.errors  # noqa: PT017
         assert not depth_ok or "not UTF-8" in err.errors[0]  # noqa: PT017
         return
     assert decoded == value
+
+
+deep_json = st.recursive(
+    st.integers(-(10**6), 10**6) | st.text(alphabet='[]{}"\\,: ab', max_size=8),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(alphabet='[]{}"\\ab', max_size=4), inner,
+                                                                max_size=2),
+    max_leaves=30,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(deep_json)
+def test_the_scan_counts_exactly_the_depth_json_has(value: Any) -> None:
+    """Against the slow reference (walking the decoded value): strings full of brackets, quotes and
+    backslashes are text to both."""
+    text = json.dumps(value).encode()
+    depth = nesting_depth(value, 10**6)
+    assert decode_json(text, JsonLimits(max_bytes=10**6, max_depth=depth)) == value
+    if depth > 0:
+        with pytest.raises(JsonRefused, match=f"nested {depth} levels deep"):
+            decode_json(text, JsonLimits(max_bytes=10**6, max_depth=depth - 1))
