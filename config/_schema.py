@@ -299,6 +299,17 @@ class Tariff(_Model):
         band = season.band_at_minute(local.hour * 60 + local.minute)
         return band, season.prices_cny_per_kwh[band]
 
+    def cheapest_with_dearer_ahead(self, local: datetime) -> bool:
+        """`local` is in the day's cheapest band and a dearer one lies ahead the same day: energy bought now
+        is cheaper than stored energy spent now would be later."""
+        season = self.season_for(local.month)
+        minute = local.hour * 60 + local.minute
+        prices = season.prices_cny_per_kwh
+        now_price = prices[season.band_at_minute(minute)]
+        cheapest = min(prices[p.band] for p in season.periods)
+        dearest_ahead = max(prices[p.band] for p in season.periods if p.end_minute > minute)
+        return now_price <= cheapest and dearest_ahead > now_price
+
 
 class SafeState(_Model):
     """What the loop commands when it cannot trust its measurements."""

@@ -644,8 +644,16 @@ class Runtime:
         trusted = self.forecaster.knows_day(self.clock.local())
         # A plan on a known day may mean to raise the peak to charge (it judged the kW worth its price);
         # one on a guess may not: the peak would be paid for sure, the saving is a guess.
-        peak_cap = max(self.month_peak_kw, plan.peak_import_kw)
+        peak_cap: float | None = max(self.month_peak_kw, plan.peak_import_kw)
         charge_cap = peak_cap if trusted else self.month_peak_kw
+        valley = self.site.tariff.cheapest_with_dearer_ahead(self.clock.local())
+        if not trusted:
+            # On a guessed day the plan's own peak is a guess too: shaving the night's load down to it
+            # emptied the battery in the valley before the dear evening that set the peak anyway. Only a
+            # peak the month has already paid for is held, and not in the valley band (holding the
+            # night's 45 kW through the school's 07:30 start spent 28 kWh at the cheapest price, and the
+            # day set a higher peak an hour later all the same); without one, the self-consumption rule.
+            peak_cap = self.month_peak_kw if self.month_peak_kw > 0 and not valley else None
         ev_kw = {name: float(kw[step]) for name, kw in plan.ev_kw.items()}
         if self._ev_full:
             wake = self._full_cars_to_wake()
@@ -657,24 +665,11 @@ class Runtime:
             battery_kw=float(plan.battery_kw[step]),
             ev_kw=ev_kw,
             planned_import_kw=float(plan.grid_import_kw[step]),
-            peak_cap_kw=peak_cap if demand else None,
+            peak_cap_kw=peak_cap if demand and peak_cap is not None else None,
             charge_cap_kw=charge_cap if demand else None,
             reserve_soc=self.site.tuning.battery.reserve_soc,
-            cover_import=not self._cheapest_with_dearer_ahead(),
+            cover_import=not valley,  # the tariff is known even when the load is not
         )
-
-    def _cheapest_with_dearer_ahead(self) -> bool:
-        """Now is in the day's cheapest band and a dearer one lies ahead today: import now is cheaper
-        than the stored energy will be later, so the battery does not cover it (the tariff is known
-        even when the load is not)."""
-        local = self.clock.local()
-        season = self.site.tariff.season_for(local.month)
-        minute = local.hour * 60 + local.minute
-        prices = season.prices_cny_per_kwh
-        now_price = prices[season.band_at_minute(minute)]
-        cheapest = min(prices[p.band] for p in season.periods)
-        dearest_ahead = max(prices[p.band] for p in season.periods if p.end_minute > minute)
-        return now_price <= cheapest and dearest_ahead > now_price
 
     def _learn_stay(self, charger: str, *, arrived: bool) -> None:
         if arrived:

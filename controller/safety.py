@@ -457,13 +457,7 @@ def apply_safety(
                 if surplus <= 0 or name not in known_cars or not measured.ev_connected.get(name, False):
                     continue
                 if not _following(measured, charger):
-                    # Only a car seen taking what it is offered is counted on to take more; one that is not
-                    # is offered current all the same (taking it can only help), not counted on.
-                    wanted = _ev_current(charger, min(charger.max_kw, max(charger.min_kw, surplus)))
-                    if wanted > ev_amps[name]:
-                        ev_amps[name] = wanted
-                        actions.append(f"export limit: {name} offered {wanted:.1f} A")
-                    continue
+                    continue  # only a car seen taking what it is offered is counted on to take more
                 now_kw = _ev_kw(charger, ev_amps[name])
                 want = min(charger.max_kw, now_kw + surplus)
                 if want < charger.min_kw:
@@ -487,6 +481,18 @@ def apply_safety(
                 pv_cut = max(0.0, pv_now - allowed)
                 if pv_cut > 0:
                     actions.append(f"export limit: PV limited to {allowed:.1f} kW")
+    surplus = export_aim - grid(export_side=True)
+    if grid(export_side=True) < -site.export_limit_kw and "ev" in site.tuning.grid.export_relief_order:
+        # Every counted lever is at its end and the site still exports beyond the limit: a connected car not
+        # seen taking current is offered some all the same (taking it can only help), though not counted
+        # on. Only then: offered whenever there is a surplus, a car the plan gives nothing starts and
+        # stops every other tick.
+        for name, charger in chargers.items():
+            if name in known_cars and measured.ev_connected.get(name, False) and not _following(measured, charger):
+                wanted = _ev_current(charger, min(charger.max_kw, max(charger.min_kw, surplus)))
+                if wanted > ev_amps[name]:
+                    ev_amps[name] = wanted
+                    actions.append(f"export limit: {name} offered {wanted:.1f} A")
     if curtailable and pv_now is None and site.pv is not None:
         # PV unknown, the grid seen: the limit in force stays (never raised while PV is unknown) and comes
         # down by whatever the grid shows exported beyond the aim, so it bites whatever PV gives. It is

@@ -23,7 +23,7 @@ from controller.forecast import Forecaster
 from controller.mqtt import MqttService, Topics, site_services
 from controller.plant import EvArrival, Plant, school_arrivals
 from controller.runtime import Runtime
-from controller.safety import Setpoints
+from controller.safety import HEADROOM_KW, Setpoints
 from controller.simulation import Recorder, simulated_site
 from controller.storage.timeseries import TimeSeriesStore
 from controller.tuning import TuningStore
@@ -46,6 +46,8 @@ HISTORY_SAMPLE_S = 10
 # After a fault ends, data must be trusted again within the stale timeout plus the longest bus
 # back-off (a lost device is retried at most this late) plus a few ticks.
 RECOVERY_SLACK_S = 5.0
+# Battery energy a run may spend in the valley without a reason (a tick's rounding, a probe's return).
+VALLEY_COVER_SLACK_KWH = 0.5
 # Wall time to let MQTT settle at the end (outbox drained, replies in) before judging.
 MQTT_SETTLE_S = 10.0
 _MODES = {
@@ -70,6 +72,7 @@ class ScenarioResult:
     avoidable_breach_ticks: int = 0
     unavoidable_breach_ticks: int = 0
     breach_energy_kwh: float = 0.0
+    valley_cover_kwh: float = 0.0  # battery energy spent covering import in the day's cheapest band
     soc_out_of_bounds_ticks: int = 0
     safe_state_ticks: int = 0
     safe_entered_s: float | None = None
@@ -157,6 +160,10 @@ class _Run:
 
     def on_tick(self, now_plant_s: float, setpoints: Setpoints) -> None:
         self.recorder(now_plant_s, setpoints)
+        plant, site = self.plant, self.site
+        limit_relief = plant.grid_kw > site.import_limit_kw - 2 * HEADROOM_KW
+        if plant.battery_kw < 0 and not limit_relief and site.tariff.cheapest_with_dearer_ahead(plant.local_time()):
+            self.result.valley_cover_kwh += -plant.battery_kw * site.control.tick_period_s / 3600
         self.safe.append(setpoints.safe_state)
         if setpoints.safe_state and self.result.safe_entered_s is None:
             self.result.safe_entered_s = now_plant_s
@@ -328,6 +335,8 @@ def _judge(  # noqa: PLR0917 - one call site, every piece of the run it judges
         runs = run.recorder.long_breaches[:3]
         where = ", ".join(f"{n} ticks from {t:.0f} s (worst {kw:+.1f} kW)" for t, n, kw in runs)
         fail(f"{result.avoidable_breach_ticks} avoidable ticks beyond a grid limit: {where}")
+    if scenario.expect.no_valley_cover and result.valley_cover_kwh > VALLEY_COVER_SLACK_KWH:
+        fail(f"the battery covered {result.valley_cover_kwh:.1f} kWh of valley import with dearer hours ahead")
     if result.soc_out_of_bounds_ticks:
         fail(f"SoC outside its bounds for {result.soc_out_of_bounds_ticks} ticks")
     if result.logged_ticks != result.ticks:

@@ -97,6 +97,9 @@ class Expect(_Model):
     # this share of the perfect-foresight optimum (checked on full-length runs only).
     max_gap_to_optimum: float | None = None
     beats_self_consumption: bool = False
+    # The battery never covers import in the day's cheapest band while a dearer one lies ahead (unless a
+    # grid limit needs it): more than half a kWh of it fails the run.
+    no_valley_cover: bool = False
 
 
 class HilScenario(_Model):

@@ -86,7 +86,8 @@ def test_run_command_summarises_stores_and_reports(tmp_path: Path, capsys: pytes
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "simulated 0.2 h" in out
-    assert "0 ticks beyond a grid limit" in out
+    assert "0 ticks beyond the import limit (0 avoidable" in out
+    assert "0 ticks beyond the export limit (0 avoidable" in out
     assert (report / "day-2026-07-06.png").read_bytes().startswith(b"\x89PNG")
     assert "bill:" in (report / "summary.md").read_text()
     assert (
