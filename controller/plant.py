@@ -112,6 +112,7 @@ class Plant:
     _baseline_ev_kwh: dict[str, float] = field(default_factory=dict)
     _random: random.Random = field(init=False)
     _clouds: list[tuple[float, float, float]] = field(init=False)
+    _battery_at_tick_kw: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         self._random = random.Random(self.seed)
@@ -130,6 +131,9 @@ class Plant:
         self._meter_noise = [self._random.gauss(0.0, self.meter_noise_kw) for _ in range(NOISE_PERIOD_S)]
         self._meter_reads = 0
         self._refresh()
+        # The battery's power when the controller last read it: where any setpoint of that tick starts
+        # from (a battery that moves at once has moved by the time the interval is judged).
+        self._battery_at_tick_kw = self.battery_kw
 
     # --- the world ---------------------------------------------------------------------------------
 
@@ -251,7 +255,7 @@ class Plant:
         slower than at once moves towards its setpoint at its rate)."""
         dt_s = max(0.0, to_s - self.now_s)
         dt_h = dt_s / 3600
-        battery_start_kw = battery_end_kw = self.battery_kw
+        battery_end_kw = self.battery_kw
         if dt_h > 0:
             rate = self.site.simulation.battery_response_kw_per_s
             if rate is not None and self.site.battery is not None:
@@ -259,7 +263,7 @@ class Plant:
                 mean_kw = self.battery_kw + mean_ramp_change_kw(step, rate, dt_s)
                 battery_end_kw = self.battery_kw + max(-rate * dt_s, min(rate * dt_s, step))
                 self.battery_kw = mean_kw  # the interval's mean, for the energy below
-            self._judge_interval(dt_s, battery_start_kw)
+            self._judge_interval(dt_s, self._battery_at_tick_kw)
             grid = self.grid_kw
             price = self.site.tariff.band_at(self.local_time())[1]
             export_price = self.site.tariff.export_price_cny_per_kwh
@@ -281,13 +285,16 @@ class Plant:
                     self.delivered_kwh += add
         self.now_s = to_s
         self._refresh()
+        self._battery_at_tick_kw = self.battery_kw  # what the controller reads before it writes
 
     def _judge_interval(self, dt_s: float, battery_start_kw: float) -> None:
         """The interval's mean grid flow, and whether the levers could have kept it inside each limit:
         the battery at what the BMS and the tuning allow, moving at its real rate; the cars off or flat
         out (those that want energy); PV at nothing (curtailable) or all the sun gives."""
         site, t = self.site, self.site.tuning.battery
+        # The battery moves at its real rate, and no controller may command it faster than its rating.
         rate = site.simulation.battery_response_kw_per_s
+        rated_step = math.inf if site.battery is None else site.battery.ramp_kw_per_s * dt_s
         charge = discharge = 0.0
         if site.battery is not None:
             if self.soc < t.soc_max - 1e-6:
@@ -296,8 +303,8 @@ class Plant:
                 discharge = site.battery_max_discharge_kw
 
         def battery_mean(to_kw: float) -> float:
-            step = to_kw - battery_start_kw
-            return to_kw if rate is None else battery_start_kw + mean_ramp_change_kw(step, rate, dt_s)
+            step = max(-rated_step, min(rated_step, to_kw - battery_start_kw))
+            return battery_start_kw + (step if rate is None else mean_ramp_change_kw(step, rate, dt_s))
 
         cars_max = sum(
             c.max_kw for c in site.ev_chargers

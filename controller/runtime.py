@@ -761,8 +761,10 @@ class Runtime:
             self._pv_limit_kw = limit
         for device, quantity, value, deadband in writes:
             last = self._written.get((device, quantity))
-            # Safety corrections must land this tick: write whenever the value moved past the deadband.
-            if last is None or abs(last - value) > deadband or (value == 0.0 and last != 0.0):
+            # Safety corrections must land this tick: write whenever the value moved past the deadband, and
+            # exactly while a limit is at stake (0.1 A left in the deadband exported 0.03 kW past a limit).
+            exact = setpoints.breach is not None and last != value
+            if last is None or abs(last - value) > deadband or (value == 0.0 and last != 0.0) or exact:
                 written = await self._write_now(device, quantity, value)
                 if quantity == "power_setpoint_kw":
                     self._battery_refused = not written

@@ -74,6 +74,8 @@ BATTERY_RATE_FLOOR_KW_PER_S = 0.5
 BATTERY_RATE_GROWTH = 1.2
 # A battery that ends a tick further than this from its setpoint fell short of it (it moved all tick).
 BATTERY_RATE_TOLERANCE_KW = 0.2
+# Within this of the BMS's own SoC bounds (the rating's, not the tuning's), the BMS may stop the battery.
+BMS_CUT_MARGIN = 0.01
 BATTERY_RATE_TOLERANCE_SHARE = 0.02
 # The export headroom follows the load's swings over about this long: a step (lunch ends) raises it
 # for a few minutes, a calm afternoon lowers it.
@@ -281,6 +283,10 @@ class _Battery:
         self.reach = (rated if shown is None else min(rated, shown * BATTERY_RATE_GROWTH)) * dt_s
         self.rate = 0.0 if shown is None else min(rated, shown)
         self.dt_s = dt_s
+        # Near the BMS's own SoC bounds the BMS may cut the battery off at once, whatever the ramp.
+        self.bms_may_cut = b is None or measured.soc is None or not (
+            b.soc_min + BMS_CUT_MARGIN <= measured.soc <= b.soc_max - BMS_CUT_MARGIN
+        )
         # An inverter that is not doing what it was told last tick (refusing setpoints, its BMS in the
         # way) is not counted on. A setpoint that creeps by less than the margin a tick would hide a
         # refusing inverter for ticks, so a failed write counts as not following at once.
@@ -292,7 +298,15 @@ class _Battery:
         self.kw = self.clamp(self.base)
 
     def clamp(self, kw: float) -> float:
-        """Within the window, and within this tick's reach of the base."""
+        """Within the window, and within this tick's reach of the base. A window that closed beyond the
+        reach (the SoC reached the tuning's bound while charging hard) is approached at the reach, not
+        jumped to: a slow battery told to stop charging 137 kW at once had PV curtailed for a battery at
+        0 kW while it still took 130 (125 kW of import). Near the BMS's own bounds, where the BMS cuts
+        the battery off at once anyway, the window is jumped to."""
+        low = max(-self.discharge_max, self.base - self.reach)
+        high = min(self.charge_max, self.base + self.reach)
+        if low > high and not self.bms_may_cut:
+            return low if self.base > high else high  # towards the window, by the reach
         kw = max(-self.discharge_max, min(self.charge_max, kw))
         kw = max(self.base - self.reach, min(self.base + self.reach, kw))
         return max(-self.discharge_max, min(self.charge_max, kw))
@@ -306,7 +320,7 @@ class _Battery:
         step = self.kw - self.now_kw
         helps = step > 0 if charging_helps else step < 0
         if not helps:
-            return self.kw
+            return self.kw  # counted in full, at once (setpoints move by the reach at most, see clamp)
         if not self.follows:
             return self.now_kw  # not seen doing what it was told: its help is not counted on
         return self.now_kw + mean_ramp_change_kw(step, self.rate, self.dt_s)
@@ -459,9 +473,8 @@ def apply_safety(
                 if not _following(measured, charger):
                     continue  # only a car seen taking what it is offered is counted on to take more
                 now_kw = _ev_kw(charger, ev_amps[name])
-                want = min(charger.max_kw, now_kw + surplus)
-                if want < charger.min_kw:
-                    continue
+                # A surplus below the car's minimum current is taken at the minimum (off is no answer).
+                want = min(charger.max_kw, max(charger.min_kw, now_kw + surplus))
                 ev_amps[name] = _ev_current(charger, want)
                 surplus -= _ev_kw(charger, ev_amps[name]) - now_kw
                 actions.append(f"export limit: {name} to {ev_amps[name]:.1f} A")

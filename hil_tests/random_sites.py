@@ -224,7 +224,8 @@ def _write(site: SiteConfig, plant: Plant, out: Setpoints, written: dict[str, fl
     """The runtime's _apply: rounded values, rewritten when they moved past the deadband."""
     def due(key: str, value: float, deadband: float) -> bool:
         last = written.get(key)
-        if last is None or abs(last - value) > deadband or (value == 0.0 and last != 0.0):
+        exact = out.breach is not None and last != value
+        if last is None or abs(last - value) > deadband or (value == 0.0 and last != 0.0) or exact:
             written[key] = value
             return True
         return False

@@ -340,6 +340,64 @@ async def test_a_bug_in_the_mqtt_service_restarts_it_not_the_controller(
     assert run.runtime.stats.ticks == 101
 
 
+async def test_a_retained_command_sent_while_the_controller_listens_is_refused_too(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """MQTT 5's retain-as-published: the flag reaches a subscriber that is already connected."""
+    site = school(tmp_path, broker=f"mqtt://127.0.0.1:{mosquitto.port}", remote_tuning=True)
+    topics = Topics(site.topic_prefix)
+    command = {"correlation_id": "live-retained", "patch": {"grid": {"import_limit_kw": 111}}}
+    async with subscribed(mosquitto.port, topics.config_reply) as sub, running(site, 60.0, speed=20.0) as run:
+        await wait_for(run.service.connected.is_set)
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+            await client.publish(f"{topics.config_set}/wang", json.dumps(command).encode(), qos=1, retain=True)
+        await wait_for(lambda: len(sub.of(topics.config_reply)) >= 1)
+        assert not sub.of(topics.config_reply)[0]["accepted"]
+    assert run.service.commands.retained_ignored == 1
+    assert run.runtime.site.tuning == site.tuning
+    async with subscribed(mosquitto.port, f"{topics.config_set}/#") as late:
+        await asyncio.sleep(0.5)
+    assert late.messages == []  # cleared
+
+
+@contextlib.asynccontextmanager
+async def _mqtt_3_only(upstream_port: int) -> AsyncIterator[int]:
+    """A broker front that answers an MQTT 5 CONNECT as a 3.1.1-only broker does (CONNACK, code 1:
+    unacceptable protocol version) and passes 3.1.1 through to a real broker. Yields its port."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await reader.read(65536)  # the CONNECT; its protocol level follows the name "MQTT"
+        name = first.find(b"\x00\x04MQTT")
+        if name < 0 or first[name + 6] == 5:
+            writer.write(b"\x20\x02\x00\x01")
+            await writer.drain()
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+        up_writer.write(first)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+async def test_a_broker_without_mqtt_5_is_spoken_to_in_3_1_1(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    async with _mqtt_3_only(mosquitto.port) as port:
+        site = school(tmp_path, broker=f"mqtt://127.0.0.1:{port}")
+        async with running(site, 60.0, speed=20.0) as run:
+            await wait_for(run.service.connected.is_set)
+    assert run.service.protocol is aiomqtt.ProtocolVersion.V311
+    assert run.service.connections == 1  # the MQTT 5 attempt was refused, the 3.1.1 one connected
+
+
 async def test_retained_status_is_sent_again_to_a_broker_that_lost_it(tmp_path: Path, mosquitto: Mosquitto) -> None:
     site = school(tmp_path, broker=f"mqtt://127.0.0.1:{mosquitto.port}", remote_tuning=True)
     topics = Topics(site.topic_prefix)

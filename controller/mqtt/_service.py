@@ -22,6 +22,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from config import SiteConfig
 from controller.mqtt._payloads import Topics, discovery_messages, health_payload, plan_payload, state_payload
@@ -49,6 +53,17 @@ MAX_CORRELATION_ID_CHARS = 200
 MAX_REQUESTED_BY_CHARS = 100
 MAX_ERROR_CHARS = 300  # one reply line; a hostile key name must not make a 16 kB reply
 COMMAND_KEYS = frozenset({"correlation_id", "patch", "requested_by", "base_version"})
+
+
+V5 = aiomqtt.ProtocolVersion.V5
+_UNSUPPORTED_PROTOCOL_RC = 132  # CONNACK "unsupported protocol version" (3.1.1's code 1, as paho maps it)
+
+
+def _unsupported_protocol(error: BaseException) -> bool:
+    if not isinstance(error, MqttConnectError):
+        return False
+    rc = error.rc
+    return (rc.value if isinstance(rc, ReasonCode) else rc) in (_UNSUPPORTED_PROTOCOL_RC, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +166,10 @@ class MqttService:
         self.tuning = tuning
         self.host, self.port, self.tls = host, port, tls
         self.credentials = credentials
+        # MQTT 5 tells a subscriber that a command was published retained even when it arrives live
+        # (retain as published); under 3.1.1 only replays carry the flag. amqtt speaks 3.1.1 only; an
+        # external broker that does not speak 5 is answered with 3.1.1 on the next attempt.
+        self.protocol = aiomqtt.ProtocolVersion.V311 if site.mqtt.broker == "embedded" else V5
         self.identifier = identifier or f"greensite-{site.site.id}"
         self.topics = Topics(site.topic_prefix)
         self.outbox = Outbox(site.mqtt.outbox_messages)
@@ -226,7 +245,10 @@ class MqttService:
             tls_params=tls_params,
             keepalive=KEEPALIVE_S,
             timeout=PUBLISH_TIMEOUT_S,
-            clean_session=True,
+            protocol=self.protocol,
+            # A fresh session each time: 3.1.1 says it with clean_session, 5 with clean_start.
+            clean_session=None if self.protocol is V5 else True,
+            clean_start=True if self.protocol is V5 else MQTT_CLEAN_START_FIRST_ONLY,
         )
 
     async def service(self) -> None:
@@ -240,8 +262,14 @@ class MqttService:
                     await self._session(client)
             except* (aiomqtt.MqttError, OSError, TimeoutError) as group:
                 self.connected.clear()
-                _log.warning("MQTT connection lost", extra={"broker": f"{self.host}:{self.port}",
-                                                            "error": str(group.exceptions[0])[:300]})  # fmt: skip
+                if self.protocol is V5 and any(_unsupported_protocol(e) for e in group.exceptions):
+                    self.protocol = aiomqtt.ProtocolVersion.V311  # the next attempt (after the back-off)
+                    _log.warning("MQTT broker does not speak MQTT 5, using 3.1.1: a retained command published "
+                                 "while the controller listens then arrives as a live one",
+                                 extra={"broker": f"{self.host}:{self.port}"})  # fmt: skip
+                else:
+                    _log.warning("MQTT connection lost", extra={"broker": f"{self.host}:{self.port}",
+                                                                "error": str(group.exceptions[0])[:300]})  # fmt: skip
             except* Exception as group:
                 # A bug of ours: this service runs in the control loop's TaskGroup, and only the control
                 # loop's own death may end the process. Logged with its traceback, counted, restarted.
@@ -253,8 +281,11 @@ class MqttService:
     async def _session(self, client: aiomqtt.Client) -> None:
         try:
             await client.publish(self.topics.availability, b"online", qos=1, retain=True)
-            await client.subscribe(self.topics.config_set, qos=1)
-            await client.subscribe(f"{self.topics.config_set}/+", qos=1)  # per-user: config/set/<username>
+            for topic in (self.topics.config_set, f"{self.topics.config_set}/+"):  # shared; per-user
+                if self.protocol is V5:  # the retain flag as published, also on commands sent while we listen
+                    await client.subscribe(topic, options=SubscribeOptions(qos=1, retainAsPublished=True))
+                else:
+                    await client.subscribe(topic, qos=1)
             if self.site.mqtt.ha_discovery:
                 await client.subscribe(f"{self.site.mqtt.ha_discovery_prefix}/{HA_STATUS_TOPIC_SUFFIX}", qos=1)
                 await self._send_discovery(client)
