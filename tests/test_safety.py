@@ -61,14 +61,14 @@ def test_zero_export_surplus_goes_to_battery_then_curtailment(site: SiteConfig) 
 
 @pytest.mark.parametrize(
     ("swing_kw", "headroom_kw"),
-    [(None, HEADROOM_KW), (0.05, EXPORT_HEADROOM_MIN_KW), (0.3, 0.6), (1.5, 3.0), (30.0, EXPORT_HEADROOM_MAX_KW)],
+    [(None, HEADROOM_KW), (0.05, EXPORT_HEADROOM_MIN_KW), (0.3, 0.9), (1.5, 4.5), (30.0, EXPORT_HEADROOM_MAX_KW)],
     ids=["not-measured-yet", "calm", "wobbling", "noisy", "wild"],
 )
 def test_zero_export_headroom_follows_the_loads_swings(
     site: SiteConfig, swing_kw: float | None, headroom_kw: float
 ) -> None:
-    """The import kept at zero export, paid all day while PV is curtailed, is twice what the load
-    moves in a tick on this site: a calm site keeps little, a noisy one the full 1 kW."""
+    """The import kept at zero export, paid all day while PV is curtailed, is three times what the load
+    moves in a tick on this site: a calm site keeps little, a noisy one up to 5 kW."""
     now = measured(grid_kw=-40.0, pv_kw=200.0, battery_kw=100.0, load_swing_kw=swing_kw)
     out = apply_safety(site, now, Targets(), previous_battery_kw=100.0, dt_s=1.0)
     assert out.pv_limit_kw == pytest.approx(160.0 - headroom_kw)
