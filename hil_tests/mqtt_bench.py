@@ -98,7 +98,7 @@ async def main(payloads: int) -> None:
               f" p50 {_ms(attack, 0.5):.2f}, p99 {_ms(attack, 0.99):.2f}, mean {1000 * statistics.fmean(attack):.2f}\n")  # fmt: skip
     out.write(f"tick rate kept: {100 * attack_rate / quiet_rate:.1f} %; ratio attack/quiet: p99 {_ms(attack, 0.99) / max(_ms(quiet, 0.99), 1e-3):.2f}\n")
     out.write(f"commands: received {counts.received}, refused {counts.refused}, accepted {counts.accepted}, failed {counts.failed}, "
-              f"retained ignored {counts.retained_ignored}; tuning unchanged: {runtime.site.tuning == site.tuning};"
+              f"retained ignored {counts.retained_ignored} of {sum(i.retained for i in items)} sent retained; tuning unchanged: {runtime.site.tuning == site.tuning};"
               f" safe-state ticks {runtime.stats.safe_state_ticks}\n")  # fmt: skip
 
 
