@@ -343,3 +343,22 @@ async def test_the_file_follower_outlives_an_exception(tmp_path: Path, monkeypat
     with pytest.raises(asyncio.CancelledError):
         await follower
     assert handed == [store.site]
+
+
+def test_config_set_with_a_stale_base_version_is_refused_with_the_current_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from controller.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["config", "get", str(SCHOOL)]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == 0
+    assert main(["config", "set", str(SCHOOL), '{"battery": {"reserve_soc": 0.3}}', "--base-version", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == 1
+    assert main(["config", "set", str(SCHOOL), '{"battery": {"reserve_soc": 0.25}}', "--base-version", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "base_version: 0 is stale, the overrides are at version 1" in err
+    assert "overrides version: 1" in err
+    assert main(["config", "get", str(SCHOOL)]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert (state["version"], state["tuning"]["battery"]["reserve_soc"]) == (1, 0.3)
