@@ -376,9 +376,13 @@ class TuningStore:
             now = datetime.now(UTC).isoformat(timespec="seconds")
             body = {"format": _FORMAT, "version": version, "updated_at": now, "updated_by": who["by"],
                     "tuning": overrides}  # fmt: skip
-            write_atomic(self.path, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode(), keep_previous=True)
-            self._append_audit({"at": now, **who, "base_version": base_version, "version": version,
-                                "patch": patch, "changes": changes})  # fmt: skip
+            entry = {"at": now, **who, "base_version": base_version, "version": version, "patch": patch,
+                     "changes": changes}  # fmt: skip
+            try:
+                self._write(body, entry)
+            except OSError as err:
+                line = f"overrides file {self.path}: cannot write: {err.strerror}; nothing changed"
+                return PatchResult(False, [line], version=disk.version)
         self.overrides, self.version, self.site = overrides, version, site
         self._loaded_stamp = self._stamp()
         _log.warning("tuning changed", extra={**who, "version": version, "changes": changes})
@@ -394,14 +398,29 @@ class TuningStore:
             return [f"patch: nested deeper than {MAX_PATCH_DEPTH} levels; [tuning] is not that deep"]
         return patch_errors(patch)
 
-    def _append_audit(self, entry: dict[str, Any]) -> None:
-        """One JSON line per accepted change, fsynced: the log survives the power cut the file does."""
+    def _write(self, body: dict[str, Any], entry: dict[str, Any]) -> None:
+        """The overrides file, then its audit line. The audit log is opened first: a change it cannot
+        record is not made. Both readable by all (0644): the controller and a shell may run as different
+        accounts, and tuning is not secret. The audit line is fsynced: it survives the power cut the
+        file does."""
         self.audit_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.audit_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
-            handle.flush()
+        fd = os.open(self.audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            write_atomic(self.path, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode(), keep_previous=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        # From here the change is made: a failure is logged loudly, not reported as "nothing changed".
+        try:
             with contextlib.suppress(OSError):
-                os.fsync(handle.fileno())
+                self.path.chmod(0o644)
+            os.write(fd, (json.dumps(entry, sort_keys=True, default=str) + "\n").encode())
+            os.fsync(fd)
+        except OSError as err:
+            _log.error("tuning changed but its audit line was not written",
+                       extra={"file": str(self.audit_path), "error": err.strerror, "entry": entry})  # fmt: skip
+        finally:
+            os.close(fd)
 
     def state(self) -> dict[str, Any]:
         """What `config get` and the retained config topic show."""

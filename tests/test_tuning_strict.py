@@ -362,3 +362,15 @@ def test_config_set_with_a_stale_base_version_is_refused_with_the_current_one(
     assert main(["config", "get", str(SCHOOL)]) == 0
     state = json.loads(capsys.readouterr().out)
     assert (state["version"], state["tuning"]["battery"]["reserve_soc"]) == (1, 0.3)
+
+
+def test_a_change_the_audit_log_cannot_record_is_not_made(tmp_path: Path) -> None:
+    store = TuningStore(school(tmp_path))
+    store.audit_path.mkdir(parents=True)  # cannot be opened for appending
+    result = store.apply({"grid": {"import_limit_kw": 300}}, by="t", via="cli")
+    assert not result.accepted
+    assert result.errors[0].endswith("cannot write: Is a directory; nothing changed")
+    assert not store.path.exists()
+    store.audit_path.rmdir()
+    assert store.apply({"grid": {"import_limit_kw": 300}}, by="t", via="cli").accepted
+    assert store.path.stat().st_mode & 0o777 == 0o644  # a controller under another account reads a shell's change
