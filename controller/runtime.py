@@ -392,19 +392,22 @@ class Runtime:
         measured = self.last_measured or Measured(None, None, None, None, {}, {}, self._pv_limit_kw)
         safe = safe_setpoints(self.site, dataclasses.replace(measured, grid_kw=None, blind_s=0.0))
         for name in self._devices(DeviceKind.BATTERY_INVERTER):
-            await self._write_now(name, "power_setpoint_kw", 0.0)
+            await self._write_now(name, "power_setpoint_kw", 0.0, even_if_lost=True)
         for charger in self.site.ev_chargers:
             amps = charger.min_current_a if self.site.control.safe_state.ev_chargers == "minimum" else 0.0
-            await self._write_now(self._charger_device(charger.name), "current_limit_a", amps)
+            await self._write_now(self._charger_device(charger.name), "current_limit_a", amps, even_if_lost=True)
         if self.site.pv is not None and self.site.pv.curtailable:
             limit = safe.pv_limit_kw
             pct = 100.0 if limit is None else max(0.0, min(100.0, 100 * limit / self.site.pv.peak_kw))
             for name in self._devices(DeviceKind.PV_INVERTER):
-                await self._write_now(name, "power_limit_pct", round(pct, 1))
+                await self._write_now(name, "power_limit_pct", round(pct, 1), even_if_lost=True)
 
-    async def _write_now(self, device: str, quantity: str, value: float) -> bool:
+    async def _write_now(self, device: str, quantity: str, value: float, *, even_if_lost: bool = False) -> bool:
+        """Write a setpoint; False (logged, counted) when it did not land. `even_if_lost`: ask a device the
+        bus has given up on for now (the exit's safe state is worth a timeout)."""
         try:
-            await self.buses[self.bus_of[device]].transact(self.drivers[device].write_exchange(quantity, value))
+            exchange = self.drivers[device].write_exchange(quantity, value)
+            await self.buses[self.bus_of[device]].transact(exchange, even_if_lost=even_if_lost)
         except (BridgeError, ValueError) as err:
             self.stats.write_failures += 1
             key = (device, quantity)

@@ -111,16 +111,22 @@ def health_payload(runtime: Runtime, mqtt_dropped: int = 0, commands: dict[str, 
     devices: dict[str, Any] = {}
     for name, bus_name in runtime.bus_of.items():
         health = runtime.buses[bus_name].health(name)
+        driver = runtime.drivers[name]
         devices[name] = {
             "bus": bus_name,
             "state": str(health.state),
             "consecutive_failures": health.consecutive_failures,
             "last_error": health.last_error,
+            "recoveries": health.recoveries,
+            # Readings outside the map's plausible range, dropped as unknown: per quantity, and which
+            # quantities are implausible right now.
+            "implausible_readings": driver.implausible_counts(),
+            "implausible_now": sorted(driver.implausible_now()),
         }
     return {
         "ts": runtime.clock.local().isoformat(timespec="seconds"),
         "devices": devices,
-        "buses": {name: asdict(bus.stats) for name, bus in runtime.buses.items()},
+        "buses": {name: asdict(bus.stats) | {"port": asdict(bus.port_health())} for name, bus in runtime.buses.items()},
         "safe_state_ticks": runtime.stats.safe_state_ticks,
         "write_failures": runtime.stats.write_failures,
         # Ticks beyond each limit after correction (total, longest run, kWh), avoidable or not.
