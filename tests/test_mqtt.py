@@ -589,6 +589,18 @@ async def test_the_example_mosquitto_acl_lets_each_user_command_only_as_themselv
         broker.kill()
 
 
+async def test_tls_settings_that_cannot_work_are_logged_by_field_at_start(
+    tmp_path: Path, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    site = school(tmp_path, broker=f"mqtt://127.0.0.1:{mosquitto.port}", tls={"ca_file": str(tmp_path / "ca.pem")})
+    with caplog.at_level("ERROR", logger="controller.mqtt._wiring"):
+        async with running(site, 10.0, speed=20.0) as run:
+            await wait_for(run.service.connected.is_set)  # plain MQTT still works: the TLS block is ignored
+    problems = [r.problem for r in caplog.records if r.getMessage() == "MQTT settings will not work"]  # type: ignore[attr-defined]
+    assert len(problems) == 1
+    assert problems[0].startswith("mqtt.tls: TLS settings under an mqtt:// broker")
+
+
 def test_reconnect_back_off_is_jittered_capped_and_reset() -> None:
     from controller.mqtt import Backoff
 

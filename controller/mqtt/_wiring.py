@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import AsyncIterator
 
 from config import SiteConfig
+from config._preflight import preflight
 from controller.mqtt._broker import BrokerAccess, embedded_broker
 from controller.mqtt._broker_auth import CONTROLLER_USER, broker_users, users_path
 from controller.mqtt._payloads import Topics
@@ -15,6 +17,8 @@ from controller.runtime import Runtime
 from controller.tuning import TuningStore, follow_file
 
 __all__ = ["site_services"]
+
+_log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
@@ -35,6 +39,11 @@ async def site_services(
     if not mqtt or not site.mqtt.enabled:
         yield None
         return
+    # The control loop starts whatever MQTT's state; what `greensite validate` would refuse about the
+    # broker settings is said here by field, not found later as "connection lost: No such file".
+    for problem in preflight(site):
+        if problem.startswith("mqtt."):
+            _log.error("MQTT settings will not work", extra={"problem": problem})
     async with contextlib.AsyncExitStack() as stack:
         port, credentials = None, None
         if site.mqtt.broker == "embedded":
