@@ -462,8 +462,15 @@ def apply_safety(
     export_aim = -site.export_limit_kw + export_headroom
     pv_limit: float | None = None
     probe = 0.0
+    def import_room() -> float:
+        """How much more the site may take before the import side's aim (counted high) is reached."""
+        return max(0.0, import_aim - grid(export_side=False))
+
+    # Relief that aims inside the export limit never pushes the import side past its own aim: where the
+    # two aims cannot both be met (cars that may or may not draw, a small import limit), what reaches the
+    # export limit itself still goes ahead, what only reaches its headroom does not.
     for lever in site.tuning.grid.export_relief_order:
-        surplus = export_aim - grid(export_side=True)
+        surplus = min(export_aim - grid(export_side=True), import_room())
         if lever == "battery" and bat.known and surplus > 0:
             moved = bat.relieve(surplus, charging_helps=True)
             if moved > 0:
@@ -487,10 +494,14 @@ def apply_safety(
             # battery probes: it charges a little more and the limit rises with it.
             at_limit = limit_now is not None and pv_now >= limit_now - PV_AT_LIMIT_KW
             if probe_allowed and bat.follows and at_limit and "battery" in site.tuning.grid.export_relief_order:
-                probe = max(0.0, bat.clamp(bat.kw + PV_PROBE_KW) - bat.kw)
+                probe = max(0.0, min(bat.clamp(bat.kw + PV_PROBE_KW) - bat.kw, import_room()))
                 bat.kw += probe
             consumption = grid(export_side=True) - pv_cut + pv_now  # the load, the battery and the cars
             allowed = max(0.0, consumption - export_aim)
+            cut = pv_now - allowed
+            if cut > import_room():
+                needed = pv_now - (consumption + site.export_limit_kw)  # what the limit itself needs
+                allowed = pv_now - max(needed, import_room())
             if allowed < site.pv.peak_kw:
                 pv_limit = allowed
                 pv_cut = max(0.0, pv_now - allowed)
