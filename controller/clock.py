@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import datetime, timedelta
 from typing import Protocol
 
-__all__ = ["Clock", "RealClock", "SimClock"]
+__all__ = ["Clock", "RealClock", "SimClock", "clock_plausible"]
+
+# A box without a real-time clock boots in 1970 (or its image's build year) until NTP answers: before
+# this year no tariff, profile or month peak can be trusted to the wall clock.
+PLAUSIBLE_FROM_YEAR = 2024
+# The wall clock moving this much more or less than the monotonic clock between two looks is a step
+# (NTP, an operator, DST is not one: local times are zone-aware).
+CLOCK_STEP_TOLERANCE_S = 2.0
+
+
+def clock_plausible(local: datetime) -> bool:
+    return local.year >= PLAUSIBLE_FROM_YEAR
+
+
+_log = logging.getLogger(__name__)
 
 
 class Clock(Protocol):
+    realtime: bool  # True: a real plant's wall time (slow work goes to threads); False: simulated
+
     def now(self) -> float:
         """Seconds since the run started (monotonic)."""
 
@@ -23,16 +40,31 @@ class Clock(Protocol):
 
 
 class RealClock:
+    """The wall clock, read every time it is asked (a DST change or an NTP step is seen at once), and the
+    monotonic clock for intervals. A step between two reads is logged."""
+
+    realtime = True
+
     def __init__(self, start_local: datetime) -> None:
         self._loop = asyncio.get_running_loop()
         self._t0 = self._loop.time()
-        self._start = start_local
+        self._zone = start_local.tzinfo
+        self._last: tuple[float, datetime] | None = None
+        self.steps = 0  # wall-clock steps seen
 
     def now(self) -> float:
         return self._loop.time() - self._t0
 
     def local(self) -> datetime:
-        return self._start + timedelta(seconds=self.now())
+        mono, wall = self.now(), datetime.now(self._zone)
+        if self._last is not None:
+            step_s = (wall - self._last[1]).total_seconds() - (mono - self._last[0])
+            if abs(step_s) > CLOCK_STEP_TOLERANCE_S:
+                self.steps += 1
+                _log.warning("wall clock stepped", extra={"step_s": round(step_s, 3), "now": wall.isoformat(),
+                                                          "plausible": clock_plausible(wall)})  # fmt: skip
+        self._last = (mono, wall)
+        return wall
 
     async def sleep_until(self, at_s: float) -> None:
         await asyncio.sleep(max(0.0, at_s - self.now()))
@@ -43,6 +75,8 @@ class RealClock:
 
 class SimClock:
     """Simulated time: `speed` simulated seconds per wall second, or as fast as possible (None)."""
+
+    realtime = False
 
     def __init__(self, start_local: datetime, speed: float | None) -> None:
         self._start = start_local

@@ -81,7 +81,7 @@ def render(runtime: Runtime, *, mqtt: str | None = None) -> Group:
                 f" {plan['peak_import_kw']:.0f} kW, EV energy unmet {unmet:.1f} kWh")  # fmt: skip
         parts.append(Text(line, style="dim"))
     s = runtime.stats
-    parts.append(Text(f"ticks {s.ticks}, tick processing p99 {s.percentile_ms(s.tick_processing_s[-600:], 0.99):.2f}"
+    parts.append(Text(f"ticks {s.ticks}, tick processing p99 {_p99_ms(s.tick_processing_s.recent(600)):.2f}"
                       f" ms, plans {s.plans}, bus errors {s.bus_errors}, failed writes {s.write_failures}",
                       style="dim"))  # fmt: skip
     return Group(*parts)
@@ -104,3 +104,11 @@ class LiveView:
             while True:
                 await asyncio.sleep(1 / REFRESH_HZ)
                 live.update(render(self.runtime, mqtt=self.mqtt), refresh=True)
+
+
+def _p99_ms(values_s: list[float]) -> float:
+    """The recent ticks' 99th percentile (NaN before any)."""
+    if not values_s:
+        return float("nan")
+    ordered = sorted(values_s)
+    return 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 
 from config import DeviceKind, SiteConfig
 from controller.breaches import BreachCount
-from controller.clock import Clock
+from controller.clock import Clock, clock_plausible
 from controller.forecast import Forecaster
 from controller.safety import (
     BatteryResponse,
@@ -35,6 +34,7 @@ from controller.safety import (
 )
 from controller.storage.atomic import write_atomic
 from controller.storage.timeseries import TimeSeriesStore
+from controller.tick_stats import Durations
 from firmware_bridge.bus import Bus
 from firmware_bridge.device import DeviceDriver, Exchange, Readings
 from firmware_bridge.errors import BridgeError
@@ -91,6 +91,14 @@ EV_FULL_RETRY_S = 3600.0
 # it has seen this many sessions, DEFAULT_EV_STAY_H.
 EV_STAYS_KEPT = 10
 EV_STAYS_NEEDED = 3
+# A plan that takes longer than this is given up and the last one kept: planning normally takes a few
+# ms, a day's worst case (the first of a month) well under a second on the 2-core box.
+PLAN_TIMEOUT_S = 30.0
+# A background job (planner, MQTT, live view, tuning follower) that fails is restarted after this,
+# doubling up to the maximum while it keeps failing; one that ran this long was healthy again.
+RESTART_DELAY_MIN_S = 1.0
+RESTART_DELAY_MAX_S = 60.0
+RESTART_HEALTHY_AFTER_S = 300.0
 # Controller state (counters, month peak, car sessions) is saved this often, so a restart loses at
 # most this much of the counters; the time series has its own flush.
 STATE_SAVE_PERIOD_S = 60.0
@@ -117,10 +125,11 @@ class Counters:
 @dataclass
 class RunStats:
     ticks: int = 0
-    tick_processing_s: list[float] = field(default_factory=list)
-    tick_lateness_s: list[float] = field(default_factory=list)
+    tick_processing_s: Durations = field(default_factory=Durations)
+    tick_lateness_s: Durations = field(default_factory=Durations)
     plans: int = 0
-    plan_time_s: list[float] = field(default_factory=list)
+    plan_time_s: Durations = field(default_factory=lambda: Durations(ring_values=1000))
+    plans_failed: int = 0
     safe_state_ticks: int = 0
     safety_actions: int = 0
     bus_errors: int = 0
@@ -128,11 +137,8 @@ class RunStats:
     import_breaches: BreachCount = field(default_factory=BreachCount)
     export_breaches: BreachCount = field(default_factory=BreachCount)
 
-    def percentile_ms(self, values: list[float], q: float) -> float:
-        if not values:
-            return math.nan
-        ordered = sorted(values)
-        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    # Background jobs restarted after an exception (name -> restarts), for health.
+    restarts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -301,11 +307,10 @@ class Runtime:
                 await stack.enter_async_context(bus)
             try:
                 async with asyncio.TaskGroup() as group:
-                    background = [group.create_task(self._planner(), name="planner")]
-                    background += [
-                        group.create_task(service(), name=getattr(service, "__name__", "service"))
-                        for service in self.services
-                    ]
+                    # Only the control loop's failure ends the run: every job around it is supervised.
+                    jobs: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = [("planner", self._planner)]
+                    jobs += [(getattr(service, "__name__", "service"), service) for service in self.services]
+                    background = [group.create_task(self._supervised(name, job), name=name) for name, job in jobs]
                     await self._ticks(duration_s, stop or asyncio.Event())
                     for task in background:
                         task.cancel()
@@ -314,6 +319,25 @@ class Runtime:
                 if self.store is not None:
                     self.store.flush()
                 self.save_state()
+
+    async def _supervised(self, name: str, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a background job; when it fails, log it with its stack, count it in health and start it
+        again after a back-off. Cancellation ends it (and is never swallowed)."""
+        delay_s = RESTART_DELAY_MIN_S
+        loop = asyncio.get_running_loop()
+        while True:
+            began = loop.time()
+            try:
+                await job()
+                return  # a job that ends by itself is done
+            except Exception:  # supervision: a job's failure must not end the control loop
+                self.stats.restarts[name] = self.stats.restarts.get(name, 0) + 1
+                if loop.time() - began > RESTART_HEALTHY_AFTER_S:
+                    delay_s = RESTART_DELAY_MIN_S
+                fields = {"job": name, "restart_in_s": delay_s, "restarts": self.stats.restarts[name]}
+                _log.exception("background job failed; restarting it", extra=fields)
+            await asyncio.sleep(delay_s)
+            delay_s = min(RESTART_DELAY_MAX_S, 2 * delay_s)
 
     # --- configuration changes and restarts ---------------------------------------------------------------
 
@@ -432,7 +456,7 @@ class Runtime:
             due = index * period
             index += 1
             await self.clock.sleep_until(due)
-            self.stats.tick_lateness_s.append(max(0.0, self.clock.lateness(due)))
+            self.stats.tick_lateness_s.add(max(0.0, self.clock.lateness(due)))
             await self.tick(period)
 
     async def _read_devices(self) -> None:
@@ -554,7 +578,7 @@ class Runtime:
         self.stats.ticks += 1
         self.stats.safe_state_ticks += setpoints.safe_state
         self.stats.safety_actions += bool(setpoints.actions)
-        self.stats.tick_processing_s.append(time.perf_counter() - started)
+        self.stats.tick_processing_s.add(time.perf_counter() - started)
         await self._apply(setpoints)
         self.battery_response.sent(battery, self._setpoint_battery_kw)
         if self.store is not None:
@@ -780,7 +804,7 @@ class Runtime:
         while True:
             await self._replan.wait()
             self._replan.clear()
-            self._make_plan()
+            await self._make_plan()
             self._next_plan_s = self.clock.now() + self.site.replan_period_s
 
     def _scenario(self, start: datetime) -> Scenario:
@@ -842,33 +866,49 @@ class Runtime:
             }
         )
 
-    def _make_plan(self) -> None:
+    async def _make_plan(self) -> None:
+        """A new plan, or the last one kept (the safety layer holds the limits either way). In real time
+        the kernels run in a thread (they release the GIL), so a slow plan never delays a tick, and a plan
+        that takes longer than PLAN_TIMEOUT_S is given up; in simulated time inline, so a run is the same
+        every time."""
         local = self.clock.local()
+        if not clock_plausible(local):
+            _log.warning("wall clock implausible; no tariff-based plan", extra={"local": local.isoformat()})
+            return
         start = local - timedelta(minutes=local.minute % self.site.control.step_minutes, seconds=local.second,
                                   microseconds=local.microsecond)  # fmt: skip
         started = time.perf_counter()
         try:
-            self.plan = solve(self._scenario(start))
-        except ValueError as err:  # an unexpected forecast value: keep the old plan, the safety layer holds
-            _log.warning("planning failed, keeping the last plan", extra={"error": str(err)[:500]})
+            scenario = self._scenario(start)
+            if self.clock.realtime:
+                plan = await asyncio.wait_for(asyncio.to_thread(solve, scenario), PLAN_TIMEOUT_S)
+            else:
+                plan = solve(scenario)
+        except Exception as err:  # any failure of a plan keeps the last one; the loop goes on
+            self.stats.plans_failed += 1
+            expected = isinstance(err, ValueError | TimeoutError)  # a bad forecast value, a slow plan: no stack
+            _log.warning("planning failed, keeping the last plan", exc_info=not expected,
+                         extra={"error": f"{type(err).__name__}: {str(err)[:500]}"})  # fmt: skip
             return
+        self.plan = plan
         self.plan_start = start
         self.stats.plans += 1
         if self.store is not None:
             summary = {k: v for k, v in self.plan.to_json().items() if k != "steps"}
             self.store.record_plan(start.timestamp(), summary)
-        self.stats.plan_time_s.append(time.perf_counter() - started)
+        self.stats.plan_time_s.add(time.perf_counter() - started)
 
     def summary_stats(self) -> dict[str, float]:
         s = self.stats
         return {
             "ticks": s.ticks,
             "plans": s.plans,
-            "tick_processing_p50_ms": s.percentile_ms(s.tick_processing_s, 0.5),
-            "tick_processing_p99_ms": s.percentile_ms(s.tick_processing_s, 0.99),
-            "tick_lateness_p50_ms": s.percentile_ms(s.tick_lateness_s, 0.5),
-            "tick_lateness_p99_ms": s.percentile_ms(s.tick_lateness_s, 0.99),
-            "plan_time_median_ms": 1000 * statistics.median(s.plan_time_s) if s.plan_time_s else math.nan,
+            "tick_processing_p50_ms": s.tick_processing_s.percentile_ms(0.5),
+            "tick_processing_p99_ms": s.tick_processing_s.percentile_ms(0.99),
+            "tick_lateness_p50_ms": s.tick_lateness_s.percentile_ms(0.5),
+            "tick_lateness_p99_ms": s.tick_lateness_s.percentile_ms(0.99),
+            "plan_time_median_ms": s.plan_time_s.percentile_ms(0.5),
+            "plans_failed": s.plans_failed,
             "safe_state_ticks": s.safe_state_ticks,
             "safety_action_ticks": s.safety_actions,
             "bus_errors": s.bus_errors,

@@ -87,8 +87,8 @@ async def main(payloads: int) -> None:
         finally:
             broker.kill()
     lateness = runtime.stats.tick_lateness_s
-    quiet = [x / SPEED for x in lateness[quiet_from : quiet_from + WINDOW_TICKS]]
-    attack = [x / SPEED for x in lateness[attack_from:attack_to]]
+    quiet = [x / SPEED for x in lateness.window(quiet_from, quiet_from + WINDOW_TICKS)]
+    attack = [x / SPEED for x in lateness.window(attack_from, attack_to)]
     counts = service.commands
     out = sys.stdout
     out.write(f"tick every {1000 / SPEED:.0f} ms wall; lateness in wall ms\n")

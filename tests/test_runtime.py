@@ -120,6 +120,8 @@ def test_run_refuses_a_broken_site_and_unsimulated_hardware(tmp_path: Path, caps
 
 
 class _StepClock:
+    realtime = False
+
     def __init__(self, start: datetime) -> None:
         self.start = start
         self.t = 0.0
