@@ -7,7 +7,16 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from controller.cli import _config_cmd, _export_cmd, _frame_cmd, _plan_cmd, _run_cmd, _schema_cmd, _validate_cmd
+from controller.cli import (
+    _config_cmd,
+    _export_cmd,
+    _frame_cmd,
+    _plan_cmd,
+    _run_cmd,
+    _schema_cmd,
+    _service_cmd,
+    _validate_cmd,
+)
 from controller.cli._command import Command
 from controller.logs import configure_logging
 
@@ -22,6 +31,7 @@ COMMANDS: tuple[Command, ...] = (
     _run_cmd.COMMAND,
     _export_cmd.COMMAND,
     _config_cmd.COMMAND,
+    _service_cmd.COMMAND,
 )
 
 
