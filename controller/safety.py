@@ -11,6 +11,7 @@ in full, at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from config import ChargerRating, SiteConfig
@@ -76,6 +77,8 @@ BATTERY_RATE_FLOOR_KW_PER_S = 0.5
 BATTERY_RATE_GROWTH = 1.2
 # A battery that ends a tick further than this from its setpoint fell short of it (it moved all tick).
 BATTERY_RATE_TOLERANCE_KW = 0.2
+# Halvings of the battery's export relief to fit it under the import side's aim (to 0.02 % of the move).
+RELIEF_SEARCH_STEPS = 12
 # Within this of the BMS's own SoC bounds (the rating's, not the tuning's), the BMS may stop the battery.
 BMS_CUT_MARGIN = 0.01
 BATTERY_RATE_TOLERANCE_SHARE = 0.02
@@ -438,7 +441,17 @@ def apply_safety(
         return rest + (bat.now_kw if bat.known else 0.0) + battery_delta + cars(high=not export_side) + pv_cut
 
     # Import limit: discharge, then slow the cars (to their minimum, then off), in the configured order.
+    # First, though, a car offered more than it draws gives up what it does not take: the import side
+    # must count it at its whole offer (it may start drawing), the export side at what it draws, and the
+    # battery discharging for a full car's unused 20 kW exported what the car never took.
     import_aim = site.import_limit_kw - HEADROOM_KW
+    if grid(export_side=False) > import_aim:
+        for name in sorted(known_cars):
+            charger = chargers[name]
+            drawn = measured.ev_kw[name] or 0.0
+            if not _following(measured, charger) and _ev_kw(charger, ev_amps[name]) > drawn + EV_FOLLOWING_MARGIN_KW:
+                ev_amps[name] = _ev_current(charger, drawn)
+                actions.append(f"import limit: {name} to {ev_amps[name]:.1f} A (draws {drawn:.1f} kW)")
     for import_lever in site.tuning.grid.import_relief_order:
         excess = grid(export_side=False) - import_aim
         if excess <= 0:
@@ -470,12 +483,17 @@ def apply_safety(
     # two aims cannot both be met (cars that may or may not draw, a small import limit), what reaches the
     # export limit itself still goes ahead, what only reaches its headroom does not.
     for lever in site.tuning.grid.export_relief_order:
-        surplus = min(export_aim - grid(export_side=True), import_room())
+        surplus = export_aim - grid(export_side=True)
         if lever == "battery" and bat.known and surplus > 0:
-            moved = bat.relieve(surplus, charging_helps=True)
+            # The battery counts differently on the two sides (a discharge it gives up counts at once for
+            # export, at its ramp's mean for import), so its move is tried and checked, not priced.
+            moved = _relieve_export_within(bat, surplus, lambda: grid(export_side=False),
+                                           max(import_aim, grid(export_side=False)))  # fmt: skip
             if moved > 0:
                 actions.append(f"export limit: battery {moved:+.1f} kW")
-        elif lever == "ev" and surplus > 0:
+            continue
+        surplus = min(surplus, import_room())
+        if lever == "ev" and surplus > 0:
             for name, charger in chargers.items():
                 if surplus <= 0 or name not in known_cars or not measured.ev_connected.get(name, False):
                     continue
@@ -570,6 +588,27 @@ def apply_safety(
         breach=breach,
         unavoidable=unavoidable,
     )
+
+
+def _relieve_export_within(
+    bat: _Battery, surplus_kw: float, import_kw: Callable[[], float], ceiling_kw: float
+) -> float:
+    """Move the battery to relieve `surplus_kw` of export, but no further than keeps the import side
+    (`import_kw()`, rising with the setpoint) under `ceiling_kw`, found by bisection on the setpoint;
+    returns the setpoint change."""
+    before_kw = bat.kw
+    bat.relieve(surplus_kw, charging_helps=True)
+    if import_kw() <= ceiling_kw + 1e-9:
+        return bat.kw - before_kw
+    fits, too_far = before_kw, bat.kw
+    for _ in range(RELIEF_SEARCH_STEPS):
+        bat.kw = (fits + too_far) / 2
+        if import_kw() <= ceiling_kw + 1e-9:
+            fits = bat.kw
+        else:
+            too_far = bat.kw
+    bat.kw = fits
+    return fits - before_kw
 
 
 def export_headroom_kw(measured: Measured) -> float:
