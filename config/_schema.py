@@ -330,6 +330,11 @@ class ControlConfig(_Model):
     # Beyond this age a measurement is not trusted; a few missed polls must not trip the safe state.
     stale_data_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
     safe_state: SafeState = SafeState()
+    device_watchdog_s: float = Field(
+        default=10.0, ge=0.0, le=3600.0,
+        description="Devices whose map declares a communication watchdog fall back to the safe state on their"
+        " own when the controller has written nothing for this long (0: watchdogs off)",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _periods_consistent(self) -> Self:
@@ -339,6 +344,8 @@ class ControlConfig(_Model):
             raise ValueError("horizon_h must hold at least one step of step_minutes")
         if self.stale_data_timeout_s < 2 * self.tick_period_s:
             raise ValueError("stale_data_timeout_s must be at least two ticks")
+        if 0 < self.device_watchdog_s < 3 * self.tick_period_s:
+            raise ValueError("device_watchdog_s must be at least three ticks (it is kept alive every third of it)")
         return self
 
 

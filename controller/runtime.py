@@ -91,6 +91,9 @@ EV_FULL_RETRY_S = 3600.0
 # it has seen this many sessions, DEFAULT_EV_STAY_H.
 EV_STAYS_KEPT = 10
 EV_STAYS_NEEDED = 3
+# A device whose watchdog could not be armed (lost, refusing) is tried again this often: often enough to
+# be covered within a minute of coming back, rare enough not to cost its bus a timeout every tick.
+WATCHDOG_ARM_RETRY_S = 30.0
 # A plan that takes longer than this is given up and the last one kept: planning normally takes a few
 # ms, a day's worst case (the first of a month) well under a second on the 2-core box.
 PLAN_TIMEOUT_S = 30.0
@@ -238,6 +241,12 @@ class Runtime:
         # it reads now, until a write lands.
         self._battery_refused = False
         self._written: dict[tuple[str, str], float] = {}
+        # Devices whose communication watchdog is armed (-> the bus's recovery count then), and when each
+        # device was last written (a write keeps its watchdog alive).
+        self._watchdog_armed: dict[str, int] = {}
+        self._watchdogs = sum(d.watchdog is not None for d in self.drivers.values())
+        self._arm_retry_at: dict[str, float] = {}
+        self._alive_at: dict[str, float] = {}
         self._write_failed: dict[tuple[str, str], int] = {}
         self._pv_limit_kw: float | None = None
         self._load_swing = LoadSwing()
@@ -305,6 +314,7 @@ class Runtime:
         async with contextlib.AsyncExitStack() as stack:
             for bus in self.buses.values():
                 await stack.enter_async_context(bus)
+            await self._arm_watchdogs()
             try:
                 async with asyncio.TaskGroup() as group:
                     # Only the control loop's failure ends the run: every job around it is supervised.
@@ -426,6 +436,72 @@ class Runtime:
             for name in self._devices(DeviceKind.PV_INVERTER):
                 await self._write_now(name, "power_limit_pct", round(pct, 1), even_if_lost=True)
 
+    # --- device watchdogs ------------------------------------------------------------------------------
+
+    def _watchdog_fallbacks(self, device: str) -> dict[str, float]:
+        """The safe state, as each device holds it on its own: the fallbacks it is armed with. A device
+        cannot see the load, so PV falls back to what may be exported with no load at all."""
+        safe, kind = self.site.control.safe_state, self.kinds[device]
+        if kind is DeviceKind.EV_CHARGER:
+            chargers = [c for c in self.site.ev_chargers if c.device == device]
+            minimum = min((c.min_current_a for c in chargers), default=0.0)
+            return {"current_limit_a": minimum if safe.ev_chargers == "minimum" else 0.0}
+        if kind is DeviceKind.PV_INVERTER and self.site.pv is not None:
+            export_pct = 100 * self.site.export_limit_kw / self.site.pv.peak_kw
+            share = {"off": 0.0, "unrestricted": 100.0}.get(safe.pv, export_pct)
+            return {"power_limit_pct": round(min(100.0, share), 1)}
+        return {}
+
+    async def _arm_watchdogs(self, *, at_start: bool = True) -> None:
+        """Configure each device's communication watchdog (at start, and again when a device recovers:
+        it may have rebooted with its watchdog off), so that a killed controller leaves the site safe.
+        A device that could not be armed is tried again after WATCHDOG_ARM_RETRY_S, when its bus has it due."""
+        timeout_s = self.site.control.device_watchdog_s
+        for name, driver in self.drivers.items():
+            if driver.watchdog is None or name in self._watchdog_armed:
+                continue
+            bus = self.buses[self.bus_of[name]]
+            if not at_start and (self.clock.now() < self._arm_retry_at.get(name, 0.0) or not bus.is_due(name)):
+                continue
+            try:
+                exchanges = driver.watchdog_setup(timeout_s, self._watchdog_fallbacks(name))
+                for exchange in exchanges:
+                    await bus.transact(exchange, even_if_lost=at_start)
+            except (BridgeError, ValueError) as err:
+                self._arm_retry_at[name] = self.clock.now() + WATCHDOG_ARM_RETRY_S
+                _log.warning("device watchdog not armed", extra={"device": name, "error": str(err)})
+                continue
+            self._watchdog_armed[name] = bus.health(name).recoveries
+            self._alive_at[name] = self.clock.now()
+            _log.info("device watchdog armed", extra={"device": name, "timeout_s": timeout_s})
+
+    async def _keep_watchdogs_alive(self) -> None:
+        """Every third of the watchdog's timeout, a heartbeat (or the setpoint again) to each device."""
+        timeout_s = self.site.control.device_watchdog_s
+        if timeout_s <= 0:
+            return
+        period_s = DeviceDriver.keepalive_period_s(timeout_s)
+        for name in list(self._watchdog_armed):
+            bus = self.buses[self.bus_of[name]]
+            if bus.health(name).recoveries != self._watchdog_armed[name]:
+                del self._watchdog_armed[name]  # it came back: it may have lost its configuration
+                continue
+            if self.clock.now() - self._alive_at.get(name, -math.inf) < period_s or not bus.is_due(name):
+                continue
+            exchange = self.drivers[name].keepalive_exchange()
+            try:
+                if exchange is not None:
+                    await bus.transact(exchange)
+                    self._alive_at[name] = self.clock.now()
+                else:  # no heartbeat register: the setpoint again is the keepalive
+                    quantity = "current_limit_a" if self.kinds[name] is DeviceKind.EV_CHARGER else None
+                    if quantity is not None:
+                        await self._write_now(name, quantity, self._written.get((name, quantity), 0.0))
+            except BridgeError as err:
+                _log.debug("keepalive failed", extra={"device": name, "error": str(err)})
+        if len(self._watchdog_armed) < self._watchdogs:
+            await self._arm_watchdogs(at_start=False)
+
     async def _write_now(self, device: str, quantity: str, value: float, *, even_if_lost: bool = False) -> bool:
         """Write a setpoint; False (logged, counted) when it did not land. `even_if_lost`: ask a device the
         bus has given up on for now (the exit's safe state is worth a timeout)."""
@@ -444,6 +520,7 @@ class Runtime:
         if self._write_failed.pop((device, quantity), 0):
             _log.warning("setpoint written again", extra={"device": device, "quantity": quantity})
         self._written[(device, quantity)] = value
+        self._alive_at[device] = self.clock.now()  # any write keeps a device's watchdog alive
         return True
 
     # --- the tick -------------------------------------------------------------------------------------
@@ -580,6 +657,8 @@ class Runtime:
         self.stats.safety_actions += bool(setpoints.actions)
         self.stats.tick_processing_s.add(time.perf_counter() - started)
         await self._apply(setpoints)
+        if self._watchdogs and self.site.control.device_watchdog_s > 0:
+            await self._keep_watchdogs_alive()
         self.battery_response.sent(battery, self._setpoint_battery_kw)
         if self.store is not None:
             self._record(measured, setpoints)

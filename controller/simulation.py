@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 from config import SiteConfig
 from controller.breaches import BreachCount
@@ -82,9 +83,11 @@ async def simulated_site(
     seed: int = 1,
     wire_time: bool = False,
     plant: Plant | None = None,
+    link_dir: Path | None = None,
 ) -> AsyncIterator[tuple[Plant, dict[str, Link], dict[str, SimulatedBus]]]:
     """Plant and simulated buses for every bus of the site; yields the links the controller opens.
-    `plant`: a plant built by the caller (weather, calendar, cars); default the school on a cloudy day."""
+    `plant`: a plant built by the caller (weather, calendar, cars); default the school on a cloudy day.
+    `link_dir`: where the ports appear (`<bus name>.tty`), for a controller in another process."""
     if plant is None:
         plant = Plant(site, start, seed=seed, arrivals=school_arrivals(site, start, days))
         if site.battery is not None:
@@ -104,9 +107,11 @@ async def simulated_site(
                         source=lambda kind=kind, name=name, p=plant: p.readings(kind, name),  # type: ignore[misc]
                         sink=lambda q, v, kind=kind, name=name, p=plant: p.write(kind, name, q, v),  # type: ignore[misc]
                         ct_ratio=device.ct_ratio,
+                        clock=lambda p=plant: p.now_s,  # type: ignore[misc]  # the devices live in plant time
                     )
                 )
-            sim = await stack.enter_async_context(SimulatedBus(bus, devices, wire_time=wire_time, seed=seed))
+            simulated = SimulatedBus(bus, devices, wire_time=wire_time, seed=seed, link_dir=link_dir)
+            sim = await stack.enter_async_context(simulated)
             sims[bus.name] = sim
             links[bus.name] = SerialLink(bus, sim.port, virtual=True)
         yield plant, links, sims
