@@ -2,31 +2,52 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
+import threading
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["write_atomic", "write_atomic_off_loop"]
+
+# One writer at a time per file: two saves racing (a periodic one still in a thread when the exit
+# save starts) must not interleave their renames.
+_locks_guard = threading.Lock()
+_locks: dict[Path, threading.Lock] = {}
+
+
+def _lock_for(path: Path) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(path.resolve(), threading.Lock())
 
 
 def write_atomic(path: Path, data: bytes, *, keep_previous: bool = False) -> None:
     """Temp file in the same directory, fsync, rename over; optionally keep the old file as `<name>.prev`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if keep_previous and path.exists():
-            os.replace(path, path.with_name(path.name + ".prev"))
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must survive a power cut
-    finally:
-        os.close(dir_fd)
+    with _lock_for(path):
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if keep_previous and path.exists():
+                os.replace(path, path.with_name(path.name + ".prev"))
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself must survive a power cut
+        finally:
+            os.close(dir_fd)
+
+
+async def write_atomic_off_loop(path: Path, data: bytes, *, keep_previous: bool = False) -> None:
+    """`write_atomic` in a worker thread, so its fsyncs never hold up the event loop.
+
+    Cancelling the caller does not stop a write already started: it completes (old or new content,
+    as ever) and the CancelledError reaches the caller."""
+    await asyncio.to_thread(write_atomic, path, data, keep_previous=keep_previous)
