@@ -219,6 +219,19 @@ class Runtime:
                 None if quantities is None
                 else list({id(e): e for e in (driver.exchange_for(q) for q in quantities)}.values())
             )  # fmt: skip
+        # The rest of what a ticked device can report (energy, voltages, ...): read one at a time, at most
+        # one exchange a tick on each bus, each every max(SLOW_POLL_S, the device's poll_period_s) times
+        # its map's every_n_polls, so the limit arithmetic keeps the bus and the counters still get read.
+        periods = {device.name: max(SLOW_POLL_S, device.poll_period_s) for _, device in site.devices()}
+        self._slow_reads: dict[str, list[tuple[str, Exchange, float]]] = {b.name: [] for b in site.buses}
+        for name, driver in self.drivers.items():
+            ticked = self._tick_reads[name]
+            if ticked is None:
+                continue
+            for every, exchange in driver.read_schedule():
+                if all(exchange is not e for e in ticked):
+                    self._slow_reads[self.bus_of[name]].append((name, exchange, every * periods[name]))
+        self._slow_due: dict[int, float] = {}
         self.latest: dict[str, _Latest] = {}
         self.forecaster = Forecaster(site, site.control.step_minutes)
         self.plan: Plan | None = None
@@ -567,6 +580,26 @@ class Runtime:
                 _log.debug("read failed", extra={"device": name, "error": str(err)})
             if values:
                 self._on_measurement(Measurement(name, values, self.clock.now(), bus.health(name).state))
+        await self._read_one_slow(bus_name)
+
+    async def _read_one_slow(self, bus_name: str) -> None:
+        """The most overdue of the bus's slow exchanges, if one is due (see _slow_reads)."""
+        bus, now = self.buses[bus_name], self.clock.now()
+        due = [(self._slow_due.get(id(e), 0.0), name, e, period) for name, e, period in self._slow_reads[bus_name]
+               if self._slow_due.get(id(e), 0.0) <= now and bus.is_due(name)
+               and not (self.kinds[name] is DeviceKind.EV_CHARGER and self._charger_idle(name))]  # fmt: skip
+        if not due:
+            return
+        _, name, exchange, period = min(due, key=lambda item: item[0])
+        self._slow_due[id(exchange)] = now + period
+        try:
+            values = await bus.transact(exchange)
+        except BridgeError as err:
+            self.stats.bus_errors += 1
+            _log.debug("read failed", extra={"device": name, "error": str(err)})
+            return
+        if values:
+            self._on_measurement(Measurement(name, values, now, bus.health(name).state))
 
     async def tick(self, dt_s: float) -> Setpoints:
         """One control tick: fresh grid and battery readings, safety, setpoints out."""

@@ -177,6 +177,10 @@ class DeviceDriver:
         """The exchanges due on poll number `cycle`, as few as the map allows (slow points every Nth poll)."""
         return [exchange for every, exchange in self._reads if cycle % every == 0]
 
+    def read_schedule(self) -> list[tuple[int, Exchange]]:
+        """Every read exchange with its `every_n_polls` (1: each poll), for callers that pace them."""
+        return list(self._reads)
+
     def exchange_for(self, quantity: str) -> Exchange:
         """The one read exchange that carries `quantity` (for the reads a control tick cannot miss)."""
         for _, exchange in self._reads:
