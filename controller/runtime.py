@@ -773,6 +773,10 @@ class Runtime:
             self.store.prune(self.clock.local().timestamp())
 
     def _targets(self) -> Targets:
+        if not clock_plausible(self.clock.local()):
+            # No tariff, profile or month can be trusted to this clock: the rule-based mode (store
+            # surplus, cover import down to the reserve), until the clock is set.
+            return Targets(self_consumption=True, reserve_soc=self.site.tuning.battery.reserve_soc)
         plan, start = self.plan, self.plan_start
         if plan is None or start is None:
             return Targets()

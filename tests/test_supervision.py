@@ -145,3 +145,17 @@ async def test_the_wall_clock_is_read_every_time_and_steps_are_seen(
         assert clock.local() == stepped  # not start + monotonic
     assert clock.steps == 1
     assert any("wall clock stepped" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_implausible_clock_runs_the_rule_based_mode(site: SiteConfig) -> None:
+    """A box that booted in 1970: no plan is made on the tariff, the battery still stores the surplus."""
+    start = datetime(1970, 1, 1, 12, 0, tzinfo=ZoneInfo(site.site.timezone))
+    async with simulated_site(site, datetime(2026, 7, 7, 12, 0, tzinfo=ZoneInfo(site.site.timezone)), 1) as (
+        plant, links, _sims,
+    ):
+        runtime = Runtime(site, clock=SimClock(start, None), links=links, line_timing=False,
+                          before_tick=plant.advance)  # fmt: skip
+        await runtime.run(120)
+    assert runtime.plan is None
+    assert runtime.last_setpoints is not None
+    assert runtime.last_setpoints.battery_kw > 20.0  # the noon surplus goes into the battery
