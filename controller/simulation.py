@@ -30,6 +30,9 @@ class Recorder:
     import_breaches: BreachCount = field(default_factory=BreachCount)
     export_breaches: BreachCount = field(default_factory=BreachCount)
     soc_out_of_bounds_ticks: int = 0
+    # Every interval's mean grid flow, for tests that look at a window; off by default (a float a tick
+    # is a leak in a month-long run).
+    keep_grid: bool = False
     grid_kw: list[float] = field(default_factory=list)
     # Runs of avoidable breach ticks: (first second, ticks, worst grid kW), for the reports.
     long_breaches: list[tuple[float, int, float]] = field(default_factory=list)
@@ -56,7 +59,8 @@ class Recorder:
             self.soc_out_of_bounds_ticks += 1
         if last is None or grid is None:
             return  # the first tick: no correction judged yet
-        self.grid_kw.append(grid)
+        if self.keep_grid:
+            self.grid_kw.append(grid)
         dt_s = now_s - last
         beyond_import = grid - self.site.import_limit_kw
         beyond_export = -grid - self.site.export_limit_kw

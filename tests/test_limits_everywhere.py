@@ -133,7 +133,7 @@ async def test_a_lost_pv_meter_at_noon_keeps_both_limits(school: SiteConfig) -> 
     start = datetime(2026, 7, 7, 11, 30, tzinfo=ZoneInfo(school.site.timezone))
     battery: list[float] = []
     async with simulated_site(school, start, 1) as (plant, links, sims):
-        recorder = Recorder(school, plant)
+        recorder = Recorder(school, plant, keep_grid=True)
 
         def on_tick(now_s: float, setpoints: Setpoints) -> None:
             recorder(now_s, setpoints)

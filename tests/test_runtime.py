@@ -31,7 +31,7 @@ async def test_sunny_midday_with_a_car_keeps_zero_export_and_charges(site: SiteC
     start = datetime(2026, 7, 6, 7, 50, tzinfo=ZoneInfo(site.site.timezone))
     soc: list[float] = []
     async with simulated_site(site, start, 1) as (plant, links, _sims):
-        recorder = Recorder(site, plant)
+        recorder = Recorder(site, plant, keep_grid=True)
 
         def on_tick(now_s: float, setpoints: Setpoints) -> None:
             recorder(now_s, setpoints)
