@@ -46,6 +46,8 @@ HISTORY_SAMPLE_S = 10
 # After a fault ends, data must be trusted again within the stale timeout plus the longest bus
 # back-off (a lost device is retried at most this late) plus a few ticks.
 RECOVERY_SLACK_S = 5.0
+# A battery setpoint move larger than this counts towards reversals (the runtime's write deadband).
+REVERSAL_MOVE_KW = 0.2
 # Battery energy a run may spend in the valley without a reason (a tick's rounding, a probe's return).
 VALLEY_COVER_SLACK_KWH = 0.5
 # Wall time to let MQTT settle at the end (outbox drained, replies in) before judging.
@@ -73,6 +75,7 @@ class ScenarioResult:
     unavoidable_breach_ticks: int = 0
     breach_energy_kwh: float = 0.0
     valley_cover_kwh: float = 0.0  # battery energy spent covering import in the day's cheapest band
+    battery_reversals: int = 0  # the battery setpoint changing direction (moves beyond 0.2 kW)
     soc_out_of_bounds_ticks: int = 0
     safe_state_ticks: int = 0
     safe_entered_s: float | None = None
@@ -154,12 +157,19 @@ class _Run:
         self.stop = asyncio.Event()
         self.restart_due: tuple[float, float] | None = None  # (stop at s, down for s)
         self.safe: list[bool] = []
+        self.last_battery_kw = 0.0
+        self.last_move_kw = 0.0
 
     def bus_of(self, device: str) -> str:
         return next(bus.name for bus, d in self.site.devices() if d.name == device)
 
     def on_tick(self, now_plant_s: float, setpoints: Setpoints) -> None:
         self.recorder(now_plant_s, setpoints)
+        move = setpoints.battery_kw - self.last_battery_kw
+        if abs(move) > REVERSAL_MOVE_KW:
+            self.result.battery_reversals += self.last_move_kw * move < 0
+            self.last_move_kw = move
+        self.last_battery_kw = setpoints.battery_kw
         plant, site = self.plant, self.site
         limit_relief = plant.grid_kw > site.import_limit_kw - 2 * HEADROOM_KW
         if plant.battery_kw < 0 and not limit_relief and site.tariff.cheapest_with_dearer_ahead(plant.local_time()):

@@ -29,10 +29,10 @@ def markdown(results: list[ScenarioResult]) -> str:
         " and final SoC as the run). The controller only sees its meters and its own forecasts.",
         "",
         "| scenario | length | result | breach ticks: avoidable / unavoidable (longest run, kWh)"
-        " | SoC out of bounds | safe state | EV kWh"
+        " | battery reversals /min | SoC out of bounds | safe state | EV kWh"
         " delivered/requested | log ticks/ticks | bill: run / no battery / self-cons. / optimum | gap to"
         " optimum | kgCO2: run / no battery / self-cons. | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         optimum = r.outcome("perfect foresight")
@@ -47,6 +47,7 @@ def markdown(results: list[ScenarioResult]) -> str:
         lines.append(
             f"| {r.name} | {r.simulated_s / 3600:.1f} h | {verdict} | {r.avoidable_breach_ticks} /"
             f" {r.unavoidable_breach_ticks} ({r.longest_breach_ticks}, {r.breach_energy_kwh:.2f}) |"
+            f" {60 * r.battery_reversals / max(r.simulated_s, 1.0):.2f} |"
             f" {r.soc_out_of_bounds_ticks} | {safe} | {r.ev_delivered_kwh:.1f}/{r.ev_requested_kwh:.1f} |"
             f" {r.logged_ticks}/{r.ticks} | {_money(r, 'realised')} / {_money(r, 'no battery')} /"
             f" {_money(r, 'self-consumption')} / {_money(r, 'perfect foresight')} | {gap} |"
