@@ -280,3 +280,19 @@ def test_a_refused_setpoint_write_means_the_battery_is_not_counted_on(site: Site
     assert any("setpoint refused" in a for a in refused.actions)
     assert refused.pv_limit_kw is not None
     assert refused.pv_limit_kw <= 237.0 - 0.5 - HEADROOM_KW + 0.01  # curtailed for what it exports
+
+
+def test_a_long_blindness_lowers_pv_to_what_may_be_exported(site: SiteConfig) -> None:
+    """Blind for long, the load may have changed completely (a school empties at 17:00): the PV limit
+    set against the last trusted load falls to what may be exported with no load at all."""
+    from controller.safety import BLIND_TRUST_S, SAFE_STATE_LOAD_SHARE
+
+    limits = []
+    for blind_s in (0.0, BLIND_TRUST_S / 2, BLIND_TRUST_S, 2 * BLIND_TRUST_S):
+        blind = measured(grid_kw=None, pv_kw=150.0, last_load_kw=160.0, blind_s=blind_s)
+        out = apply_safety(site, blind, Targets(), previous_battery_kw=0.0, dt_s=1.0)
+        assert out.safe_state
+        limits.append(out.pv_limit_kw)
+    assert limits[0] == pytest.approx(SAFE_STATE_LOAD_SHARE * 160.0 - HEADROOM_KW)
+    assert limits[1] == pytest.approx(SAFE_STATE_LOAD_SHARE * 80.0 - HEADROOM_KW)
+    assert limits[2] == limits[3] == 0.0  # zero export: nothing
