@@ -178,6 +178,7 @@ class TimeSeriesStore:
         self._oldest_queued_at_s = 0.0  # monotonic
         self._seq = 0  # last sequence number handed out
         self._in_flight_seq: int | None = None  # first sequence number of the batch being written
+        self._in_flight_rows = 0
         self._drop_logged = False  # one log line per episode of drops
         self._written_rows = 0
         self._dropped_rows = 0
@@ -273,7 +274,7 @@ class TimeSeriesStore:
         with self._cond:
             return StorageHealth(
                 state="degraded" if self._degraded else "ok",
-                queued_rows=self._queued_rows,
+                queued_rows=self._queued_rows + self._in_flight_rows,  # in flight: not written yet
                 written_rows=self._written_rows,
                 dropped_rows=self._dropped_rows,
                 failures=self._failures,
@@ -423,6 +424,7 @@ class TimeSeriesStore:
             rows += _rows_of(item)
         self._queued_rows -= rows
         self._in_flight_seq = batch[0][0] if batch else None
+        self._in_flight_rows = rows
         if self._queue:
             self._oldest_queued_at_s = time.monotonic()
         return batch
@@ -482,7 +484,7 @@ class TimeSeriesStore:
         rows = sum(_rows_of(item) for item in batch)
         with self._cond:
             self._written_rows += rows
-            self._in_flight_seq = None
+            self._in_flight_seq, self._in_flight_rows = None, 0
             self._drop_logged = False
             if self._degraded:
                 self._degraded = False
@@ -506,7 +508,7 @@ class TimeSeriesStore:
                            exc_info=not isinstance(err, sqlite3.Error | OSError),
                            extra={"file": str(self.path), "error": self._last_error})  # fmt: skip
             # The batch is older than anything queued: back at the front, where overflow drops first.
-            self._in_flight_seq = None
+            self._in_flight_seq, self._in_flight_rows = None, 0
             self._queue.extendleft(reversed(batch))
             self._queued_rows += sum(_rows_of(item) for item in batch)
             if batch:
