@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import io
+import sqlite3
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from controller.cli import main
 from controller.storage.atomic import write_atomic
-from controller.storage.timeseries import TimeSeriesStore
+from controller.storage.timeseries import Stat, TimeSeriesStore
 
 SCHOOL = Path(__file__).parents[1] / "config" / "sites" / "zhongshan_school.toml"
 
@@ -69,3 +72,73 @@ def test_export_command_writes_csv(tmp_path: Path, capsys: pytest.CaptureFixture
     assert out.read_text().splitlines()[1] == "1783267200.0,measured.grid_kw,45.0"
     assert main(["export", str(SCHOOL), "--store", str(tmp_path / "none.sqlite3"), "--csv", str(out)]) == 2
     assert "run the site first" in capsys.readouterr().err
+
+
+def test_older_ticks_become_minute_mean_min_max_and_go_after_the_retention(tmp_path: Path) -> None:
+    store = TimeSeriesStore(tmp_path / "ts.sqlite3", retention_days=2, full_resolution_days=1)
+    values = {second: float((second * 7) % 13) for second in range(0, 3 * 86400, 10)}  # 3 days, every 10 s
+    for second, value in values.items():
+        store.record(float(second), {"a_kw": value, "b_kw": -value} if second % 20 else {"a_kw": value})
+    store.record_plan(100.0, {"cost_cny": 1.0})
+    store.record_plan(2.5 * 86400, {"cost_cny": 2.0})
+    assert store.settle()
+    newest = 3 * 86400 - 10
+    # Full resolution for the last day, counted back from the newest tick (in whole minutes).
+    full_from = (newest - 86400) // 60 * 60
+    rows = list(store.rows(like="a_kw"))
+    ticks = [r for r in rows if r[0] >= full_from]
+    assert [(ts, v) for ts, _, v in ticks] == [(float(s), v) for s, v in values.items() if s >= full_from]
+    # Before that, one row a minute back to the retention (two days), each the minute's mean.
+    minutes = [r for r in rows if r[0] < full_from]
+    assert minutes[0][0] == (newest - 2 * 86400) // 60 * 60 + 60
+    assert [ts for ts, _, _ in minutes] == [float(m) for m in range(int(minutes[0][0]), full_from, 60)]
+    reducers: list[tuple[Stat, Callable[[list[float]], float]]] = [
+        ("mean", lambda xs: sum(xs) / len(xs)), ("min", min), ("max", max)
+    ]  # fmt: skip
+    for stat, reduce in reducers:
+        got = {ts: v for ts, _, v in store.rows(minutes[0][0], minutes[3][0], like="b%", stat=stat)}
+        want = {
+            float(m): reduce([-values[s] for s in range(m, m + 60, 10) if s % 20])
+            for m in range(int(minutes[0][0]), int(minutes[3][0]), 60)
+        }
+        assert got == pytest.approx(want)
+    assert store.series() == ["a_kw", "b_kw"]
+    db = sqlite3.connect(tmp_path / "ts.sqlite3")
+    assert [row[0] for row in db.execute("SELECT ts FROM plans")] == [2.5 * 86400]  # the older one is gone
+    db.close()
+    store.close()
+
+
+def test_a_database_of_the_long_format_is_read_merged_and_pruned(tmp_path: Path) -> None:
+    path = tmp_path / "ts.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE samples (ts REAL NOT NULL, series TEXT NOT NULL, value REAL NOT NULL);"
+        "CREATE INDEX samples_ts ON samples (ts);"
+        "CREATE TABLE plans (ts REAL NOT NULL, plan TEXT NOT NULL);"
+    )
+    with db:
+        db.executemany("INSERT INTO samples VALUES (?, ?, ?)", [(10.0, "a_kw", 1.0), (10.0, "old_kw", 2.0),
+                                                                (86_400.0, "a_kw", 3.0)])  # fmt: skip
+    db.close()
+    store = TimeSeriesStore(path, retention_days=1)
+    store.record(86_401.0, {"a_kw": 4.0})
+    assert list(store.rows(like="a%")) == [(10.0, "a_kw", 1.0), (86_400.0, "a_kw", 3.0), (86_401.0, "a_kw", 4.0)]
+    assert store.series() == ["a_kw", "old_kw"]
+    store.prune(now_ts=86_400.0 + 20.0)  # retention counts from here: the samples at 10 s are older
+    assert store.settle()
+    assert list(store.rows()) == [(86_400.0, "a_kw", 3.0), (86_401.0, "a_kw", 4.0)]
+    store.close()
+
+
+def test_health_reports_the_queue_and_the_writer_is_joined(tmp_path: Path) -> None:
+    store = TimeSeriesStore(tmp_path / "ts.sqlite3", retention_days=30, write_period_s=3600.0)
+    store.record(1.0, {"a_kw": 1.0, "b_kw": float("inf")})
+    health = store.health()
+    assert health["state"] == "ok"
+    assert health["queued_rows"] == 1  # the infinite value is not a sample
+    assert health["dropped_rows"] == 0
+    assert health["last_error"] is None
+    store.close()
+    assert store.health()["written_rows"] == 1
+    assert not [t for t in threading.enumerate() if t.name.startswith("storage-writer")]

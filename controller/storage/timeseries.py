@@ -44,6 +44,7 @@ from typing import Literal, TextIO
 __all__ = [
     "FULL_RESOLUTION_DAYS",
     "MAX_QUEUED_ROWS",
+    "Stat",
     "StorageHealth",
     "TimeSeriesStore",
     "connect_default",
