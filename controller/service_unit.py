@@ -37,6 +37,7 @@ class UnitSettings:
     serial_group: str | None = "dialout"  # owns /dev/ttyS*, ttyUSB*, ttyACM* on Debian
     home_read_only: bool = False  # the code lives under /home or /root: ProtectHome=yes would hide it
     writable_paths: tuple[str, ...] = ()  # absolute storage directories outside the state directory
+    directory_name: str = STATE_DIRECTORY_NAME  # of the state and cache directories
 
 
 def _exec_start(settings: UnitSettings) -> str:
@@ -52,6 +53,7 @@ def render_unit(settings: UnitSettings) -> str:
     groups = "" if settings.serial_group is None else f"SupplementaryGroups={settings.serial_group}\n"
     writable = "".join(f"ReadWritePaths={path}\n" for path in settings.writable_paths)
     home = "read-only" if settings.home_read_only else "yes"
+    name = settings.directory_name
     return f"""\
 # greensite controller for site {settings.site_id}, written by `greensite service install`.
 # Change the site file ({settings.site_file}) and run the install again rather than editing this file.
@@ -85,14 +87,14 @@ TimeoutStartSec=300s
 TimeoutStopSec=30s
 # SIGTERM to the controller alone; anything it started is killed only if still there at the timeout.
 KillMode=mixed
-StateDirectory={STATE_DIRECTORY_NAME}
+StateDirectory={name}
 StateDirectoryMode=0750
-CacheDirectory={STATE_DIRECTORY_NAME}
+CacheDirectory={name}
 # Relative storage paths of the site file live in the state directory.
-WorkingDirectory=%S/{STATE_DIRECTORY_NAME}
+WorkingDirectory=%S/{name}
 # numba caches compiled kernels next to their source by default, which this user may not write
 # ("cannot cache function ...: no locator available"): the cache lives in the cache directory.
-Environment=NUMBA_CACHE_DIR=%C/{STATE_DIRECTORY_NAME}/numba
+Environment=NUMBA_CACHE_DIR=%C/{name}/numba
 Environment=PYTHONFAULTHANDLER=1
 Environment=PYTHONUNBUFFERED=1
 # A core dump of a process holding LLVM is hundreds of MB on an SD card; faulthandler's stack is enough.
