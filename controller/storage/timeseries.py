@@ -273,6 +273,10 @@ class TimeSeriesStore:
 
     def health_snapshot(self) -> StorageHealth:
         with self._cond:
+            if not self._closed and not self._thread.is_alive() and not self._degraded:  # cannot happen; if it did
+                self._degraded, self._last_error = True, "the storage writer thread ended"
+                self._last_error_at_epoch_s = time.time()
+                _log.error("storage writer thread ended", extra={"file": str(self.path)})
             return StorageHealth(
                 state="degraded" if self._degraded else "ok",
                 queued_rows=self._queued_rows + self._in_flight_rows,  # in flight: not written yet
