@@ -1,12 +1,11 @@
 """A stuck loop gets restarted: a control loop that stops pinging is aborted (with its stack in its log)
 and started again, while one that keeps pinging is left alone.
 
-systemd's part is played by this test (`ServiceManagerStandIn`): PID 1 of the machines this suite runs
-on is not always systemd (containers, CI), and a real unit cannot be started there. The stand-in does
-what systemd does for our unit's settings (Type=notify, NotifyAccess=main, WatchdogSec=,
-WatchdogSignal=SIGABRT, Restart=on-failure; service.c arms the watchdog at READY=1), over a real
-notify socket, with real processes running the real notifier. What it cannot show: that systemd
-itself honours the unit file; `test_service_install.py` has systemd-analyze check the unit.
+systemd's part is played by this test (`ServiceManagerStandIn`), so it runs on every machine;
+`test_service_systemd.py` shows the same with a real systemd where root and namespaces allow. The
+stand-in does what systemd does for our unit's settings (Type=notify, NotifyAccess=main,
+WatchdogSec=, WatchdogSignal=SIGABRT, Restart=on-failure; service.c arms the watchdog at READY=1),
+over a real notify socket, with real processes running the real notifier.
 """
 
 from __future__ import annotations
