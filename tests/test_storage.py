@@ -6,6 +6,7 @@ import csv
 import io
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,3 +143,14 @@ def test_health_reports_the_queue_and_the_writer_is_joined(tmp_path: Path) -> No
     store.close()
     assert store.health()["written_rows"] == 1
     assert not [t for t in threading.enumerate() if t.name.startswith("storage-writer")]
+
+
+def test_a_sample_from_the_future_does_not_make_the_history_go(tmp_path: Path) -> None:
+    store = TimeSeriesStore(tmp_path / "ts.sqlite3", retention_days=1)
+    now = time.time()
+    store.record(now - 3600.0, {"a_kw": 1.0})
+    store.record(now + 10 * 365 * 86400.0, {"a_kw": 2.0})  # a clock stepped forward by ten years
+    store.prune()
+    assert store.settle()
+    assert [row[2] for row in store.rows()] == [1.0, 2.0]
+    store.close()

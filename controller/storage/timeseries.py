@@ -361,7 +361,8 @@ class TimeSeriesStore:
     def _writer(self) -> None:
         backoff_s = self._retry_min_s
         retry_at: float | None = None
-        next_retention_at = time.monotonic()
+        # Not at once: a store opened to read (`greensite export`) should not start by deleting.
+        next_retention_at = time.monotonic() + RETENTION_PERIOD_S
         while True:
             with self._cond:
                 while True:
@@ -391,6 +392,7 @@ class TimeSeriesStore:
                 retention = not stopping and (self._retention_requested or time.monotonic() >= next_retention_at)
             try:
                 self._open()
+                worked = bool(batch) or retention
                 if batch:
                     self._write(batch)
                     self._written(batch)
@@ -410,6 +412,8 @@ class TimeSeriesStore:
                     break
                 continue
             retry_at, backoff_s = None, self._retry_min_s
+            if worked:
+                self._recovered()
             if stopping:
                 with self._cond:
                     if not self._queue:
@@ -491,11 +495,15 @@ class TimeSeriesStore:
             self._written_rows += rows
             self._in_flight_seq, self._in_flight_rows = None, 0
             self._drop_logged = False
+            self._cond.notify_all()
+
+    def _recovered(self) -> None:
+        with self._cond:
             if self._degraded:
                 self._degraded = False
                 _log.warning("storage writing again",
                              extra={"file": str(self.path), "dropped_rows": self._dropped_rows})  # fmt: skip
-            self._cond.notify_all()
+                self._cond.notify_all()
 
     def _failed(self, err: Exception, batch: list[_Item]) -> None:
         if self._db is not None:  # reopened on the next try: a replaced, unlocked or freed file is picked up
@@ -527,6 +535,9 @@ class TimeSeriesStore:
         assert db is not None
         with self._cond:
             ref = max(self._newest_ts, self._prune_ref_ts)
+        # A sample stamped ahead of the wall clock (a clock stepped forward by years) never makes the
+        # history go: retention counts at most from now.
+        ref = min(ref, time.time())
         if not math.isfinite(ref):
             return False
         keep_from = ref - self.retention_s
