@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sqlite3
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from controller.cli import main
-from controller.storage.atomic import write_atomic
+from controller.storage.atomic import STALE_TEMP_S, write_atomic
 from controller.storage.timeseries import Stat, TimeSeriesStore
 
 SCHOOL = Path(__file__).parents[1] / "config" / "sites" / "zhongshan_school.toml"
@@ -154,3 +155,14 @@ def test_a_sample_from_the_future_does_not_make_the_history_go(tmp_path: Path) -
     assert store.settle()
     assert [row[2] for row in store.rows()] == [1.0, 2.0]
     store.close()
+
+
+def test_atomic_write_removes_temp_files_left_by_a_killed_writer(tmp_path: Path) -> None:
+    target = tmp_path / "state.json"
+    stale, fresh = tmp_path / ".state.json.abc.tmp", tmp_path / ".state.json.def.tmp"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"being written by another process")
+    old = time.time() - STALE_TEMP_S - 60
+    os.utime(stale, (old, old))
+    write_atomic(target, b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".state.json.def.tmp", "state.json"]

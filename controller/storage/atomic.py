@@ -6,14 +6,18 @@ import asyncio
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 
-__all__ = ["write_atomic", "write_atomic_off_loop"]
+__all__ = ["STALE_TEMP_S", "write_atomic", "write_atomic_off_loop"]
 
 # One writer at a time per file: two saves racing (a periodic one still in a thread when the exit
 # save starts) must not interleave their renames.
 _locks_guard = threading.Lock()
 _locks: dict[Path, threading.Lock] = {}
+# A temp file this old was left by a process killed inside a write (no write takes an hour); younger
+# ones may belong to another process writing the same file right now.
+STALE_TEMP_S = 3600.0
 
 
 def _lock_for(path: Path) -> threading.Lock:
@@ -43,6 +47,18 @@ def write_atomic(path: Path, data: bytes, *, keep_previous: bool = False) -> Non
             os.fsync(dir_fd)  # the rename itself must survive a power cut
         finally:
             os.close(dir_fd)
+        _remove_stale_temps(path)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files of writes that were killed halfway, so a crash loop does not fill the disk."""
+    cutoff = time.time() - STALE_TEMP_S
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if stale.stat().st_mtime < cutoff:
+                stale.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove: it is only litter
+            continue
 
 
 async def write_atomic_off_loop(path: Path, data: bytes, *, keep_previous: bool = False) -> None:
