@@ -180,3 +180,23 @@ def test_review_an_unknown_battery_charging_at_an_import_breach_is_turned_down(i
     assert out.breach == "import"
     assert out.battery_kw < 70.0, out.actions
     assert not out.unavoidable, out.actions
+
+
+def test_review_the_late_evening_valley_is_a_valley_too() -> None:
+    """config/_schema.py Tariff.cheapest_with_dearer_ahead looks at the same calendar day only. A 23:00-07:00
+    valley (written as two periods, as the README asks of a period that crosses midnight) is covered by the
+    battery at 23:00-24:00 on a day without history: stored energy spent at the cheapest price with the next
+    morning's peak ahead, the pattern issue 15 named."""
+    site = load_site(SCHOOL, environment=False)
+    data = site.model_dump(mode="json")
+    for season in data["tariff"]["seasons"]:
+        season["prices_cny_per_kwh"] = {"valley": 0.25, "peak": 1.12}
+        season["periods"] = [
+            {"start": "00:00", "end": "07:00", "band": "valley"},
+            {"start": "07:00", "end": "23:00", "band": "peak"},
+            {"start": "23:00", "end": "24:00", "band": "valley"},
+        ]
+    tariff = SiteConfig.model_validate(data).tariff
+    zone = ZoneInfo(site.site.timezone)
+    assert tariff.cheapest_with_dearer_ahead(datetime(2026, 7, 7, 3, 30, tzinfo=zone))
+    assert tariff.cheapest_with_dearer_ahead(datetime(2026, 7, 7, 23, 30, tzinfo=zone))
