@@ -32,6 +32,7 @@ from controller.safety import (
     apply_safety,
     safe_setpoints,
 )
+from controller.service_notify import SystemdNotifier
 from controller.storage.atomic import write_atomic
 from controller.storage.timeseries import TimeSeriesStore
 from controller.tick_stats import Durations
@@ -167,6 +168,7 @@ class Runtime:
         on_tick: Callable[[float, Setpoints], None] | None = None,
         store: TimeSeriesStore | None = None,
         state_path: str | Path | None = None,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         """`before_tick(now_s)`: the simulation advances its plant here; `on_tick`: a recorder.
         `state_path`: where counters, month peak and car sessions survive a restart (None: nowhere)."""
@@ -178,6 +180,10 @@ class Runtime:
         self.last_measured: Measured | None = None
         self.last_setpoints: Setpoints | None = None
         self.state_path = None if state_path is None else Path(state_path)
+        # systemd's notify protocol (a no-op outside systemd): READY when the buses are open, a watchdog
+        # ping from the loop itself after every tick (a ping from a task of its own would go on while a
+        # tick hangs), STOPPING on the way out.
+        self.notifier = notifier
         self._next_state_save_s = STATE_SAVE_PERIOD_S
         self.before_tick = before_tick
         self.store = store
@@ -328,6 +334,8 @@ class Runtime:
             for bus in self.buses.values():
                 await stack.enter_async_context(bus)
             await self._arm_watchdogs()
+            if self.notifier is not None:
+                self.notifier.ready("ticking")
             try:
                 async with asyncio.TaskGroup() as group:
                     # Only the control loop's failure ends the run: every job around it is supervised.
@@ -338,6 +346,8 @@ class Runtime:
                     for task in background:
                         task.cancel()
             finally:
+                if self.notifier is not None:
+                    self.notifier.stopping("leaving the devices safe")
                 await self._leave_safe()
                 if self.store is not None:
                     self.store.flush()
@@ -547,7 +557,17 @@ class Runtime:
             index += 1
             await self.clock.sleep_until(due)
             self.stats.tick_lateness_s.add(max(0.0, self.clock.lateness(due)))
-            await self.tick(period)
+            setpoints = await self.tick(period)
+            if self.notifier is not None:
+                self.notifier.watchdog(self._status_line(setpoints))
+
+    def _status_line(self, setpoints: Setpoints) -> str:
+        """One line for `systemctl status`."""
+        grid = self.last_measured.grid_kw if self.last_measured is not None else None
+        lost = sum(str(self.buses[bus].health(name).state) == "lost" for name, bus in self.bus_of.items())
+        state = "SAFE STATE" if setpoints.safe_state else "running"
+        grid_text = "grid unknown" if grid is None else f"grid {grid:+.1f} kW"
+        return f"{state}, {grid_text}, battery {setpoints.battery_kw:+.1f} kW, {lost} devices lost"
 
     async def _read_devices(self) -> None:
         """Fresh readings for this tick: each distinct exchange once, slow devices every SLOW_POLL_S.

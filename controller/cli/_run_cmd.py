@@ -16,6 +16,8 @@ from zoneinfo import ZoneInfo
 from config import ConfigError, SiteConfig, load_site
 from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, Command, refusal
 from controller.durations import parse_duration_s
+from controller.service_notify import SystemdNotifier
+from controller.state_directory import storage_in_state_directory
 from controller.storage.timeseries import TimeSeriesStore
 from controller.tuning import TuningStore
 from firmware_bridge.maps import check_site_devices
@@ -140,15 +142,19 @@ async def _hardware(site: SiteConfig, args: argparse.Namespace) -> int:
 
     stop = _stop_on_signals()
     links: dict[str, Link] = {bus.name: SerialLink(bus) for bus in site.buses}
+    site = storage_in_state_directory(site)  # under systemd: relative storage in its StateDirectory
     tuning = _tuned(site)
     site = tuning.site
     store = _store(site, args)
     clock = RealClock(datetime.now(ZoneInfo(site.site.timezone)))
-    runtime = Runtime(site, clock=clock, links=links, store=store, state_path=site.storage.state_path)
+    notifier = SystemdNotifier()
+    runtime = Runtime(site, clock=clock, links=links, store=store, state_path=site.storage.state_path,
+                      notifier=notifier)  # fmt: skip
     try:
         await _run_attached(runtime, tuning, args, args.duration, stop)
     finally:
         store.close()
+        notifier.close()
     sys.stdout.write("".join(f"{key}: {value}\n" for key, value in runtime.summary_stats().items()))
     return EXIT_OK
 
@@ -163,15 +169,17 @@ async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
     duration = args.duration if args.duration is not None else 86400.0
     stop = _stop_on_signals()
     wall = time.perf_counter()
-    site = _simulation_storage(site, args)
+    site = storage_in_state_directory(_simulation_storage(site, args))
     tuning = _tuned(site)
     site = tuning.site
     async with simulated_site(site, start, int(duration // 86400) + 1, seed=args.seed) as (plant, links, _sims):
         recorder = Recorder(site, plant)
         store = _store(site, args)
+        notifier = SystemdNotifier()  # the demo as a service: READY and the watchdog as on hardware
         runtime = Runtime(
             site, clock=SimClock(start, args.speed), links=links, line_timing=False,
             before_tick=plant.advance, on_tick=recorder, store=store, state_path=site.storage.state_path,
+            notifier=notifier,
         )  # fmt: skip
         try:
             await _run_attached(runtime, tuning, args, duration, stop)
@@ -187,6 +195,7 @@ async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
                     sys.stdout.write(f"  report: {path}\n")
         finally:
             store.close()
+            notifier.close()
     return EXIT_OK
 
 
