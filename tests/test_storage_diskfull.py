@@ -11,12 +11,13 @@ import os
 import sqlite3
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from controller.storage.atomic import write_atomic, write_atomic_off_loop
-from controller.storage.timeseries import TimeSeriesStore, connect_default
+from controller.storage.timeseries import MAX_QUEUED_ROWS, TimeSeriesStore, connect_default
 
 SERIES = [f"measured.s{i}_kw" for i in range(10)] + ["state.safe"]
 # A record() call may take this long at most: far below one write attempt on the slow disk below
@@ -203,3 +204,23 @@ async def test_state_file_written_off_loop_survives_cancellation(
     assert ticks == 5
     assert target.read_bytes() == b'{"newer": 1}'
     assert not await asyncio.to_thread(lambda: list(tmp_path.glob(".state.json.*")))  # no temp file left
+
+
+def test_memory_stays_bounded_however_long_the_outage(tmp_path: Path) -> None:
+    def no_space(path: Path) -> sqlite3.Connection:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = TimeSeriesStore(tmp_path / "ts.sqlite3", retention_days=400, retry_min_s=60.0, connect=no_space)
+    tracemalloc.start()
+    try:
+        _record(store, range(10_000))  # 110,000 values: the queue is full from here on
+        filled = tracemalloc.get_traced_memory()[0]
+        _record(store, range(10_000, 40_000))
+        grown = tracemalloc.get_traced_memory()[0] - filled
+    finally:
+        tracemalloc.stop()
+    health = store.health_snapshot()
+    assert health.queued_rows <= MAX_QUEUED_ROWS
+    assert health.dropped_rows == 40_000 * len(SERIES) - health.queued_rows
+    assert grown < 100_000  # bytes: 330,000 more values recorded, none of them kept beyond the bound
+    store.close(timeout_s=0.1)
