@@ -166,3 +166,38 @@ def test_atomic_write_removes_temp_files_left_by_a_killed_writer(tmp_path: Path)
     os.utime(stale, (old, old))
     write_atomic(target, b"{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".state.json.def.tmp", "state.json"]
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_keeping_the_previous_file_never_leaves_the_file_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
+) -> None:
+    target = tmp_path / "tuning.json"
+    write_atomic(target, b"v1")
+    write_atomic(target, b"v2", keep_previous=True)
+    if not hard_links:
+
+        def no_links(src: str, dst: str) -> None:
+            raise OSError(1, "Operation not permitted")  # as on FAT
+
+        monkeypatch.setattr("controller.storage.atomic.os.link", no_links)
+    real_replace = os.replace
+    renames: list[str] = []
+
+    def cut_after_the_prev(src: str, dst: str) -> None:
+        renames.append(Path(dst).name)
+        if Path(dst) == target:
+            raise OSError(5, "power cut")  # the new content never lands
+        real_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr("controller.storage.atomic.os.replace", cut_after_the_prev)
+        with pytest.raises(OSError, match="power cut"):
+            write_atomic(target, b"v3", keep_previous=True)
+    assert renames == ["tuning.json.prev", "tuning.json"]
+    assert target.read_bytes() == b"v2"  # still there, whole
+    assert (tmp_path / "tuning.json.prev").read_bytes() == b"v2"
+    write_atomic(target, b"v3", keep_previous=True)
+    assert target.read_bytes() == b"v3"
+    assert (tmp_path / "tuning.json.prev").read_bytes() == b"v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tuning.json", "tuning.json.prev"]

@@ -37,7 +37,7 @@ def write_atomic(path: Path, data: bytes, *, keep_previous: bool = False) -> Non
                 handle.flush()
                 os.fsync(handle.fileno())
             if keep_previous and path.exists():
-                os.replace(path, path.with_name(path.name + ".prev"))
+                _keep_previous(path)
             os.replace(tmp_name, path)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
@@ -48,6 +48,26 @@ def write_atomic(path: Path, data: bytes, *, keep_previous: bool = False) -> Non
         finally:
             os.close(dir_fd)
         _remove_stale_temps(path)
+
+
+def _keep_previous(path: Path) -> None:
+    """`<name>.prev` becomes the current content while `path` stays in place: a cut at any moment
+    leaves `path` whole (old or new), never only the `.prev`."""
+    staged = path.with_name(f".{path.name}.prev-{os.getpid()}-{threading.get_ident()}.tmp")
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(path, staged)  # the same inode: nothing copied, nothing to fsync
+    except OSError:  # a file system without hard links (FAT): copy it
+        with path.open("rb") as source, staged.open("wb") as copy:
+            copy.write(source.read())
+            copy.flush()
+            os.fsync(copy.fileno())
+    try:
+        os.replace(staged, path.with_name(path.name + ".prev"))
+    finally:
+        # Gone after the rename, unless `.prev` was already this inode (a cut after the last one):
+        # then POSIX rename does nothing and the link is left to remove.
+        staged.unlink(missing_ok=True)
 
 
 def _remove_stale_temps(path: Path) -> None:
