@@ -1,6 +1,7 @@
-"""A process killed at a random moment (SIGKILL: no exit code runs) leaves the time series and the
-state file intact, and loses at most what was still queued: every committed tick is there, in order,
-with no hole, including while retention downsamples and deletes."""
+"""A process killed at a random moment (SIGKILL: no exit code runs) leaves the time series, the state
+file and a file kept with its .prev (as the tuning overrides) intact, and loses at most what was still
+queued: every committed tick is there, in order, with no hole, including while retention downsamples
+and deletes."""
 
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ def _child(db_path: Path, state_path: Path, progress_path: Path) -> None:
             if tick % 20 == 0:
                 payload = list(range(tick % 997, tick % 997 + 20_000))  # ~130 kB: kills land inside writes
                 body = json.dumps({"tick": tick, "payload": payload}, separators=(",", ":"))
-                write_atomic(state_path, json.dumps({"crc": zlib.crc32(body.encode()), "body": body}).encode())
+                data = json.dumps({"crc": zlib.crc32(body.encode()), "body": body}).encode()
+                write_atomic(state_path, data)
+                write_atomic(state_path.with_name("tuning.json"), data, keep_previous=True)  # as the overrides
             if tick % 100 == 0:
                 store.prune()
             time.sleep(TICK_PAUSE_S)
@@ -121,9 +124,15 @@ def test_sigkill_at_random_moments_never_corrupts_and_loses_at_most_the_queue(tm
         held = _check_db(db_path, recorded, written)
         if state_path.exists():
             _check_state(state_path)
+        tuning = tmp_path / "tuning.json"
+        if tuning.with_name("tuning.json.prev").exists():
+            assert tuning.exists(), "only the .prev is left"
+            _check_state(tuning.with_name("tuning.json.prev"))
+        if tuning.exists():
+            _check_state(tuning)
         lost.append(recorded - held)
         assert recorded - held <= MAX_LOST_TICKS
-    leftovers = len(list(tmp_path.glob(".state.json.*.tmp")))  # a kill inside a write leaves its temp file
+    leftovers = len(list(tmp_path.glob(".*.tmp")))  # a kill inside a write leaves its temp file
     sys.stderr.write(f"ticks lost per kill: max {max(lost)}, median {sorted(lost)[len(lost) // 2]}; "
                      f"temp files left: {leftovers}\n")  # fmt: skip
     assert state_path.exists()
