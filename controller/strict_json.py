@@ -29,8 +29,10 @@ DEFAULT_MAX_DEPTH = 8
 # The longest float repr is 24 characters ("-2.2250738585072014e-308"); 40 is generous, 5,000 is hostile.
 DEFAULT_MAX_NUMBER_CHARS = 40
 
-# A string as json lexes it: up to the first unescaped quote.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A string as json lexes it: up to the first unescaped quote, or (unterminated) to the end in one match.
+# Requiring the closing quote made every later quote a new start that scanned to the end: quadratic,
+# 0.7 s for 16 kB of escaped quotes on the event loop (json.loads refuses such a document anyway).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 _NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
 # +1 for an opening bracket, -1 for a closing one, by byte value: map() and accumulate() then walk
 # the brackets in C, so a megabyte of them costs milliseconds, not a Python loop per byte.

@@ -360,6 +360,9 @@ class MqttService:
                 # Left retained, the command would be refused again on every reconnect; clear it where
                 # the broker lets us (an ACL may not: then it is refused each time, never applied).
                 await client.publish(topic, b"", qos=1, retain=True)
+            # Queued messages are handed over without suspending: yield, so that a burst of commands never
+            # holds the control loop for more than one command's handling at a time.
+            await asyncio.sleep(0)
 
     # --- commands ---------------------------------------------------------------------------------------
 
