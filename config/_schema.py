@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, time
+from datetime import datetime, time, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal, Self
@@ -58,6 +58,8 @@ Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,39}$")]
 # The safety layer aims 1 kW inside the import limit and counts a breach only 0.5 kW beyond it (meter
 # accuracy): a lower limit leaves no room between the two.
 MIN_IMPORT_LIMIT_KW = 2.0
+# A battery tuned below this is a relief lever in name only (0.001 kW passed where 0 was refused).
+MIN_LEVER_KW = 1.0
 
 
 class SiteIdentity(_Model):
@@ -307,8 +309,12 @@ class Tariff(_Model):
         prices = season.prices_cny_per_kwh
         now_price = prices[season.band_at_minute(minute)]
         cheapest = min(prices[p.band] for p in season.periods)
-        dearest_ahead = max(prices[p.band] for p in season.periods if p.end_minute > minute)
-        return now_price <= cheapest and dearest_ahead > now_price
+        # Ahead: the rest of today and tomorrow up to this time (a valley written as 23:00-24:00 plus
+        # 00:00-07:00 is one night, with the morning's dear hours ahead of its first hour too).
+        tomorrow = self.season_for((local + timedelta(days=1)).month)
+        ahead = [prices[p.band] for p in season.periods if p.end_minute > minute]
+        ahead += [tomorrow.prices_cny_per_kwh[p.band] for p in tomorrow.periods if p.start_minute < minute]
+        return now_price <= cheapest and max(ahead, default=now_price) > now_price
 
 
 class SafeState(_Model):
@@ -547,10 +553,11 @@ class SiteConfig(_Model):
         if self.battery is not None:
             levers["battery"] = "the site has a battery"
             for name in ("max_charge_kw", "max_discharge_kw"):
-                if getattr(self.tuning.battery, name) == 0.0:
+                value = getattr(self.tuning.battery, name)
+                if value is not None and value < MIN_LEVER_KW:
                     raise ValueError(
-                        f"tuning.battery.{name} is 0 kW: the battery is a relief lever of both grid limits and could"
-                        " not move; leave it unset (the rating) or give it a power"
+                        f"tuning.battery.{name} is {value} kW, under {MIN_LEVER_KW} kW: the battery is a relief lever"
+                        " of both grid limits and could barely move; leave it unset (the rating) or give it a power"
                     )
         if self.ev_chargers:
             levers["ev"] = "the site has EV chargers"

@@ -22,6 +22,8 @@ Weather = Literal["sunny", "overcast", "passing_clouds"]
 # Overcast sky: this share of the clear-sky yield, with slow variation.
 OVERCAST_FACTOR = 0.3
 
+# The battery inverter reports SoC in 0.1 % steps.
+SOC_RESOLUTION = 0.001
 # Random load noise and meter noise repeat with this period (s): drawn once, looked up by the second.
 NOISE_PERIOD_S = 3607
 
@@ -297,9 +299,10 @@ class Plant:
         rated_step = math.inf if site.battery is None else site.battery.ramp_kw_per_s * dt_s
         charge = discharge = 0.0
         if site.battery is not None:
-            if self.soc < t.soc_max - 1e-6:
+            # Within the SoC register's resolution of a bound the controller cannot tell it from the bound.
+            if self.soc < t.soc_max - SOC_RESOLUTION:
                 charge = site.battery_max_charge_kw
-            if self.soc > t.soc_min + 1e-6:
+            if self.soc > t.soc_min + SOC_RESOLUTION:
                 discharge = site.battery_max_discharge_kw
 
         def battery_mean(to_kw: float) -> float:

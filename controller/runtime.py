@@ -255,7 +255,8 @@ class Runtime:
         self._pv_prober = PvProber()
         self.battery_response = BatteryResponse(site.battery.ramp_kw_per_s if site.battery else 0.0)
         self._last_grid_ok_s: float | None = None  # when the grid meter was last fresh
-        self._breach_unavoidable = False  # the last tick's layer said a breach could not be helped
+        # The limit ("import"/"export") the last tick's layer said could not be held with every lever at its end.
+        self._breach_unavoidable: str | None = None
         # The battery's last setpoint write failed (refused, bus down): it is not following whatever
         # it reads now, until a write lands.
         self._battery_refused = False
@@ -447,7 +448,10 @@ class Runtime:
         cars at their minimum (or off), and PV limited to what the site consumes without them, since a
         PV limit that counted on a charging battery would export what the battery no longer takes."""
         measured = self.last_measured or Measured(None, None, None, None, {}, {}, self._pv_limit_kw)
-        safe = safe_setpoints(self.site, dataclasses.replace(measured, grid_kw=None, blind_s=0.0))
+        blind_s = measured.blind_s
+        if self._last_grid_ok_s is not None:
+            blind_s = max(blind_s, self.clock.now() - self._last_grid_ok_s)
+        safe = safe_setpoints(self.site, dataclasses.replace(measured, grid_kw=None, blind_s=blind_s))
         for name in self._devices(DeviceKind.BATTERY_INVERTER):
             await self._write_now(name, "power_setpoint_kw", 0.0, even_if_lost=True)
         for charger in self.site.ev_chargers:
@@ -667,7 +671,13 @@ class Runtime:
         }
         cars_known = all(v is not None for v in ev_kw.values())
         ev_total = sum(v for v in ev_kw.values() if v is not None)
-        load_known = grid is not None and pv is not None and battery is not None and cars_known
+        grid_age = max((self.clock.now() - self.latest[n].at_s.get("power_kw", -math.inf)
+                        for n in self._devices(DeviceKind.GRID_METER) if n in self.latest),
+                       default=math.inf)  # fmt: skip
+        # Read this tick (or the last): only such a reading shows the last correction, and only it may be
+        # set against this tick's PV and battery readings to infer the load.
+        grid_fresh = grid is not None and grid_age <= HOLD_AFTER_TICKS * dt_s
+        load_known = grid_fresh and pv is not None and battery is not None and cars_known
         if load_known and grid is not None and pv is not None and battery is not None:
             self._load_swing.observe(grid + pv - battery - ev_total, dt_s)
         if grid is not None:
@@ -677,12 +687,11 @@ class Runtime:
         measured = Measured(grid, pv, battery, soc, ev_kw, connected, self._pv_limit_kw, offered,
                             self._load_swing.last_load_kw, self._load_swing.kw, self.battery_response.shown_kw_per_s,
                             blind_s)  # fmt: skip
-        self._count_breaches(grid, dt_s)
+        # A breach tick is counted on a reading of this tick only: one reading held over several ticks is
+        # one correction's outcome, not several.
+        self._count_breaches(grid if grid_age < 0.5 * dt_s else None, dt_s)
         self._note_full_cars(connected, offered, ev_kw)
         targets = self._targets()
-        grid_age = max((self.clock.now() - self.latest[n].at_s.get("power_kw", -math.inf)
-                        for n in self._devices(DeviceKind.GRID_METER) if n in self.latest),
-                       default=math.inf)  # fmt: skip
         held = self.last_setpoints
         if grid is not None and grid_age > HOLD_AFTER_TICKS * dt_s and held is not None and not held.safe_state:
             # The grid reading was not refreshed: the other readings moved on without it, so the limit
@@ -698,7 +707,7 @@ class Runtime:
                 probe_allowed=probe, battery_accepts=not self._battery_refused,
             )  # fmt: skip
             self._pv_prober.applied(pv, setpoints)
-        self._breach_unavoidable = setpoints.unavoidable
+        self._breach_unavoidable = setpoints.breach if setpoints.unavoidable else None
         last_load = self._load_swing.last_load_kw
         if load_known and pv is not None and last_load is not None:
             self.forecaster.observe(self.clock.local(), last_load, pv, self._pv_limit_kw is not None)
@@ -749,9 +758,9 @@ class Runtime:
         """The grid measured now shows the last tick's correction: count it against the limits."""
         if grid_kw is None or self.last_setpoints is None:
             return
-        unavoidable = self._breach_unavoidable
-        self.stats.import_breaches.add(grid_kw - self.site.import_limit_kw, dt_s, unavoidable=unavoidable)
-        self.stats.export_breaches.add(-grid_kw - self.site.export_limit_kw, dt_s, unavoidable=unavoidable)
+        side = self._breach_unavoidable
+        self.stats.import_breaches.add(grid_kw - self.site.import_limit_kw, dt_s, unavoidable=side == "import")
+        self.stats.export_breaches.add(-grid_kw - self.site.export_limit_kw, dt_s, unavoidable=side == "export")
 
     def _demand(self, import_kw: float, dt_s: float) -> None:
         """Month-to-date peak as the utility meters it: the largest 15-minute average import (aligned

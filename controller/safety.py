@@ -553,14 +553,29 @@ def apply_safety(
             start_kw = min(site.pv.peak_kw, measured.last_load_kw + grid(export_side=True) - rest - export_aim)
         pv_limit = max(0.0, start_kw - surplus)
         actions.append(f"PV reading unknown: PV limited to {pv_limit:.1f} kW")
-    # What is left beyond a limit after every lever, and whether it was avoidable at all.
+    # A device whose reading is unknown is no lever, but some moves can only help whatever it does now:
+    # at an import breach a charging battery stops charging and unknown cars are turned off; at an export
+    # breach a discharging battery stops. Their help is not counted (they stay in `rest`).
+    if grid(export_side=False) > import_aim:
+        if bat.present and not bat.known and bat.kw > 0:
+            actions.append(f"import limit: battery of unknown power stops charging ({bat.kw:+.1f} kW set)")
+            bat.kw = 0.0
+        for name in chargers:
+            if name not in known_cars and ev_amps[name] > 0:
+                ev_amps[name] = 0.0
+                actions.append(f"import limit: {name} (power unknown) off")
+    if grid(export_side=True) < export_aim and bat.present and not bat.known and bat.kw < 0:
+        actions.append(f"export limit: battery of unknown power stops discharging ({bat.kw:+.1f} kW set)")
+        bat.kw = 0.0
+    # What is left beyond a limit after every lever, and whether it was avoidable at all (every lever at
+    # its end, unknown ones included: an unknown battery is at its end only when it is not making it worse).
     breach, unavoidable = None, False
     predicted_import, predicted_export = grid(export_side=False), grid(export_side=True)
     if predicted_import > site.import_limit_kw:
         breach = "import"
         unavoidable = (
-            (not bat.known or bat.kw <= max(-bat.discharge_max, bat.base - bat.reach) + 1e-6)
-            and all(ev_amps[n] == 0.0 for n in known_cars)
+            (bat.kw <= 0.0 if not bat.known else bat.kw <= max(-bat.discharge_max, bat.base - bat.reach) + 1e-6)
+            and all(ev_amps[n] == 0.0 for n in chargers)
             and (pv_limit is None or (pv_now is not None and pv_limit >= pv_now))
         )
     elif predicted_export < -site.export_limit_kw:
@@ -571,7 +586,7 @@ def apply_safety(
             for n in known_cars
         )  # fmt: skip
         unavoidable = (
-            (not bat.known or bat.kw >= min(bat.charge_max, bat.base + bat.reach) - 1e-6)
+            (bat.kw >= 0.0 if not bat.known else bat.kw >= min(bat.charge_max, bat.base + bat.reach) - 1e-6)
             and cars_full
             and (not curtailable or (pv_limit is not None and pv_limit <= 0.0))
         )

@@ -112,16 +112,25 @@ def random_site(seed: int) -> tuple[SiteConfig, dict[str, Any], str]:
     data["tariff"]["demand_charge_cny_per_kw_month"] = rnd.choice([0.0, 32.0])
     data["control"]["tick_period_s"] = tick = rnd.choice(TICK_PERIODS_S)
     data["control"]["stale_data_timeout_s"] = max(10.0, 2 * tick)
+    data["control"]["device_watchdog_s"] = max(10.0, 3 * tick)
     site = SiteConfig.model_validate(data)
-    extras = {"load_step_kw": step_kw, "load_noise_kw": rnd.uniform(0.0, 2.0), "meter_noise_kw": rnd.uniform(0, 0.3),
-              "weather": rnd.choice(["sunny", "overcast", "passing_clouds"]), "battery_kind": battery_kind}  # fmt: skip
+    # A random day of the year from a random hour (a short run must see the sun too), and how often a PV,
+    # battery or car reading goes missing (stale, implausible) for a tick.
+    zone = ZoneInfo(site.site.timezone)
+    start = datetime(2026, 1, 1, rnd.randrange(24), tzinfo=zone) + timedelta(days=rnd.randrange(365))
+    extras: dict[str, Any] = {
+        "load_step_kw": step_kw, "load_noise_kw": rnd.uniform(0.0, 2.0), "meter_noise_kw": rnd.uniform(0, 0.3),
+        "weather": rnd.choice(["sunny", "overcast", "passing_clouds"]), "battery_kind": battery_kind,
+        "start": start, "dropout": rnd.choice([0.0, 0.0, 0.02, 0.1]),
+    }  # fmt: skip
     b = site.battery
     description = (
         f"{profile} x{scale:.2f} (peak ~{peak_load:.0f} kW, steps {step_kw:.0f} kW), import {import_limit:.0f} kW,"
         f" export {export_limit:.1f} kW, PV {peak_pv:.0f} kWp{'' if curtailable else ' uncurtailable'},"
         + (" no battery" if b is None else f" battery {b.capacity_kwh:.0f} kWh/{b.max_charge_kw:.0f} kW {battery_kind}"
            f"{' slow ' + format(b.ramp_kw_per_s / 5, '.1f') + ' kW/s' if slow else ''}")
-        + f", {chargers} chargers, tick {tick:.0f} s, {extras['weather']}"
+        + f", {chargers} chargers, tick {tick:.0f} s, {extras['weather']}, from {start:%m-%d %H:00},"
+        f" {100 * extras['dropout']:.0f} % of readings missing"
     )  # fmt: skip
     return site, extras, description
 
@@ -158,14 +167,14 @@ def run_site_day(seed: int, *, hours: float = 24.0) -> DayResult:
     """One random site for `hours` from a random day of the year, under an adversarial plan."""
     site, extras, description = random_site(seed)
     rnd = random.Random(seed + 1)
-    zone = ZoneInfo(site.site.timezone)
-    start = datetime(2026, 1, 1, tzinfo=zone) + timedelta(days=rnd.randrange(365))
+    start = extras["start"]
     plant = Plant(site, start, seed=seed, arrivals=_arrivals(site, start, rnd), weather=extras["weather"],
                   load_step_kw=extras["load_step_kw"], load_noise_kw=extras["load_noise_kw"],
                   meter_noise_kw=extras["meter_noise_kw"])  # fmt: skip
     t = site.tuning.battery
     plant.soc = {"empty": t.soc_min, "full": t.soc_max, "half": 0.5, "none": 0.5}[extras["battery_kind"]]
-    return closed_loop(site, plant, lambda: _plan(site, rnd), hours * 3600, seed=seed, description=description)
+    return closed_loop(site, plant, lambda: _plan(site, rnd), hours * 3600, seed=seed, description=description,
+                       dropout=extras["dropout"])  # fmt: skip
 
 
 def closed_loop(
@@ -177,8 +186,11 @@ def closed_loop(
     seed: int = 0,
     description: str = "",
     on_tick: Callable[[float, Setpoints], None] | None = None,
+    dropout: float = 0.0,
 ) -> DayResult:
-    """The runtime's tick without the buses against `plant`, a new plan step from `plan()` every 15 minutes."""
+    """The runtime's tick without the buses against `plant`, a new plan step from `plan()` every 15 minutes.
+    `dropout`: each tick, each PV, battery and car reading is missing (unknown) with this probability."""
+    missing = random.Random(seed + 2)
     recorder = Recorder(site, plant)
     dt = site.control.tick_period_s
     prober, swing = PvProber(), LoadSwing()
@@ -195,12 +207,17 @@ def closed_loop(
         if index % max(1, int(PLAN_STEP_S / dt)) == 0:
             targets = plan()
         grid = plant.readings(DeviceKind.GRID_METER, "grid")["power_kw"]
-        pv = plant.readings(DeviceKind.PV_METER, "pv")["power_kw"] if site.pv is not None else 0.0
-        battery = plant.battery_kw if site.battery is not None else 0.0
+        pv: float | None = plant.readings(DeviceKind.PV_METER, "pv")["power_kw"] if site.pv is not None else 0.0
+        battery: float | None = plant.battery_kw if site.battery is not None else 0.0
         ev_kw: dict[str, float | None] = {n: plant.evs[n].power_kw for n in chargers}
+        if dropout:
+            pv = None if site.pv is not None and missing.random() < dropout else pv
+            battery = None if site.battery is not None and missing.random() < dropout else battery
+            ev_kw = {n: None if missing.random() < dropout else kw for n, kw in ev_kw.items()}
         connected = {n: plant.evs[n].arrival is not None for n in chargers}
         offered = {n: c.phases * c.voltage_v * written.get(n, 0.0) / 1000 for n, c in chargers.items()}
-        swing.observe(grid + pv - battery - sum(v or 0.0 for v in ev_kw.values()), dt)
+        if pv is not None and battery is not None and all(v is not None for v in ev_kw.values()):
+            swing.observe(grid + pv - battery - sum(v for v in ev_kw.values() if v is not None), dt)
         response.observe(battery, dt)
         measured = Measured(grid, pv, battery, plant.soc, ev_kw, connected, pv_limit, offered, swing.last_load_kw,
                             swing.kw, response.shown_kw_per_s)  # fmt: skip
