@@ -30,6 +30,7 @@ from controller.safety import (
     Setpoints,
     Targets,
     apply_safety,
+    battery_register_kw,
     safe_setpoints,
 )
 from controller.service_notify import SystemdNotifier
@@ -921,7 +922,7 @@ class Runtime:
     async def _apply(self, setpoints: Setpoints) -> None:
         writes: list[tuple[str, str, float, float]] = []
         for name in self._devices(DeviceKind.BATTERY_INVERTER):
-            writes.append((name, "power_setpoint_kw", round(setpoints.battery_kw, 1), BATTERY_DEADBAND_KW))
+            writes.append((name, "power_setpoint_kw", battery_register_kw(setpoints), BATTERY_DEADBAND_KW))
         for charger in self.site.ev_chargers:
             amps = round(setpoints.ev_current_a.get(charger.name, 0.0), 1)
             writes.append((self._charger_device(charger.name), "current_limit_a", amps, EV_DEADBAND_A))

@@ -11,6 +11,7 @@ in full, at once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ __all__ = [
     "Setpoints",
     "Targets",
     "apply_safety",
+    "battery_register_kw",
     "export_headroom_kw",
     "mean_ramp_change_kw",
     "safe_setpoints",
@@ -308,12 +310,16 @@ class _Battery:
         jumped to: a slow battery told to stop charging 137 kW at once had PV curtailed for a battery at
         0 kW while it still took 130 (125 kW of import). Near the BMS's own bounds, where the BMS cuts
         the battery off at once anyway, the window is jumped to."""
-        low = max(-self.discharge_max, self.base - self.reach)
-        high = min(self.charge_max, self.base + self.reach)
+        # The reach is counted from the base or from where the battery is, whichever lets it move further
+        # (a battery lagging its last setpoint can still be turned the other way from where it is).
+        reach_low = min(self.base, self.now_kw) - self.reach
+        reach_high = max(self.base, self.now_kw) + self.reach
+        low = max(-self.discharge_max, reach_low)
+        high = min(self.charge_max, reach_high)
         if low > high and not self.bms_may_cut:
             return low if self.base > high else high  # towards the window, by the reach
         kw = max(-self.discharge_max, min(self.charge_max, kw))
-        kw = max(self.base - self.reach, min(self.base + self.reach, kw))
+        kw = max(reach_low, min(reach_high, kw))
         return max(-self.discharge_max, min(self.charge_max, kw))
 
     def effect(self, *, charging_helps: bool) -> float:
@@ -574,7 +580,8 @@ def apply_safety(
     if predicted_import > site.import_limit_kw:
         breach = "import"
         unavoidable = (
-            (bat.kw <= 0.0 if not bat.known else bat.kw <= max(-bat.discharge_max, bat.base - bat.reach) + 1e-6)
+            (bat.kw <= 0.0 if not bat.known
+             else bat.kw <= max(-bat.discharge_max, min(bat.base, bat.now_kw) - bat.reach) + 1e-6)
             and all(ev_amps[n] == 0.0 for n in chargers)
             and (pv_limit is None or (pv_now is not None and pv_limit >= pv_now))
         )
@@ -586,7 +593,8 @@ def apply_safety(
             for n in known_cars
         )  # fmt: skip
         unavoidable = (
-            (bat.kw >= 0.0 if not bat.known else bat.kw >= min(bat.charge_max, bat.base + bat.reach) - 1e-6)
+            (bat.kw >= 0.0 if not bat.known
+             else bat.kw >= min(bat.charge_max, max(bat.base, bat.now_kw) + bat.reach) - 1e-6)
             and cars_full
             and (not curtailable or (pv_limit is not None and pv_limit <= 0.0))
         )
@@ -624,6 +632,17 @@ def _relieve_export_within(
             too_far = bat.kw
     bat.kw = fits
     return fits - before_kw
+
+
+def battery_register_kw(setpoints: Setpoints) -> float:
+    """The battery setpoint as its 0.1 kW register takes it: rounded, but towards the limit's side while a
+    limit is at stake (rounded the other way, 0.03 kW of a move the layer counted on went missing)."""
+    tenths = setpoints.battery_kw * 10
+    if setpoints.breach == "import":
+        return math.floor(tenths + 1e-9) / 10
+    if setpoints.breach == "export":
+        return math.ceil(tenths - 1e-9) / 10
+    return round(setpoints.battery_kw, 1)
 
 
 def export_headroom_kw(measured: Measured) -> float:

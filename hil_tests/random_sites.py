@@ -29,7 +29,16 @@ from zoneinfo import ZoneInfo
 from config import DeviceKind, SiteConfig, load_site
 from controller.breaches import BreachCount
 from controller.plant import EvArrival, Plant
-from controller.safety import BatteryResponse, LoadSwing, Measured, PvProber, Setpoints, Targets, apply_safety
+from controller.safety import (
+    BatteryResponse,
+    LoadSwing,
+    Measured,
+    PvProber,
+    Setpoints,
+    Targets,
+    apply_safety,
+    battery_register_kw,
+)
 from controller.simulation import Recorder
 
 __all__ = ["DayResult", "closed_loop", "random_site", "run_site_day"]
@@ -247,7 +256,7 @@ def _write(site: SiteConfig, plant: Plant, out: Setpoints, written: dict[str, fl
             return True
         return False
 
-    if site.battery is not None and due("battery", kw := round(out.battery_kw, 1), BATTERY_DEADBAND_KW):
+    if site.battery is not None and due("battery", kw := battery_register_kw(out), BATTERY_DEADBAND_KW):
         plant.write(DeviceKind.BATTERY_INVERTER, "battery", "power_setpoint_kw", kw)
     for charger in site.ev_chargers:
         if due(charger.name, amps := round(out.ev_current_a.get(charger.name, 0.0), 1), EV_DEADBAND_A):
