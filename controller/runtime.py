@@ -34,7 +34,7 @@ from controller.safety import (
     safe_setpoints,
 )
 from controller.service_notify import SystemdNotifier
-from controller.storage.atomic import write_atomic
+from controller.storage.atomic import write_atomic, write_atomic_off_loop
 from controller.storage.timeseries import TimeSeriesStore
 from controller.tick_stats import Durations
 from firmware_bridge.bus import Bus
@@ -186,9 +186,9 @@ class Runtime:
         # tick hangs), STOPPING on the way out.
         self.notifier = notifier
         self._next_state_save_s = STATE_SAVE_PERIOD_S
+        self._saving: asyncio.Task[None] | None = None
         self.before_tick = before_tick
         self.store = store
-        self._next_prune_s = 0.0
         self.clock = clock
         self.stats = RunStats()
         self.on_tick = on_tick
@@ -351,8 +351,10 @@ class Runtime:
                 if self.notifier is not None:
                     self.notifier.stopping("leaving the devices safe")
                 await self._leave_safe()
+                if self._saving is not None:
+                    await asyncio.gather(self._saving, return_exceptions=True)
                 if self.store is not None:
-                    self.store.flush()
+                    await asyncio.to_thread(self.store.flush)  # bounded: FLUSH_TIMEOUT_S at most
                 self.save_state()
 
     async def _supervised(self, name: str, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -393,6 +395,20 @@ class Runtime:
             "ev_stays_h": self.ev_stays_h,
             "forecaster": self.forecaster.to_json(),
         }
+
+    def _save_state_in_background(self) -> None:
+        """The minute's state save, its fsyncs in a thread: the tick goes on. One at a time (a slow disk
+        skips a minute rather than stacking saves)."""
+        if self.state_path is None or (self._saving is not None and not self._saving.done()):
+            return
+        data = json.dumps(self._state(), separators=(",", ":")).encode()
+        self._saving = asyncio.get_running_loop().create_task(self._save_off_loop(self.state_path, data))
+
+    async def _save_off_loop(self, path: Path, data: bytes) -> None:
+        try:
+            await write_atomic_off_loop(path, data)
+        except OSError as err:
+            _log.error("controller state not saved", extra={"file": str(path), "error": str(err)})
 
     def save_state(self) -> None:
         if self.state_path is None:
@@ -732,7 +748,7 @@ class Runtime:
             listener(self)
         if self.clock.now() >= self._next_state_save_s:
             self._next_state_save_s = self.clock.now() + STATE_SAVE_PERIOD_S
-            self.save_state()
+            self._save_state_in_background()
         return setpoints
 
     def _count(self, grid_kw: float, pv_kw: float | None, battery_kw: float | None, ev_kw: float | None,
@@ -797,10 +813,7 @@ class Runtime:
         for name, amps in setpoints.ev_current_a.items():
             values[f"setpoint.{name}_a"] = amps
         values["state.safe"] = float(setpoints.safe_state)
-        self.store.record(self.clock.local().timestamp(), values)
-        if self.clock.now() >= self._next_prune_s:
-            self._next_prune_s = self.clock.now() + 86400.0
-            self.store.prune(self.clock.local().timestamp())
+        self.store.record(self.clock.local().timestamp(), values)  # a queue put: its own thread writes and prunes
 
     def _targets(self) -> Targets:
         if not clock_plausible(self.clock.local()):

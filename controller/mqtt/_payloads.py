@@ -129,6 +129,11 @@ def health_payload(runtime: Runtime, mqtt_dropped: int = 0, commands: dict[str, 
         "buses": {name: asdict(bus.stats) | {"port": asdict(bus.port_health())} for name, bus in runtime.buses.items()},
         "safe_state_ticks": runtime.stats.safe_state_ticks,
         "write_failures": runtime.stats.write_failures,
+        # The time series: its writer thread's state, rows queued, written and dropped, the last error.
+        "storage": None if runtime.store is None else runtime.store.health(),
+        # Background jobs restarted after a failure (planner, MQTT, live view, tuning follower).
+        "restarts": dict(runtime.stats.restarts),
+        "plans_failed": runtime.stats.plans_failed,
         # Ticks beyond each limit after correction (total, longest run, kWh), avoidable or not.
         "import_breaches": runtime.stats.import_breaches.to_json(),
         "export_breaches": runtime.stats.export_breaches.to_json(),
