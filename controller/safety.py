@@ -506,8 +506,11 @@ def apply_safety(
                 if not _following(measured, charger):
                     continue  # only a car seen taking what it is offered is counted on to take more
                 now_kw = _ev_kw(charger, ev_amps[name])
-                # A surplus below the car's minimum current is taken at the minimum (off is no answer).
+                # A surplus below the car's minimum current is taken at the minimum (off is no answer),
+                # unless the minimum would take the import side past its aim.
                 want = min(charger.max_kw, max(charger.min_kw, now_kw + surplus))
+                if want - now_kw > import_room() + 1e-9:
+                    continue
                 ev_amps[name] = _ev_current(charger, want)
                 surplus -= _ev_kw(charger, ev_amps[name]) - now_kw
                 actions.append(f"export limit: {name} to {ev_amps[name]:.1f} A")
@@ -563,16 +566,23 @@ def apply_safety(
     # at an import breach a charging battery stops charging and unknown cars are turned off; at an export
     # breach a discharging battery stops. Their help is not counted (they stay in `rest`).
     if grid(export_side=False) > import_aim:
-        if bat.present and not bat.known and bat.kw > 0:
-            actions.append(f"import limit: battery of unknown power stops charging ({bat.kw:+.1f} kW set)")
-            bat.kw = 0.0
+        if bat.present and not bat.known:
+            # Stop charging, and discharge as far as the window and the reach allow: from wherever the
+            # battery is, that can only lower import (a few kW more discharge at an import breach exports
+            # nothing).
+            lower = max(-bat.discharge_max, min(0.0, bat.kw) - bat.reach)
+            if lower < bat.kw:
+                actions.append(f"import limit: battery of unknown power {bat.kw:+.1f} -> {lower:+.1f} kW")
+                bat.kw = lower
         for name in chargers:
             if name not in known_cars and ev_amps[name] > 0:
                 ev_amps[name] = 0.0
                 actions.append(f"import limit: {name} (power unknown) off")
-    if grid(export_side=True) < export_aim and bat.present and not bat.known and bat.kw < 0:
-        actions.append(f"export limit: battery of unknown power stops discharging ({bat.kw:+.1f} kW set)")
-        bat.kw = 0.0
+    if grid(export_side=True) < export_aim and bat.present and not bat.known:
+        higher = min(bat.charge_max, max(0.0, bat.kw) + bat.reach)
+        if higher > bat.kw:
+            actions.append(f"export limit: battery of unknown power {bat.kw:+.1f} -> {higher:+.1f} kW")
+            bat.kw = higher
     # What is left beyond a limit after every lever, and whether it was avoidable at all (every lever at
     # its end, unknown ones included: an unknown battery is at its end only when it is not making it worse).
     breach, unavoidable = None, False
@@ -580,7 +590,7 @@ def apply_safety(
     if predicted_import > site.import_limit_kw:
         breach = "import"
         unavoidable = (
-            (bat.kw <= 0.0 if not bat.known
+            (bat.kw <= max(-bat.discharge_max, min(0.0, previous_battery_kw) - bat.reach) + 1e-6 if not bat.known
              else bat.kw <= max(-bat.discharge_max, min(bat.base, bat.now_kw) - bat.reach) + 1e-6)
             and all(ev_amps[n] == 0.0 for n in chargers)
             and (pv_limit is None or (pv_now is not None and pv_limit >= pv_now))
@@ -593,7 +603,7 @@ def apply_safety(
             for n in known_cars
         )  # fmt: skip
         unavoidable = (
-            (bat.kw >= 0.0 if not bat.known
+            (bat.kw >= min(bat.charge_max, max(0.0, previous_battery_kw) + bat.reach) - 1e-6 if not bat.known
              else bat.kw >= min(bat.charge_max, max(bat.base, bat.now_kw) + bat.reach) - 1e-6)
             and cars_full
             and (not curtailable or (pv_limit is not None and pv_limit <= 0.0))
