@@ -289,6 +289,7 @@ class _Battery:
         # what it has shown.
         self.reach = (rated if shown is None else min(rated, shown * BATTERY_RATE_GROWTH)) * dt_s
         self.rate = 0.0 if shown is None else min(rated, shown)
+        self.rated_reach = rated * dt_s
         self.dt_s = dt_s
         # Near the BMS's own SoC bounds the BMS may cut the battery off at once, whatever the ramp.
         self.bms_may_cut = b is None or measured.soc is None or not (
@@ -304,16 +305,18 @@ class _Battery:
         self.previous_kw = previous_kw
         self.kw = self.clamp(self.base)
 
-    def clamp(self, kw: float) -> float:
+    def clamp(self, kw: float, *, urgent: bool = False) -> float:
         """Within the window, and within this tick's reach of the base. A window that closed beyond the
         reach (the SoC reached the tuning's bound while charging hard) is approached at the reach, not
         jumped to: a slow battery told to stop charging 137 kW at once had PV curtailed for a battery at
         0 kW while it still took 130 (125 kW of import). Near the BMS's own bounds, where the BMS cuts
-        the battery off at once anyway, the window is jumped to."""
+        the battery off at once anyway, the window is jumped to. `urgent` (a limit at stake): as far as the
+        rating lets the setpoint move, not only as far as the battery has shown it follows."""
         # The reach is counted from the base or from where the battery is, whichever lets it move further
         # (a battery lagging its last setpoint can still be turned the other way from where it is).
-        reach_low = min(self.base, self.now_kw) - self.reach
-        reach_high = max(self.base, self.now_kw) + self.reach
+        reach = max(self.reach, self.rated_reach) if urgent else self.reach
+        reach_low = min(self.base, self.now_kw) - reach
+        reach_high = max(self.base, self.now_kw) + reach
         low = max(-self.discharge_max, reach_low)
         high = min(self.charge_max, reach_high)
         if low > high and not self.bms_may_cut:
@@ -347,10 +350,11 @@ class _Battery:
         else:
             reach = self.rate * self.dt_s
             # mean_ramp_change_kw inverted: a step d gives a mean d (1 - d / 2 reach), at most reach / 2.
-            # Nothing shown yet: ask for all it may do, count none of it.
-            step = self.reach if change >= reach / 2 else reach - (reach * reach - 2 * reach * change) ** 0.5
+            # Beyond that (or nothing shown yet): ask for all the rating allows, count what it has shown
+            # (asked for only its shown pace, a battery faster than it had shown left a limit breached).
+            step = self.rated_reach if change >= reach / 2 else reach - (reach * reach - 2 * reach * change) ** 0.5
             kw = self.now_kw + sign * step
-        new = self.clamp(kw)
+        new = self.clamp(kw, urgent=True)
         new = max(new, self.kw) if charging_helps else min(new, self.kw)
         moved, self.kw = new - self.kw, new
         return moved
@@ -591,7 +595,7 @@ def apply_safety(
         breach = "import"
         unavoidable = (
             (bat.kw <= max(-bat.discharge_max, min(0.0, previous_battery_kw) - bat.reach) + 1e-6 if not bat.known
-             else bat.kw <= max(-bat.discharge_max, min(bat.base, bat.now_kw) - bat.reach) + 1e-6)
+             else bat.kw <= max(-bat.discharge_max, min(bat.base, bat.now_kw) - bat.rated_reach) + 1e-6)
             and all(ev_amps[n] == 0.0 for n in chargers)
             and (pv_limit is None or (pv_now is not None and pv_limit >= pv_now))
         )
@@ -604,7 +608,7 @@ def apply_safety(
         )  # fmt: skip
         unavoidable = (
             (bat.kw >= min(bat.charge_max, max(0.0, previous_battery_kw) + bat.reach) - 1e-6 if not bat.known
-             else bat.kw >= min(bat.charge_max, max(bat.base, bat.now_kw) + bat.reach) - 1e-6)
+             else bat.kw >= min(bat.charge_max, max(bat.base, bat.now_kw) + bat.rated_reach) - 1e-6)
             and cars_full
             and (not curtailable or (pv_limit is not None and pv_limit <= 0.0))
         )
