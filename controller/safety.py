@@ -345,8 +345,12 @@ class _Battery:
         sign = 1.0 if charging_helps else -1.0
         want = self.effect(charging_helps=charging_helps) + sign * amount_kw
         change = sign * (want - self.now_kw)  # > 0: beyond where the battery is now, in the helping direction
-        if change <= 0 or not self.follows:
-            kw = want  # short of where it is now: counted in full (or not counted on at all: asked anyway)
+        if not self.follows:
+            # Not counted on, asked anyway; never less than the setpoint it is still moving towards (a
+            # slow battery still on its way there would be turned back, giving less).
+            kw = min(want, self.previous_kw) if sign < 0 else max(want, self.previous_kw)
+        elif change <= 0:
+            kw = want  # short of where it is now: counted in full
         else:
             reach = self.rate * self.dt_s
             # mean_ramp_change_kw inverted: a step d gives a mean d (1 - d / 2 reach), at most reach / 2.
@@ -569,7 +573,7 @@ def apply_safety(
     # A device whose reading is unknown is no lever, but some moves can only help whatever it does now:
     # at an import breach a charging battery stops charging and unknown cars are turned off; at an export
     # breach a discharging battery stops. Their help is not counted (they stay in `rest`).
-    if grid(export_side=False) > import_aim:
+    if grid(export_side=False) > site.import_limit_kw:
         if bat.present and not bat.known:
             # Stop charging, and discharge as far as the window and the reach allow: from wherever the
             # battery is, that can only lower import (a few kW more discharge at an import breach exports
@@ -582,8 +586,8 @@ def apply_safety(
             if name not in known_cars and ev_amps[name] > 0:
                 ev_amps[name] = 0.0
                 actions.append(f"import limit: {name} (power unknown) off")
-    if grid(export_side=True) < export_aim and bat.present and not bat.known:
-        higher = min(bat.charge_max, max(0.0, bat.kw) + bat.reach)
+    if grid(export_side=True) < -site.export_limit_kw and bat.present and not bat.known:
+        higher = min(bat.charge_max, max(0.0, bat.kw))  # stop discharging (charging more is no sure help)
         if higher > bat.kw:
             actions.append(f"export limit: battery of unknown power {bat.kw:+.1f} -> {higher:+.1f} kW")
             bat.kw = higher
@@ -607,7 +611,7 @@ def apply_safety(
             for n in known_cars
         )  # fmt: skip
         unavoidable = (
-            (bat.kw >= min(bat.charge_max, max(0.0, previous_battery_kw) + bat.reach) - 1e-6 if not bat.known
+            (bat.kw >= 0.0 if not bat.known
              else bat.kw >= min(bat.charge_max, max(bat.base, bat.now_kw) + bat.rated_reach) - 1e-6)
             and cars_full
             and (not curtailable or (pv_limit is not None and pv_limit <= 0.0))
