@@ -130,7 +130,9 @@ def _stop_on_signals() -> asyncio.Event:
     """SIGINT/SIGTERM end the run at the next tick; the runtime then leaves the devices safe."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too: a closed terminal or a lost SSH session stops the run through the safe state like
+    # Ctrl-C, instead of killing it where it stands (the devices' watchdogs would then take over).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     return stop
 
