@@ -261,11 +261,16 @@ class TuningStore:
         return _Overrides(body["tuning"], version)
 
     def _read_current(self) -> _Overrides:
-        """The overrides file as it is on disk now (no fallback): what a writer patches."""
+        """The overrides file as it is on disk now: what a writer patches. Missing while its `.prev` is
+        there (a cut between two renames of an older writer, a hand's `mv`), the `.prev` is what is in
+        force (as `_load` reads it), so that is what is patched, and its version continues."""
         try:
             return self._read(self.path)
         except FileNotFoundError:
-            return _NO_FILE
+            try:
+                return self._read(self.path.with_name(self.path.name + ".prev"))
+            except FileNotFoundError:
+                return _NO_FILE
 
     def _load(self) -> None:
         """Read the overrides; a damaged or no longer valid file falls back to `.prev`, then to the site

@@ -1,6 +1,6 @@
 """Review (issue 17): the overrides file is missing between write_atomic's two renames.
 
-EXPECTED TO FAIL until fixed. `write_atomic(..., keep_previous=True)` renames the file to `.prev` and
+Fixed; kept as a regression test. `write_atomic(..., keep_previous=True)` renames the file to `.prev` and
 then the new one into place. A power cut between the two leaves only `.prev`. At the next start
 `_load` falls back to `.prev` (the controller runs with those overrides, config/state shows their
 version), but every writer's compare-and-swap reads the missing file as "no overrides, version 0": the
@@ -13,16 +13,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 from controller.tuning import TuningStore
 from tests.test_mqtt import school
 
-# Demonstrates a defect: expected to fail until fixed (strict: an unexpected pass fails, so drop this then).
-pytestmark = pytest.mark.xfail(
-    strict=True,
-    reason="review 2026-12-03: overrides lost after a cut between the renames (issue 17); remove when fixed",
-)
+# Found by review (2026-12-03); fixed twice: write_atomic keeps the file whole, and a writer patches .prev.
 
 
 def test_review_a_cut_between_the_renames_loses_no_override(tmp_path: Path) -> None:
