@@ -575,10 +575,9 @@ def apply_safety(
     # breach a discharging battery stops. Their help is not counted (they stay in `rest`).
     if grid(export_side=False) > site.import_limit_kw:
         if bat.present and not bat.known:
-            # Stop charging, and discharge as far as the window and the reach allow: from wherever the
-            # battery is, that can only lower import (a few kW more discharge at an import breach exports
-            # nothing).
-            lower = max(-bat.discharge_max, min(0.0, bat.kw) - bat.reach)
+            # Lower its setpoint by the excess (as if it follows it: then this fixes the breach; if it
+            # does not, it changes nothing): whatever the battery does now, that can only lower import.
+            lower = max(-bat.discharge_max, bat.kw - (grid(export_side=False) - import_aim))
             if lower < bat.kw:
                 actions.append(f"import limit: battery of unknown power {bat.kw:+.1f} -> {lower:+.1f} kW")
                 bat.kw = lower
@@ -587,7 +586,7 @@ def apply_safety(
                 ev_amps[name] = 0.0
                 actions.append(f"import limit: {name} (power unknown) off")
     if grid(export_side=True) < -site.export_limit_kw and bat.present and not bat.known:
-        higher = min(bat.charge_max, max(0.0, bat.kw))  # stop discharging (charging more is no sure help)
+        higher = min(bat.charge_max, bat.kw + (export_aim - grid(export_side=True)))
         if higher > bat.kw:
             actions.append(f"export limit: battery of unknown power {bat.kw:+.1f} -> {higher:+.1f} kW")
             bat.kw = higher
@@ -598,7 +597,7 @@ def apply_safety(
     if predicted_import > site.import_limit_kw:
         breach = "import"
         unavoidable = (
-            (bat.kw <= max(-bat.discharge_max, min(0.0, previous_battery_kw) - bat.reach) + 1e-6 if not bat.known
+            (bat.kw <= -bat.discharge_max + 1e-6 if not bat.known
              else bat.kw <= max(-bat.discharge_max, min(bat.base, bat.now_kw) - bat.rated_reach) + 1e-6)
             and all(ev_amps[n] == 0.0 for n in chargers)
             and (pv_limit is None or (pv_now is not None and pv_limit >= pv_now))
@@ -611,7 +610,7 @@ def apply_safety(
             for n in known_cars
         )  # fmt: skip
         unavoidable = (
-            (bat.kw >= 0.0 if not bat.known
+            (bat.kw >= bat.charge_max - 1e-6 if not bat.known
              else bat.kw >= min(bat.charge_max, max(bat.base, bat.now_kw) + bat.rated_reach) - 1e-6)
             and cars_full
             and (not curtailable or (pv_limit is not None and pv_limit <= 0.0))

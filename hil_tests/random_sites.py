@@ -219,7 +219,7 @@ def closed_loop(
         pv: float | None = plant.readings(DeviceKind.PV_METER, "pv")["power_kw"] if site.pv is not None else 0.0
         battery: float | None = plant.battery_kw if site.battery is not None else 0.0
         ev_kw: dict[str, float | None] = {n: plant.evs[n].power_kw for n in chargers}
-        if dropout:
+        if dropout:  # a reading missed this tick is unknown (the runtime's rule for PV, battery, active cars)
             pv = None if site.pv is not None and missing.random() < dropout else pv
             battery = None if site.battery is not None and missing.random() < dropout else battery
             ev_kw = {n: None if missing.random() < dropout else kw for n, kw in ev_kw.items()}
