@@ -172,8 +172,9 @@ def _plan(site: SiteConfig, rnd: random.Random) -> Targets:
     )
 
 
-def run_site_day(seed: int, *, hours: float = 24.0) -> DayResult:
-    """One random site for `hours` from a random day of the year, under an adversarial plan."""
+def run_site_day(seed: int, *, hours: float = 24.0, missing_readings: bool = True) -> DayResult:
+    """One random site for `hours` from a random day of the year, under an adversarial plan.
+    `missing_readings`: False keeps every reading (the issue's site set; the draws stay the same)."""
     site, extras, description = random_site(seed)
     rnd = random.Random(seed + 1)
     start = extras["start"]
@@ -183,7 +184,7 @@ def run_site_day(seed: int, *, hours: float = 24.0) -> DayResult:
     t = site.tuning.battery
     plant.soc = {"empty": t.soc_min, "full": t.soc_max, "half": 0.5, "none": 0.5}[extras["battery_kind"]]
     return closed_loop(site, plant, lambda: _plan(site, rnd), hours * 3600, seed=seed, description=description,
-                       dropout=extras["dropout"])  # fmt: skip
+                       dropout=extras["dropout"] if missing_readings else 0.0)  # fmt: skip
 
 
 def closed_loop(
@@ -273,12 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site-days", type=int, default=500)
     parser.add_argument("--hours", type=float, default=24.0, help="length of each site-day")
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--no-missing-readings", action="store_true", help="never drop a PV, battery or car reading")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     wall = time.perf_counter()
     results = []
     for seed in range(args.first_seed, args.first_seed + args.site_days):
-        result = run_site_day(seed, hours=args.hours)
+        result = run_site_day(seed, hours=args.hours, missing_readings=not args.no_missing_readings)
         results.append(result)
         if result.avoidable_ticks:
             sys.stdout.write(f"seed {seed}: {result.avoidable_ticks} avoidable breach ticks: {result.description}\n")
