@@ -15,6 +15,7 @@ from typing import Any
 
 from config import ConfigError, load_site
 from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, Command, refusal
+from controller.state_directory import storage_in_state_directory
 from controller.strict_json import JsonLimits, JsonRefused, decode_json
 from controller.tuning import TuningStore, shell_identity
 
@@ -56,7 +57,9 @@ def _patch(text: str) -> Any:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        store = TuningStore(load_site(args.config))
+        # Under systemd (or with $STATE_DIRECTORY set as the service has it) relative storage resolves where
+        # the service keeps it, so a shell's change reaches the running controller's overrides file.
+        store = TuningStore(storage_in_state_directory(load_site(args.config)))
         if args.action == "get":
             sys.stdout.write(json.dumps(store.state(), indent=2) + "\n")
             return EXIT_OK
