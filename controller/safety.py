@@ -390,7 +390,8 @@ def apply_safety(
         why = "" if battery_accepts else " (setpoint refused)"
         actions.append(f"battery not following{why}: {bat.now_kw:+.1f} kW, set {previous_battery_kw:+.1f} kW")
     # Cars: a charger whose power or state is unknown keeps its offer and is no lever.
-    known_cars = {n for n in chargers if measured.ev_kw.get(n) is not None}
+    drawn_kw = {n: kw for n, kw in measured.ev_kw.items() if kw is not None and n in chargers}
+    known_cars = set(drawn_kw)
     ev_amps: dict[str, float] = {}
     for name, charger in chargers.items():
         if name not in known_cars:
@@ -399,7 +400,7 @@ def apply_safety(
             continue
         kw = targets.ev_kw.get(name, 0.0) if measured.ev_connected.get(name, False) else 0.0
         ev_amps[name] = _ev_current(charger, kw)
-    cars_now = sum(measured.ev_kw[n] or 0.0 for n in known_cars)
+    cars_now = sum(drawn_kw.values())
     # The rest of the site as the grid meter sees it: the load, PV, and every device that is no lever.
     rest = grid_now - (bat.now_kw if bat.known else 0.0) - cars_now
 
@@ -411,7 +412,7 @@ def apply_safety(
         offered = _ev_kw(chargers[name], amps)
         if high or _following(measured, chargers[name]):
             return offered
-        return min(offered, measured.ev_kw[name] or 0.0)
+        return min(offered, drawn_kw[name])
 
     def cars(*, high: bool = False) -> float:
         return sum(car_kw(n, a, high=high) for n, a in ev_amps.items())
@@ -462,7 +463,7 @@ def apply_safety(
     if grid(export_side=False) > import_aim:
         for name in sorted(known_cars):
             charger = chargers[name]
-            drawn = measured.ev_kw[name] or 0.0
+            drawn = drawn_kw[name]
             if not _following(measured, charger) and _ev_kw(charger, ev_amps[name]) > drawn + EV_FOLLOWING_MARGIN_KW:
                 ev_amps[name] = _ev_current(charger, drawn)
                 actions.append(f"import limit: {name} to {ev_amps[name]:.1f} A (draws {drawn:.1f} kW)")
