@@ -339,7 +339,7 @@ class _Battery:
             return self.now_kw  # not seen doing what it was told: its help is not counted on
         return self.now_kw + mean_ramp_change_kw(step, self.rate, self.dt_s)
 
-    def relieve(self, amount_kw: float, *, charging_helps: bool) -> float:
+    def relieve(self, amount_kw: float, *, charging_helps: bool, urgent: bool = True) -> float:
         """Move the setpoint so that the counted effect moves `amount_kw` in the helping direction (as far
         as the window and the ramp allow); returns the setpoint change."""
         sign = 1.0 if charging_helps else -1.0
@@ -356,9 +356,10 @@ class _Battery:
             # mean_ramp_change_kw inverted: a step d gives a mean d (1 - d / 2 reach), at most reach / 2.
             # Beyond that (or nothing shown yet): ask for all the rating allows, count what it has shown
             # (asked for only its shown pace, a battery faster than it had shown left a limit breached).
-            step = self.rated_reach if change >= reach / 2 else reach - (reach * reach - 2 * reach * change) ** 0.5
+            full = self.rated_reach if urgent else self.reach
+            step = full if change >= reach / 2 else reach - (reach * reach - 2 * reach * change) ** 0.5
             kw = self.now_kw + sign * step
-        new = self.clamp(kw, urgent=True)
+        new = self.clamp(kw, urgent=urgent)
         new = max(new, self.kw) if charging_helps else min(new, self.kw)
         moved, self.kw = new - self.kw, new
         return moved
@@ -502,8 +503,11 @@ def apply_safety(
         if lever == "battery" and bat.known and surplus > 0:
             # The battery counts differently on the two sides (a discharge it gives up counts at once for
             # export, at its ramp's mean for import), so its move is tried and checked, not priced.
+            # At its shown pace first: asked more (counted the same, the rest in full on the import side),
+            # it took the import room a car could have used with certainty. More only if the limit itself
+            # is still at stake after every lever (below).
             moved = _relieve_export_within(bat, surplus, lambda: grid(export_side=False),
-                                           max(import_aim, grid(export_side=False)))  # fmt: skip
+                                           max(import_aim, grid(export_side=False)), urgent=False)  # fmt: skip
             if moved > 0:
                 actions.append(f"export limit: battery {moved:+.1f} kW")
             continue
@@ -544,6 +548,12 @@ def apply_safety(
                 if pv_cut > 0:
                     actions.append(f"export limit: PV limited to {allowed:.1f} kW")
     surplus = export_aim - grid(export_side=True)
+    if surplus > 0 and bat.known and "battery" in site.tuning.grid.export_relief_order:
+        moved = _relieve_export_within(bat, surplus, lambda: grid(export_side=False),
+                                       max(import_aim, grid(export_side=False)), urgent=True)  # fmt: skip
+        if moved > 0:
+            actions.append(f"export limit: battery {moved:+.1f} kW more (as fast as its rating allows)")
+        surplus = export_aim - grid(export_side=True)
     if grid(export_side=True) < -site.export_limit_kw and "ev" in site.tuning.grid.export_relief_order:
         # Every counted lever is at its end and the site still exports beyond the limit: a connected car not
         # seen taking current is offered some all the same (taking it can only help), though not counted
@@ -632,13 +642,13 @@ def apply_safety(
 
 
 def _relieve_export_within(
-    bat: _Battery, surplus_kw: float, import_kw: Callable[[], float], ceiling_kw: float
+    bat: _Battery, surplus_kw: float, import_kw: Callable[[], float], ceiling_kw: float, *, urgent: bool
 ) -> float:
     """Move the battery to relieve `surplus_kw` of export, but no further than keeps the import side
     (`import_kw()`, rising with the setpoint) under `ceiling_kw`, found by bisection on the setpoint;
     returns the setpoint change."""
     before_kw = bat.kw
-    bat.relieve(surplus_kw, charging_helps=True)
+    bat.relieve(surplus_kw, charging_helps=True, urgent=urgent)
     if import_kw() <= ceiling_kw + 1e-9:
         return bat.kw - before_kw
     fits, too_far = before_kw, bat.kw
