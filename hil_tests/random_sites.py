@@ -176,6 +176,8 @@ def run_site_day(seed: int, *, hours: float = 24.0, missing_readings: bool = Tru
     """One random site for `hours` from a random day of the year, under an adversarial plan.
     `missing_readings`: False keeps every reading (the issue's site set; the draws stay the same)."""
     site, extras, description = random_site(seed)
+    if not missing_readings:
+        description = description.rsplit(",", 1)[0] + ", no reading missing"
     rnd = random.Random(seed + 1)
     start = extras["start"]
     plant = Plant(site, start, seed=seed, arrivals=_arrivals(site, start, rnd), weather=extras["weather"],
