@@ -330,7 +330,7 @@ class _Battery:
         limit (more charge at the export limit, more discharge at the import limit) only as far as
         the battery has shown it moves; one that hurts in full."""
         if not self.known:
-            return 0.0  # held: whatever it does stays in the measured grid flow (see _Tick.rest)
+            return 0.0  # held: whatever it does stays in the measured grid flow (`rest` in apply_safety)
         step = self.kw - self.now_kw
         helps = step > 0 if charging_helps else step < 0
         if not helps:
