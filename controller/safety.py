@@ -565,6 +565,16 @@ def apply_safety(
                 if wanted > ev_amps[name]:
                     ev_amps[name] = wanted
                     actions.append(f"export limit: {name} offered {wanted:.1f} A")
+    if bat.known and bat.kw > bat.now_kw and grid(export_side=False) > import_aim:
+        # The battery was asked for more charge than it is counted on for (its rate not shown yet, or
+        # asked ahead of its pace), and PV was limited for the export the battery was not counted on to
+        # relieve: if the battery does move that far, the two together import beyond the aim (a first
+        # tick at 54 kW of export: battery asked +84 kW at its rating, counted 0, PV cut by 54 kW, and
+        # the fast battery imported 84 kW over a 61 kW limit). It is asked only as far as the import
+        # side allows, never below what is counted on for the export side.
+        moved = _pull_back_uncounted(bat, lambda: grid(export_side=True), lambda: grid(export_side=False), import_aim)
+        if moved < 0:
+            actions.append(f"import limit: battery asked {moved:+.1f} kW less (not counted on for the export)")
     if curtailable and pv_now is None and site.pv is not None:
         # PV unknown, the grid seen: the limit in force stays (never raised while PV is unknown) and comes
         # down by whatever the grid shows exported beyond the aim, so it bites whatever PV gives. It is
@@ -655,6 +665,44 @@ def _relieve_export_within(
     for _ in range(RELIEF_SEARCH_STEPS):
         bat.kw = (fits + too_far) / 2
         if import_kw() <= ceiling_kw + 1e-9:
+            fits = bat.kw
+        else:
+            too_far = bat.kw
+    bat.kw = fits
+    return fits - before_kw
+
+
+def _pull_back_uncounted(
+    bat: _Battery, export_kw: Callable[[], float], import_kw: Callable[[], float], aim_kw: float
+) -> float:
+    """Lower a charging ask towards where the battery is now, keeping the export side's counted flow
+    (`export_kw()`) where it is, until the import side (`import_kw()`) is at `aim_kw` or the counted
+    export would change; returns the setpoint change (<= 0)."""
+    before_kw, counted_kw = bat.kw, export_kw()
+
+    def keeps_export() -> bool:
+        return export_kw() <= counted_kw + 1e-9
+
+    # The lowest setpoint the export side counts the same (the counted help is nondecreasing in the ask).
+    keeps, loses = before_kw, bat.now_kw
+    bat.kw = loses
+    if keeps_export():
+        keeps = loses
+    else:
+        for _ in range(RELIEF_SEARCH_STEPS):
+            bat.kw = (keeps + loses) / 2
+            if keeps_export():
+                keeps = bat.kw
+            else:
+                loses = bat.kw
+    # The highest setpoint between that and the ask that keeps the import side at its aim.
+    bat.kw = keeps
+    if import_kw() > aim_kw:
+        return keeps - before_kw  # the import side over its aim even there: as low as the export allows
+    fits, too_far = keeps, before_kw
+    for _ in range(RELIEF_SEARCH_STEPS):
+        bat.kw = (fits + too_far) / 2
+        if import_kw() <= aim_kw:
             fits = bat.kw
         else:
             too_far = bat.kw

@@ -159,3 +159,27 @@ def test_example_sites_differ_where_the_issue_says(school: SiteConfig) -> None:
     lib = sites["library_uncurtailable_pv"].pv
     assert lib is not None
     assert not lib.curtailable
+
+
+def test_a_battery_not_counted_on_for_export_is_not_asked_past_the_import_limit(school: SiteConfig) -> None:
+    """Random site 268, first tick: 54 kW exported at zero export, the battery's pace not seen yet, a
+    61 kW import limit. The battery was asked for its rated 84 kW (counted 0 for the export) and PV cut
+    by the 54 kW the limit needs; the battery, fast after all, imported 84 kW. Whatever the battery
+    does between where it is and its setpoint, the site stays inside both limits."""
+    assert school.battery is not None
+    fast = {"ramp_kw_per_s": 85.0, "max_charge_kw": 190.0, "max_discharge_kw": 190.0}
+    battery = school.battery.model_copy(update=fast)
+    grid = school.grid.model_copy(update={"import_limit_kw": 61.0})
+    site = school.model_copy(update={"grid": grid, "battery": battery})
+    assert site.pv is not None
+    now = Measured(grid_kw=-53.5, pv_kw=85.4, battery_kw=0.0, soc=0.5, ev_kw={"ev1": 0.0, "ev2": 0.0},
+                   ev_connected={"ev1": False, "ev2": False}, pv_limit_kw=None, last_load_kw=32.0,
+                   battery_rate_kw_per_s=None)  # fmt: skip
+    out = apply_safety(site, now, Targets(self_consumption=True), previous_battery_kw=0.0, dt_s=1.0)
+    load_kw, pv_kw = 32.0 - 0.1, 85.4  # what the grid and PV readings above say
+    if out.pv_limit_kw is not None:
+        pv_kw = min(pv_kw, out.pv_limit_kw)
+    assert load_kw - pv_kw >= -site.export_limit_kw - 0.5  # the battery not moving at all: PV took the export
+    for battery_kw in (0.0, out.battery_kw / 2, out.battery_kw):
+        assert load_kw + battery_kw - pv_kw <= site.import_limit_kw, (battery_kw, out)
+    assert out.breach is None
