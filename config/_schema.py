@@ -24,6 +24,7 @@ __all__ = [
     "BatteryTuning",
     "BusProtocol",
     "ChargerRating",
+    "CommissioningConfig",
     "ControlConfig",
     "DeviceConfig",
     "DeviceKind",
@@ -60,6 +61,9 @@ Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,39}$")]
 MIN_IMPORT_LIMIT_KW = 2.0
 # A battery tuned below this is a relief lever in name only (0.001 kW passed where 0 was refused).
 MIN_LEVER_KW = 1.0
+# A commissioning step smaller than this cannot be told from a building's own load moving while the meters
+# settle: the step test's tolerance is at least 1 kW (controller/commissioning/step_test.py).
+MIN_STEP_KW = 2.0
 
 
 class SiteIdentity(_Model):
@@ -110,6 +114,18 @@ class DeviceConfig(_Model):
     poll_period_s: float = Field(default=1.0, gt=0.0, le=3600.0)
     ct_ratio: float = Field(
         default=1.0, gt=0.0, le=10_000.0, description="Current-transformer ratio applied to kW, kWh and A readings"
+    )
+    invert_sign: bool = Field(
+        default=False,
+        description="The device's CT is fitted the wrong way round: its power, current and power-factor readings"
+        " are negated and its import and export energy swapped (setpoints are written as they are)",
+    )
+    rated_kw: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=100_000.0,
+        description="A battery inverter's rated power: with several battery inverters each gets the share of the"
+        " site's battery setpoint its rating is of their sum (required then)",
     )
 
 
@@ -455,6 +471,30 @@ class StorageConfig(_Model):
         return self._sibling(".state.json")
 
 
+class CommissioningConfig(_Model):
+    """What `greensite check --step-test` may do to the site: one small step at a time, each held until the
+    meters settle (or for step_hold_s at most), then put back."""
+
+    step_battery_kw: float | None = Field(
+        default=None, ge=0.0, le=100_000.0,
+        description="How far the battery setpoint is stepped; default min(10 kW, half the smaller of the battery's"
+        " charge and discharge ratings), never above either",
+    )  # fmt: skip
+    step_pv_kw: float | None = Field(
+        default=None, ge=0.0, le=100_000.0,
+        description="How far below its output PV is limited; default min(10 kW, 10 % of pv.peak_kw)",
+    )  # fmt: skip
+    step_charger_a: float = Field(
+        default=10.0, ge=1.0, le=80.0,
+        description="How far the current offered to a charger with a car is changed (10 A: 6.9 kW on three phases)",
+    )  # fmt: skip
+    step_hold_s: float = Field(
+        default=20.0, ge=1.0, le=600.0,
+        description="Longest wait for the meters to settle after a step (a car may take 5 s to follow, an inverter"
+        " ramps, a meter averages over a second or more)",
+    )  # fmt: skip
+
+
 class SimulationConfig(_Model):
     """What the simulated plant does when the site runs with --simulate; ignored on real hardware."""
 
@@ -482,6 +522,36 @@ class SiteConfig(_Model):
     mqtt: MqttConfig = MqttConfig()
     storage: StorageConfig = StorageConfig()
     simulation: SimulationConfig = SimulationConfig()
+    commissioning: CommissioningConfig = CommissioningConfig()
+
+    @model_validator(mode="after")
+    def _commissioning_steps_fit(self) -> Self:
+        """A step the site cannot make, or one too small to tell from the building's own load, is refused."""
+        steps = self.commissioning
+        for field, value, rating, what in (
+            ("step_battery_kw", steps.step_battery_kw,
+             None if self.battery is None else min(self.battery.max_charge_kw, self.battery.max_discharge_kw),
+             "the battery's smaller rating"),
+            ("step_pv_kw", steps.step_pv_kw, None if self.pv is None else self.pv.peak_kw, "pv.peak_kw"),
+        ):  # fmt: skip
+            if value is None:
+                continue
+            if rating is None:
+                raise ValueError(f"commissioning.{field}: the site has nothing to step ({field} is set without it)")
+            if value < MIN_STEP_KW:
+                raise ValueError(
+                    f"commissioning.{field} ({value} kW) is below {MIN_STEP_KW} kW: a smaller step cannot be told from"
+                    " the building's own load moving while the meters settle"
+                )
+            if value > rating:
+                raise ValueError(f"commissioning.{field} ({value} kW) exceeds {what} ({rating} kW)")
+        largest_a = max((c.max_current_a for c in self.ev_chargers), default=None)
+        if largest_a is not None and steps.step_charger_a > largest_a:
+            raise ValueError(
+                f"commissioning.step_charger_a ({steps.step_charger_a} A) exceeds every charger's max_current_a"
+                f" ({largest_a} A)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _wiring_and_bounds(self) -> Self:
@@ -504,6 +574,18 @@ class SiteConfig(_Model):
             raise ValueError("battery: a battery needs a battery_inverter device to command it")
         if self.pv is not None and self.pv.curtailable and self.buses and DeviceKind.PV_INVERTER not in kinds:
             raise ValueError("pv.curtailable: curtailment needs a pv_inverter device")
+        inverters = [(b, d) for b, bus in enumerate(self.buses) for d, device in enumerate(bus.devices)
+                     if device.kind is DeviceKind.BATTERY_INVERTER]  # fmt: skip
+        for b, d in inverters:
+            if len(inverters) > 1 and self.buses[b].devices[d].rated_kw is None:
+                raise ValueError(
+                    f"buses.{b}.devices.{d}.rated_kw: with {len(inverters)} battery inverters each needs its rated"
+                    " power, which sets its share of the battery setpoint"
+                )
+        for b, bus in enumerate(self.buses):
+            for d, device in enumerate(bus.devices):
+                if device.rated_kw is not None and device.kind is not DeviceKind.BATTERY_INVERTER:
+                    raise ValueError(f"buses.{b}.devices.{d}.rated_kw: only a battery inverter takes a share")
         self._check_tuning_within_ratings()
         return self
 
@@ -622,3 +704,12 @@ class SiteConfig(_Model):
 
     def devices(self) -> list[tuple[SerialBusConfig, DeviceConfig]]:
         return [(bus, device) for bus in self.buses for device in bus.devices]
+
+    def battery_shares(self) -> dict[str, float]:
+        """Each battery inverter's share of the site's battery setpoint (and of its power): its rating over
+        their sum; 1.0 for a single inverter."""
+        inverters = [d for _, d in self.devices() if d.kind is DeviceKind.BATTERY_INVERTER]
+        if len(inverters) == 1:
+            return {inverters[0].name: 1.0}
+        total_kw = sum(d.rated_kw or 0.0 for d in inverters)
+        return {d.name: (d.rated_kw or 0.0) / total_kw for d in inverters}

@@ -115,6 +115,8 @@ class Plant:
     _random: random.Random = field(init=False)
     _clouds: list[tuple[float, float, float]] = field(init=False)
     _battery_at_tick_kw: float = field(init=False, default=0.0)
+    _inverter_setpoints_kw: dict[str, float] = field(init=False, default_factory=dict)
+    _battery_shares: dict[str, float] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._random = random.Random(self.seed)
@@ -124,6 +126,7 @@ class Plant:
             for _ in range(40)
         ]
         self.evs = {c.name: _Ev() for c in self.site.ev_chargers}
+        self._battery_shares = self.site.battery_shares()
         # Load steps: (start s, end s, kW), a few a day over two weeks.
         self._steps = [
             (start, start + self._random.uniform(60, 3 * 3600), self._random.uniform(-1, 1) * self.load_step_kw)
@@ -355,8 +358,9 @@ class Plant:
         if kind is DeviceKind.PV_METER:
             return _meter(self.pv_kw + self._noise(), self.pv_kwh, 0.0)
         if kind is DeviceKind.BATTERY_INVERTER:
-            return {"power_kw": self.battery_kw, "soc_pct": self.soc * 100, "dc_voltage_v": 700.0 + 60 * self.soc,
-                    "state_code": 1.0}  # fmt: skip
+            share = self._battery_shares.get(device, 1.0)  # several inverters: each its rating's share
+            return {"power_kw": self.battery_kw * share, "soc_pct": self.soc * 100,
+                    "dc_voltage_v": 700.0 + 60 * self.soc, "state_code": 1.0}  # fmt: skip
         if kind is DeviceKind.PV_INVERTER:
             return {"power_kw": self.pv_kw, "energy_total_kwh": self.pv_kwh, "state_code": 1.0}
         ev = self.evs.get(self._charger_name(device))
@@ -367,7 +371,8 @@ class Plant:
 
     def write(self, kind: DeviceKind, device: str, quantity: str, value: float) -> None:
         if kind is DeviceKind.BATTERY_INVERTER and quantity == "power_setpoint_kw":
-            self.battery_setpoint_kw = value
+            self._inverter_setpoints_kw[device] = value
+            self.battery_setpoint_kw = sum(self._inverter_setpoints_kw.values())
         elif kind is DeviceKind.PV_INVERTER and quantity == "power_limit_pct":
             self.pv_limit_pct = value
         elif kind is DeviceKind.EV_CHARGER and quantity == "current_limit_a":

@@ -139,6 +139,7 @@ class RunStats:
     safety_actions: int = 0
     bus_errors: int = 0
     write_failures: int = 0
+    observed_writes: int = 0  # --observe: setpoint writes computed and not sent
     import_breaches: BreachCount = field(default_factory=BreachCount)
     export_breaches: BreachCount = field(default_factory=BreachCount)
 
@@ -170,10 +171,15 @@ class Runtime:
         store: TimeSeriesStore | None = None,
         state_path: str | Path | None = None,
         notifier: SystemdNotifier | None = None,
+        observe: bool = False,
     ) -> None:
         """`before_tick(now_s)`: the simulation advances its plant here; `on_tick`: a recorder.
-        `state_path`: where counters, month peak and car sessions survive a restart (None: nowhere)."""
+        `state_path`: where counters, month peak and car sessions survive a restart (None: nowhere).
+        `observe`: the whole loop, nothing written to any device; what would be written is in
+        `would_write` (and counted in stats.observed_writes)."""
         self.site = site
+        self.observe = observe
+        self.would_write: dict[tuple[str, str], float] = {}
         self._pending_site: SiteConfig | None = None
         self.listeners: list[Callable[[Runtime], None]] = []
         self.services: list[Callable[[], Coroutine[Any, Any, None]]] = []
@@ -200,8 +206,9 @@ class Runtime:
         self.bus_of: dict[str, str] = {}
         for bus, device in site.devices():
             self.drivers[device.name] = DeviceDriver(
-                device.name, load_map(device.model), device.address, ct_ratio=device.ct_ratio
-            )
+                device.name, load_map(device.model), device.address, ct_ratio=device.ct_ratio,
+                invert_sign=device.invert_sign,
+            )  # fmt: skip
             self.kinds[device.name] = device.kind
             self.bus_of[device.name] = bus.name
         # Who is where, worked out once: the tick asks these every second. Devices and chargers come
@@ -210,6 +217,8 @@ class Runtime:
         for name, kind in self.kinds.items():
             self._by_kind.setdefault(kind, []).append(name)
         self._device_of_charger = {c.name: c.device for c in site.ev_chargers}
+        # Several battery inverters each take their rating's share of the battery setpoint.
+        self._battery_shares = site.battery_shares()
         self._chargers_on: dict[str, list[str]] = {}
         for charger in site.ev_chargers:
             self._chargers_on.setdefault(charger.device, []).append(charger.name)
@@ -501,6 +510,8 @@ class Runtime:
         it may have rebooted with its watchdog off), so that a killed controller leaves the site safe.
         A device that could not be armed is tried again after WATCHDOG_ARM_RETRY_S, when its bus has it due."""
         timeout_s = self.site.control.device_watchdog_s
+        if self.observe:
+            return  # arming is a write; an observed device keeps its own configuration
         for name, driver in self.drivers.items():
             if driver.watchdog is None or name in self._watchdog_armed:
                 continue
@@ -522,7 +533,7 @@ class Runtime:
     async def _keep_watchdogs_alive(self) -> None:
         """Every third of the watchdog's timeout, a heartbeat (or the setpoint again) to each device."""
         timeout_s = self.site.control.device_watchdog_s
-        if timeout_s <= 0:
+        if timeout_s <= 0 or self.observe:
             return
         period_s = DeviceDriver.keepalive_period_s(timeout_s)
         for name in list(self._watchdog_armed):
@@ -548,7 +559,15 @@ class Runtime:
 
     async def _write_now(self, device: str, quantity: str, value: float, *, even_if_lost: bool = False) -> bool:
         """Write a setpoint; False (logged, counted) when it did not land. `even_if_lost`: ask a device the
-        bus has given up on for now (the exit's safe state is worth a timeout)."""
+        bus has given up on for now (the exit's safe state is worth a timeout). Observing, nothing is sent:
+        the value is noted as what would have been written, and taken as written."""
+        if self.observe:
+            self.drivers[device].write_exchange(quantity, value)  # the same checks, the frame never sent
+            self.would_write[(device, quantity)] = value
+            self.stats.observed_writes += 1
+            self._written[(device, quantity)] = value
+            _log.debug("would write", extra={"device": device, "quantity": quantity, "value": value})
+            return True
         try:
             exchange = self.drivers[device].write_exchange(quantity, value)
             await self.buses[self.bus_of[device]].transact(exchange, even_if_lost=even_if_lost)
@@ -937,8 +956,8 @@ class Runtime:
 
     async def _apply(self, setpoints: Setpoints) -> None:
         writes: list[tuple[str, str, float, float]] = []
-        for name in self._devices(DeviceKind.BATTERY_INVERTER):
-            writes.append((name, "power_setpoint_kw", battery_register_kw(setpoints), BATTERY_DEADBAND_KW))
+        for name, share in self._battery_shares.items():
+            writes.append((name, "power_setpoint_kw", battery_register_kw(setpoints, share), BATTERY_DEADBAND_KW))
         for charger in self.site.ev_chargers:
             amps = round(setpoints.ev_current_a.get(charger.name, 0.0), 1)
             writes.append((self._charger_device(charger.name), "current_limit_a", amps, EV_DEADBAND_A))
@@ -1075,6 +1094,7 @@ class Runtime:
             "safety_action_ticks": s.safety_actions,
             "bus_errors": s.bus_errors,
             "write_failures": s.write_failures,
+            **({"observed_writes": s.observed_writes} if self.observe else {}),
             **{f"import_breach_{k}": v for k, v in s.import_breaches.to_json().items()},
             **{f"export_breach_{k}": v for k, v in s.export_breaches.to_json().items()},
         }

@@ -710,15 +710,17 @@ def _pull_back_uncounted(
     return fits - before_kw
 
 
-def battery_register_kw(setpoints: Setpoints) -> float:
-    """The battery setpoint as its 0.1 kW register takes it: rounded, but towards the limit's side while a
-    limit is at stake (rounded the other way, 0.03 kW of a move the layer counted on went missing)."""
-    tenths = setpoints.battery_kw * 10
+def battery_register_kw(setpoints: Setpoints, share: float = 1.0) -> float:
+    """The battery setpoint (an inverter's `share` of it) as its 0.1 kW register takes it: rounded, but
+    towards the limit's side while a limit is at stake (rounded the other way, 0.03 kW of a move the layer
+    counted on went missing)."""
+    kw = setpoints.battery_kw * share
+    tenths = kw * 10
     if setpoints.breach == "import":
         return math.floor(tenths + 1e-9) / 10
     if setpoints.breach == "export":
         return math.ceil(tenths - 1e-9) / 10
-    return round(setpoints.battery_kw, 1)
+    return round(kw, 1)
 
 
 def export_headroom_kw(measured: Measured) -> float:

@@ -25,6 +25,10 @@ Decoder = Callable[[bytes], tuple[int, Any | None, list[FrameError]]]
 
 # Quantities a current transformer scales: the meter sees secondary values, the site primary ones.
 CT_SCALED_SUFFIXES = ("_kw", "_kwh", "_a")
+# Behind a CT fitted backwards (`invert_sign`) the flows it measures read negated, and what it counts as
+# imported was exported. Voltage, frequency and state are what they are.
+DIRECTED_PREFIXES = ("power_", "current_", "reactive_power_")
+SWAPPED_WHEN_INVERTED = {"import_energy_kwh": "export_energy_kwh", "export_energy_kwh": "import_energy_kwh"}
 
 # A watchdog is kept alive this many times per timeout, so one lost or refused keepalive (a CRC error,
 # a busy device) never lets it run out while the controller is alive.
@@ -110,18 +114,23 @@ class DeviceDriver:
     with the value and the range, then one line when the quantity reads plausible again.
     """
 
-    def __init__(self, name: str, device_map: DeviceMap, address: int | str, *, ct_ratio: float = 1.0) -> None:
+    def __init__(
+        self, name: str, device_map: DeviceMap, address: int | str, *, ct_ratio: float = 1.0, invert_sign: bool = False
+    ) -> None:
+        """`invert_sign`: the device's CT is fitted backwards; flows read negated, import and export swapped."""
         self.name = name
         self.map = device_map
         self.address = address
         self.ct_ratio = ct_ratio
+        self.invert_sign = invert_sign
         self._plausible: dict[str, tuple[float, float]] = {}
         for point in device_map.readable:
             low, high = point.plausible_min, point.plausible_max
             if low is None or high is None:  # the map's validation refuses this; a hand-built map might not
                 raise ValueError(f"{device_map.name}: {point.name} has no plausible range")
             ct = self._ct(point.name)
-            self._plausible[point.name] = (low * ct, high * ct)
+            low, high = sorted((low * ct * self._direction(point.name), high * ct * self._direction(point.name)))
+            self._plausible[self._site_name(point.name)] = (low, high)
         self._implausible: dict[str, int] = {}
         self._episode: dict[str, int] = {}  # quantity -> rejections in the episode still going on
         self._heartbeat = 0
@@ -129,6 +138,14 @@ class DeviceDriver:
 
     def _ct(self, quantity: str) -> float:
         return self.ct_ratio if quantity.endswith(CT_SCALED_SUFFIXES) else 1.0
+
+    def _direction(self, quantity: str) -> float:
+        """-1 for a flow read through a CT fitted backwards (power, current, power factor), else 1."""
+        return -1.0 if self.invert_sign and quantity.startswith(DIRECTED_PREFIXES) else 1.0
+
+    def _site_name(self, quantity: str) -> str:
+        """The map's quantity as the site sees it: behind a backwards CT, import is export."""
+        return SWAPPED_WHEN_INVERTED.get(quantity, quantity) if self.invert_sign else quantity
 
     # --- plausibility -----------------------------------------------------------------------------
 
@@ -218,8 +235,8 @@ class DeviceDriver:
         # Where each point sits in the reply and what its raw number is multiplied by, worked out once:
         # this exchange runs every second for the life of the controller.
         layout = [
-            (p.name, p.address - start, p.address - start + p.type.words, p.type, p.word_order,
-             p.scale * p.sign * self._ct(p.name))
+            (self._site_name(p.name), p.address - start, p.address - start + p.type.words, p.type, p.word_order,
+             p.scale * p.sign * self._ct(p.name) * self._direction(p.name))
             for p in block
         ]  # fmt: skip
 
@@ -242,7 +259,7 @@ class DeviceDriver:
             interpret=interpret,
             expected_reply_bytes=5 + 2 * count,
             description=f"read {count} registers at 0x{start:04X} (function {block[0].function})",
-            quantities=tuple(p.name for p in block),
+            quantities=tuple(self._site_name(p.name) for p in block),
         )
 
     def _modbus_registers(self, reply: modbus.Reply, function: int) -> tuple[int, ...]:
@@ -275,6 +292,7 @@ class DeviceDriver:
         if item is None:
             raise ValueError(f"{self.map.name}: DI {point.di} is not in the DL/T 645 table")
         request = dlt645.read_request(str(self.address), di)
+        name = self._site_name(point.name)
 
         def interpret(frame: dlt645.Dlt645Frame) -> Readings:
             if frame.is_error:
@@ -284,8 +302,8 @@ class DeviceDriver:
             if result.di != di:
                 raise FrameError(10, f"reply carries DI {result.di:08X}, asked for {di:08X}")
             raw = result.values[0]
-            value = raw * point.scale * point.sign * self._ct(point.name)
-            return {point.name: value} if self._accept(point.name, value, raw) else {}
+            value = raw * point.scale * point.sign * self._ct(point.name) * self._direction(point.name)
+            return {name: value} if self._accept(name, value, raw) else {}
 
         return Exchange(
             device=self.name,
@@ -294,7 +312,7 @@ class DeviceDriver:
             interpret=interpret,
             expected_reply_bytes=dlt645.FRAME_OVERHEAD + 4 + item.data_bytes + 4,
             description=f"read DI {point.di}",
-            quantities=(point.name,),
+            quantities=(name,),
         )
 
     def write_exchange(self, quantity: str, value: float) -> Exchange:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import shutil
 import signal
 import sys
@@ -20,7 +22,8 @@ from controller.service_notify import SystemdNotifier
 from controller.state_directory import storage_in_state_directory
 from controller.storage.timeseries import TimeSeriesStore
 from controller.tuning import TuningStore
-from firmware_bridge.maps import check_site_devices
+from firmware_bridge.maps import check_site_devices, device_questions
+from firmware_bridge.ports import missing_ports
 
 if TYPE_CHECKING:
     from controller.runtime import Runtime
@@ -45,6 +48,11 @@ def speed(text: str) -> float | None:
     return value
 
 
+def under_systemd() -> bool:
+    """Started by systemd (its units get INVOCATION_ID): a missing port is waited for, not refused."""
+    return bool(os.environ.get("INVOCATION_ID"))
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="site TOML file")
     parser.add_argument("--simulate", action="store_true", help="run against the simulated plant (no hardware)")
@@ -59,6 +67,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--live", action=argparse.BooleanOptionalAction, default=None,
                         help="live terminal view (default: on a terminal, unless --speed max)")  # fmt: skip
     parser.add_argument("--report", type=Path, metavar="DIR", help="write a PNG per day and summary.md here")
+    parser.add_argument("--observe", action="store_true",
+                        help="shadow mode: read, plan and compute setpoints, publish them as 'would write', and"
+                             " write nothing to any device")  # fmt: skip
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -74,6 +85,19 @@ def _run(args: argparse.Namespace) -> int:
         names = ", ".join(bus.name for bus in site.buses if bus.simulated)
         sys.stderr.write(f"buses {names} are simulated in {args.config}: add --simulate\n")
         return EXIT_BAD_INPUT
+    if not args.simulate:
+        missing = missing_ports(site)
+        if missing and not under_systemd():
+            sys.stderr.write(f"{args.config}: cannot start\n" + "".join(f"  - {line}\n" for line in missing))
+            return EXIT_BAD_INPUT
+        for line in missing:  # the service waits for them: an adapter may enumerate after the unit starts
+            logging.getLogger("greensite").warning("serial port missing at start", extra={"problem": line})
+    for line in device_questions(site):
+        logging.getLogger("greensite").warning("site file question", extra={"question": line})
+    if args.observe:
+        sys.stdout.write("observing: plans and setpoints are computed and published as 'would write';"
+                         " nothing is written to any device\n")  # fmt: skip
+        sys.stdout.flush()
     return asyncio.run(_simulate(site, args) if args.simulate else _hardware(site, args))
 
 
@@ -151,7 +175,7 @@ async def _hardware(site: SiteConfig, args: argparse.Namespace) -> int:
     clock = RealClock(datetime.now(ZoneInfo(site.site.timezone)))
     notifier = SystemdNotifier()
     runtime = Runtime(site, clock=clock, links=links, store=store, state_path=site.storage.state_path,
-                      notifier=notifier)  # fmt: skip
+                      notifier=notifier, observe=args.observe)  # fmt: skip
     try:
         await _run_attached(runtime, tuning, args, args.duration, stop)
     finally:
@@ -181,7 +205,7 @@ async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
         runtime = Runtime(
             site, clock=SimClock(start, args.speed), links=links, line_timing=False,
             before_tick=plant.advance, on_tick=recorder, store=store, state_path=site.storage.state_path,
-            notifier=notifier,
+            notifier=notifier, observe=args.observe,
         )  # fmt: skip
         try:
             await _run_attached(runtime, tuning, args, duration, stop)

@@ -8,7 +8,7 @@ import sys
 from config import ConfigError, load_site
 from config._preflight import preflight
 from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, Command
-from firmware_bridge.maps import check_site_devices
+from firmware_bridge.maps import check_site_devices, device_questions
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +36,9 @@ def _run(args: argparse.Namespace) -> int:
                 sys.stdout.write(f"  - {line}\n")
         else:
             sys.stdout.write(f"{name}: ok ({site.site.id}, {len(site.devices())} devices)\n")
+            # Valid, but perhaps not what the site is: asked, not refused (the exit status stays 0).
+            for line in device_questions(site):
+                sys.stdout.write(f"  ? {line}\n")
     return EXIT_BAD_INPUT if failed else EXIT_OK
 
 

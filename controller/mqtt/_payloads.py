@@ -84,7 +84,9 @@ def state_payload(runtime: Runtime) -> dict[str, Any]:
             load = None if ev_total is None else measured.grid_kw + measured.pv_kw - measured.battery_kw - ev_total
         body.update(
             {
-                "controller_state": "safe_state" if setpoints.safe_state else "running",
+                # Observing (--observe), the setpoints below are what would be written: nothing is.
+                "controller_state": "observing" if runtime.observe else "safe_state" if setpoints.safe_state
+                else "running",
                 "grid_power_kw": _r(measured.grid_kw),
                 "pv_power_kw": _r(measured.pv_kw),
                 "battery_power_kw": _r(measured.battery_kw),

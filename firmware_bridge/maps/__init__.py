@@ -277,3 +277,28 @@ def check_site_devices(site: SiteConfig) -> list[str]:
                 kinds = ", ".join(k.value for k in device_map.kinds)
                 problems.append(f"{where}: {device.model} cannot act as {device.kind.value} (it is {kinds})")
     return problems
+
+
+def device_questions(site: SiteConfig) -> list[str]:
+    """What a valid site file may have wrong about its devices, asked rather than refused: a DL/T 645
+    meter (the utility's revenue meter, as a rule) named as the PV meter, and several PV meters (summed:
+    each must meter its own array, or a part is counted twice)."""
+    questions: list[str] = []
+    pv_meters: list[str] = []
+    for b, bus in enumerate(site.buses):
+        for d, device in enumerate(bus.devices):
+            if device.kind is not DeviceKind.PV_METER:
+                continue
+            pv_meters.append(device.name)
+            if bus.protocol is BusProtocol.DLT645:
+                questions.append(
+                    f"buses.{b}.devices.{d}: {device.name} is a DL/T 645 meter configured as the PV meter; a DL/T 645"
+                    " meter is usually the utility's revenue meter at the grid connection (kind = \"grid_meter\")."
+                    " Is it really on the PV feeder? `greensite check --step-test` tells"
+                )
+    if len(pv_meters) > 1:
+        questions.append(
+            f"{len(pv_meters)} PV meters ({', '.join(pv_meters)}) are summed as the site's PV: each must meter its own"
+            " array (a meter of the whole roof with one of a part counts the part twice)"
+        )
+    return questions
