@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from controller.cli import (
+    _check_cmd,
     _config_cmd,
     _export_cmd,
     _frame_cmd,
@@ -32,6 +33,7 @@ COMMANDS: tuple[Command, ...] = (
     _export_cmd.COMMAND,
     _config_cmd.COMMAND,
     _service_cmd.COMMAND,
+    _check_cmd.COMMAND,
 )
 
 
