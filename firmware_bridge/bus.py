@@ -102,10 +102,13 @@ class Bus:
         clock: Callable[[], float] = time.monotonic,
         line_timing: bool = True,
         health_clock: Callable[[], float] | None = None,
+        reopen_after_failures: int | None = REOPEN_AFTER_BUS_FAILURES,
     ) -> None:
         """`clock` times transactions (bytes on a wire: real time). `health_clock` times the back-off of
         lost devices and of the port (the controller's time, simulated or real; default `clock`).
-        `line_timing=False`: a simulated line with no wire time, where Modbus silent intervals mean nothing."""
+        `line_timing=False`: a simulated line with no wire time, where Modbus silent intervals mean nothing.
+        `reopen_after_failures=None`: never reopen the port because nobody answers (a bus scan, where
+        most addresses are silent by design)."""
         self.config = config
         self.name = config.name
         self._link = link
@@ -119,12 +122,18 @@ class Bus:
         self._port_failures = 0
         self._port_error = ""
         self._quiet_until = 0.0
+        self._reopen_after_failures = reopen_after_failures
         self.stats = BusStats()
         char_s = bits_per_character(config) / config.baud_rate
         self._char_s = char_s
         self._silent_s = T35_FIXED_S if config.baud_rate > 19200 else 3.5 * char_s
         if config.protocol is BusProtocol.DLT645 or not line_timing:
             self._silent_s = 0.0  # DL/T 645 frames are delimited; a pty without wire time has no gaps
+
+    @property
+    def silent_interval_s(self) -> float:
+        """The quiet time kept on the line after each transaction (Modbus t3.5; 0 for DL/T 645)."""
+        return self._silent_s
 
     # --- lifetime ---------------------------------------------------------------------------------
 
@@ -265,7 +274,7 @@ class Bus:
                 self._succeeded(exchange.device)
                 return readings
             self._failed(exchange.device, last, started_at)
-            if self._bus_failures >= REOPEN_AFTER_BUS_FAILURES:
+            if self._reopen_after_failures is not None and self._bus_failures >= self._reopen_after_failures:
                 _log.warning("no device answers: reopening port", extra={"bus": self.name})
                 self._bus_failures = 0
                 await self._link.close()

@@ -14,6 +14,7 @@ from controller.cli import (
     _frame_cmd,
     _plan_cmd,
     _run_cmd,
+    _scan_cmd,
     _schema_cmd,
     _service_cmd,
     _validate_cmd,
@@ -34,6 +35,7 @@ COMMANDS: tuple[Command, ...] = (
     _config_cmd.COMMAND,
     _service_cmd.COMMAND,
     _check_cmd.COMMAND,
+    _scan_cmd.COMMAND,
 )
 
 
