@@ -18,7 +18,9 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from config import BusProtocol, DeviceConfig, DeviceKind, Parity, SerialBusConfig
+from pydantic import ValidationError
+
+from config import BusProtocol, DeviceConfig, DeviceKind, Parity, SerialBusConfig, format_validation_error
 from firmware_bridge import dlt645, modbus
 from firmware_bridge.bus import Bus
 from firmware_bridge.device import DeviceDriver, Exchange, Readings, words_to_raw
@@ -54,6 +56,7 @@ __all__ = [
     "judge_map",
     "parse_addresses",
     "parse_units",
+    "reply_for_another",
     "scan",
     "unit_presence",
 ]
@@ -176,6 +179,7 @@ class Answer(StrEnum):
     REFUSED = "refused"  # a Modbus exception or a DL/T 645 error reply
     SILENT = "silent"  # nothing at all within the timeout
     GARBLED = "garbled"  # bytes, but no valid reply: collision, wrong line settings, a duplicate address
+    OTHER_REPLY = "other_reply"  # only a valid reply from another address (a slow device's, late)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +212,8 @@ def unit_presence(protocol: BusProtocol, probe: ReadOutcome) -> tuple[Presence, 
             return Presence.PRESENT, "answered with data"
         case Answer.SILENT:
             return Presence.ABSENT, "no answer"
+        case Answer.OTHER_REPLY:
+            return Presence.ABSENT, f"no answer of its own: {probe.detail}"
         case Answer.GARBLED:
             return Presence.GARBLED, (
                 f"bytes that are no valid reply ({probe.detail}): two devices with this address, or the wrong"
@@ -368,7 +374,12 @@ def identify(fits: Sequence[MapFit]) -> Identification:
     """The map that best explains a device, how sure that is, and which others fit too (pure)."""
     candidates = sorted((f for f in fits if f.fit is not Fit.NO), key=lambda f: (f.key, f.map_name), reverse=True)
     if not candidates:
-        reasons = "; ".join(f"{f.map_name}: {f.why}" for f in fits[:3])
+        read = [f for f in fits if f.reads_answered]
+        if not read:
+            refusals = sorted({r for f in fits for r in f.refusals})
+            heard = "; ".join(refusals[:2]) if refusals else "nothing"
+            return Identification(None, None, f"no register map reads plausible values: every read brought {heard}")
+        reasons = "; ".join(f"{f.map_name}: {f.why}" for f in read[:3])
         return Identification(None, None, f"no register map reads plausible values ({reasons})")
     top = candidates[0]
     tied = tuple(sorted(f.map_name for f in candidates if f.key == top.key))
@@ -483,18 +494,31 @@ class ScanResult:
 # --- reading through the bus -----------------------------------------------------------------------
 
 
+# Of the bytes around a reply that were not it, this many are kept to say what they were (the longest
+# Modbus frame); the rest are only counted, so a babbling line cannot grow the scan's memory.
+MAX_KEPT_STRAY_BYTES = modbus.MAX_FRAME_BYTES
+
+
 @dataclass(slots=True)
 class _Heard:
     """What came back around a reply, beyond the reply itself (the decoders skip it; a scan reports it)."""
 
-    stray_bytes: int = 0
-    pending_bytes: int = 0  # an incomplete frame when the wait ended
+    stray_bytes: int = 0  # taken off the line without yielding the reply
+    kept: bytearray = field(default_factory=bytearray)  # the first of them
+    pending: bytes = b""  # an incomplete frame when the wait ended
     trailing_bytes: int = 0  # after the reply in the same read
     problems: list[str] = field(default_factory=list)
 
     @property
+    def received_bytes(self) -> int:
+        return self.stray_bytes + len(self.pending)
+
+    @property
     def noisy(self) -> bool:
-        return bool(self.stray_bytes or self.pending_bytes or self.problems)
+        return bool(self.received_bytes or self.problems)
+
+    def junk(self) -> bytes:
+        return bytes(self.kept) + self.pending[: MAX_KEPT_STRAY_BYTES - len(self.kept)]
 
 
 def _listening(exchange: Exchange) -> tuple[Exchange, _Heard]:
@@ -505,18 +529,38 @@ def _listening(exchange: Exchange) -> tuple[Exchange, _Heard]:
         heard.problems.extend(str(error) for error in skipped)
         if frame is None:
             heard.stray_bytes += consumed
-            heard.pending_bytes = len(buf) - consumed
+            heard.kept += buf[: min(consumed, MAX_KEPT_STRAY_BYTES - len(heard.kept))]
+            heard.pending = buf[consumed:]
         else:
-            heard.pending_bytes = 0
+            heard.pending = b""
             heard.trailing_bytes = len(buf) - consumed
         return consumed, frame, skipped
 
     return replace(exchange, decode=decode), heard
 
 
-async def _read_heard(bus: Bus, exchange: Exchange, clock: Callable[[], float]) -> tuple[ReadOutcome, _Heard]:
-    """One attempt, whatever the device's health, and what else was on the line; a PortError (the port
-    itself failed) propagates."""
+def reply_for_another(protocol: BusProtocol, junk: bytes, asked: int | str) -> int | str | None:
+    """The address a valid reply among `junk` came from, when it is not `asked` (pure): the late reply of
+    a slow device to an earlier request, or another master's traffic."""
+    if protocol is BusProtocol.MODBUS_RTU:
+        _, reply, _ = modbus.decode_reply(junk)
+        return reply.unit if reply is not None and reply.unit != asked else None
+    start = 0
+    while start < len(junk):
+        consumed, frame, _ = dlt645.decode_frame(junk[start:])
+        if frame is None:
+            return None
+        if frame.from_meter and frame.address != asked:
+            return frame.address
+        start += consumed
+    return None
+
+
+async def _read_heard(
+    bus: Bus, exchange: Exchange, asked: int | str, clock: Callable[[], float]
+) -> tuple[ReadOutcome, _Heard]:
+    """One attempt at `asked`, whatever its health, and what else was on the line; a PortError (the
+    port itself failed) propagates."""
     listened, heard = _listening(exchange)
     started = clock()
     try:
@@ -530,9 +574,13 @@ async def _read_heard(bus: Bus, exchange: Exchange, clock: Callable[[], float]) 
         outcome = ReadOutcome(Answer.GARBLED, detail=detail, elapsed_s=clock() - started)
     except DeviceTimeout:
         elapsed = clock() - started
-        if heard.noisy:
-            received = heard.stray_bytes + heard.pending_bytes
-            outcome = ReadOutcome(Answer.GARBLED, detail=f"{received} bytes, no valid frame", elapsed_s=elapsed)
+        other = reply_for_another(bus.config.protocol, heard.junk(), asked) if heard.noisy else None
+        if other is not None:
+            detail = f"only a reply from {other} was heard (late for its own request? raise --timeout-s)"
+            outcome = ReadOutcome(Answer.OTHER_REPLY, detail=detail, elapsed_s=elapsed)
+        elif heard.noisy:
+            detail = f"{heard.received_bytes} bytes, no valid frame"
+            outcome = ReadOutcome(Answer.GARBLED, detail=detail, elapsed_s=elapsed)
         else:
             outcome = ReadOutcome(Answer.SILENT, elapsed_s=elapsed)
     else:
@@ -540,8 +588,8 @@ async def _read_heard(bus: Bus, exchange: Exchange, clock: Callable[[], float]) 
     return outcome, heard
 
 
-async def _read(bus: Bus, exchange: Exchange, clock: Callable[[], float]) -> ReadOutcome:
-    return (await _read_heard(bus, exchange, clock))[0]
+async def _read(bus: Bus, exchange: Exchange, asked: int | str, clock: Callable[[], float]) -> ReadOutcome:
+    return (await _read_heard(bus, exchange, asked, clock))[0]
 
 
 def _modbus_probe(unit: int) -> Exchange:
@@ -700,7 +748,8 @@ async def _open(link: Link) -> None:
 async def _try_maps(run: _Run, address: int | str) -> tuple[tuple[MapFit, ...], Identification]:
     fits: list[MapFit] = []
     for device_map in run.maps:
-        outcomes = [await _read(run.bus, exchange, run.clock) for exchange in _map_reads(device_map, address)]
+        reads = _map_reads(device_map, address)
+        outcomes = [await _read(run.bus, exchange, address, run.clock) for exchange in reads]
         fits.append(judge_map(device_map, outcomes))
     return tuple(fits), identify(fits)
 
@@ -743,7 +792,10 @@ async def scan(
     byte is sent; `progress` a line per address. `link` defaults to the settings' serial port."""
     if settings.protocol is BusProtocol.MODBUS_RTU and not units:
         raise ScanError("no unit ids to scan")
-    config = settings.bus_config()
+    try:
+        config = settings.bus_config()
+    except ValidationError as err:
+        raise ScanError("; ".join(format_validation_error(err))) from None
     link = link or SerialLink(config, settings.port)
     bus = Bus(config, link, clock=clock, reopen_after_failures=None)
     maps = tuple(m for m in all_maps().values() if m.protocol is settings.protocol)
@@ -769,7 +821,7 @@ async def _scan_modbus(run: _Run, units: Sequence[int]) -> ScanResult:
     found: list[FoundDevice] = []
     silent: list[int | str] = []
     for index, unit in enumerate(units, start=1):
-        probe = await _read(run.bus, _modbus_probe(unit), run.clock)
+        probe = await _read(run.bus, _modbus_probe(unit), unit, run.clock)
         presence, why = unit_presence(BusProtocol.MODBUS_RTU, probe)
         head = f"[{index}/{len(units)}] unit {unit}:"
         if probe.answer is Answer.SILENT:
@@ -792,7 +844,7 @@ async def _scan_addresses(run: _Run, addresses: Sequence[str]) -> ScanResult:
     found: list[FoundDevice] = []
     silent: list[int | str] = []
     for index, address in enumerate(addresses, start=1):
-        probe = await _read(run.bus, _dlt645_presence(address), run.clock)
+        probe = await _read(run.bus, _dlt645_presence(address), address, run.clock)
         presence, why = unit_presence(BusProtocol.DLT645, probe)
         head = f"[{index}/{len(addresses)}] {address}:"
         if probe.answer is Answer.SILENT:
@@ -812,12 +864,12 @@ async def _scan_broadcast(run: _Run) -> ScanResult:
     broadcast, reply = _dlt645_broadcast()
     worst = _worst_case(run.bus, broadcast, _trial_reads(run.maps, "000000000000"), 1, len(run.maps))
     run.announce(worst)
-    outcome, heard = await _read_heard(run.bus, broadcast, run.clock)
+    outcome, heard = await _read_heard(run.bus, broadcast, dlt645.WILDCARD_ADDRESS, run.clock)
     if outcome.answer is Answer.REFUSED:
         verdict = BroadcastVerdict(None, single=False, why=f"the broadcast was refused ({outcome.describe()})")
     else:
         address = reply.address if outcome.answer is Answer.DATA else None
-        stray = heard.stray_bytes + heard.pending_bytes
+        stray = heard.received_bytes
         verdict = judge_broadcast(address, reply.address_in_data, stray, heard.problems, heard.trailing_bytes)
     if verdict.address is None:
         run.progress(f"broadcast: {verdict.why}")

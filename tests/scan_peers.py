@@ -7,7 +7,7 @@ import logging
 import struct
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # unit -> (holding registers, input registers), each {address: word}
@@ -132,6 +132,7 @@ class WireCount:
 
     received: int = 0
     sent: int = 0
+    functions: set[int] = field(default_factory=set)  # of the requests received
 
     def wire_s(self, baud_rate: int, bits_per_character: int = 10) -> float:
         return (self.received + self.sent) * bits_per_character / baud_rate
@@ -156,6 +157,7 @@ async def pymodbus_bus(
             count.sent += len(packet)
         else:
             count.received += len(packet)
+            count.functions.update(packet[1:2])
         return packet
 
     # The KeyError above is logged with its traceback for every silent unit: kept out of the test output.

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import serial
 
 from config import BusProtocol, DeviceKind, load_site
 from controller.cli import main as cli
-from firmware_bridge import dlt645
+from firmware_bridge import dlt645, modbus
 from firmware_bridge import scan as scan_module
 from firmware_bridge.maps import check_site_devices, load_map
 from firmware_bridge.scan import (
@@ -33,6 +34,7 @@ from firmware_bridge.scan import (
     judge_map,
     parse_addresses,
     parse_units,
+    reply_for_another,
     unit_presence,
 )
 from tests.nullmodem import SocatNullModem
@@ -63,12 +65,13 @@ async def test_scan_finds_the_community_centre_devices_names_their_maps_and_the_
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     pytest.importorskip("pymodbus.server")
-    async with SocatNullModem() as cable, pymodbus_bus(cable.paths[0], _peer_devices()):
+    async with SocatNullModem() as cable, pymodbus_bus(cable.paths[0], _peer_devices()) as wire:
         code, out, err = await _cli(
             capsys, "--port", cable.paths[1], "--protocol", "modbus_rtu", "--baud", "9600", "--parity", "N",
             "--units", "1-40", "--timeout-s", FAST_TIMEOUT, "--json",
         )  # fmt: skip
     assert code == 0, err
+    assert wire.functions == {3, 4}  # reads only: a scan never writes
     report = json.loads(out)  # progress went to stderr: stdout is one JSON document
     found = {d["address"]: d for d in report["devices"]}
     assert set(found) == set(COMMUNITY_CENTRE)
@@ -139,9 +142,38 @@ async def test_a_unit_answering_only_with_exceptions_is_listed_present(capsys: p
     (device,) = report["devices"]
     assert (device["address"], device["presence"], device["answer"], device["code"]) == (7, "present", "refused", 2)
     assert device["best_map"] is None
-    assert "no register map reads plausible values" in device["why_map"]
+    assert "every read brought exception 0x02, illegal data address" in device["why_map"]
     assert report["silent"] == [6, 8]
     assert "# 7 answered, but no register map fits" in report["snippet"]
+
+
+async def test_a_slow_devices_late_reply_is_named_not_taken_for_the_next_unit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    late_s = 0.25  # the device's turnaround, past the scan's timeout
+
+    def slow_unit_5(port: str) -> None:
+        with serial.Serial(port, 9600, timeout=3) as line:
+            for _ in range(2):
+                request = modbus.parse_request(line.read(8))
+                if request.unit == 5:
+                    time.sleep(late_s)
+                    line.write(modbus.encode_reply(modbus.ExceptionReply(5, request.function, 2)))
+                    line.flush()
+
+    async with SocatNullModem() as cable:
+        device = asyncio.create_task(asyncio.to_thread(slow_unit_5, cable.paths[0]))
+        code, out, _ = await _cli(
+            capsys, "--port", cable.paths[1], "--protocol", "modbus_rtu", "--units", "5-6", "--timeout-s", "0.15",
+            "--json",
+        )  # fmt: skip
+        await device
+    assert code == 1  # nothing counted
+    report = json.loads(out)
+    assert report["silent"] == [5]
+    (heard,) = report["devices"]
+    assert (heard["address"], heard["presence"], heard["answer"]) == (6, "absent", "other_reply")
+    assert "only a reply from 5 was heard" in heard["why"]
 
 
 # --- DL/T 645 against the dlt645 package ------------------------------------------------------------
@@ -333,6 +365,19 @@ def test_presence_of_a_unit() -> None:
     assert unit_presence(BusProtocol.MODBUS_RTU, ReadOutcome(Answer.GARBLED, detail="9 bytes"))[0] is Presence.GARBLED
     assert unit_presence(BusProtocol.DLT645, ReadOutcome(Answer.REFUSED, code=1))[0] is Presence.UNCONFIRMED
     assert unit_presence(BusProtocol.DLT645, _read(import_energy_kwh=1.0))[0] is Presence.PRESENT
+
+
+def test_a_late_reply_from_another_device_is_named() -> None:
+    late = modbus.encode_reply(modbus.ReadReply(5, 3, (1,)))
+    assert reply_for_another(BusProtocol.MODBUS_RTU, b"\x00" + late, 6) == 5
+    assert reply_for_another(BusProtocol.MODBUS_RTU, late, 5) is None
+    assert reply_for_another(BusProtocol.MODBUS_RTU, b"\x05\x03\x02", 6) is None
+    other_meter = _address_frame("000000004321")
+    assert reply_for_another(BusProtocol.DLT645, other_meter, METER_ADDRESS) == "000000004321"
+    heard = ReadOutcome(Answer.OTHER_REPLY, detail="only a reply from 5 was heard")
+    presence, why = unit_presence(BusProtocol.MODBUS_RTU, heard)
+    assert presence is Presence.ABSENT
+    assert why == "no answer of its own: only a reply from 5 was heard"
 
 
 def test_the_broadcast_verdicts() -> None:

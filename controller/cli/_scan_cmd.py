@@ -213,7 +213,7 @@ def _report(result: ScanResult, snippet: str) -> str:
     unidentified = len(result.found) - len(result.present)
     lines.append(
         f"{scanned} in {result.elapsed_s:.1f} s: {len(result.present)} found"
-        + (f", {unidentified} answered but are not counted (see above)" if unidentified else "")
+        + (f", {unidentified} heard but not counted (see above)" if unidentified else "")
         + (f", {len(result.silent)} silent" if result.addresses else "")
     )
     if snippet:
