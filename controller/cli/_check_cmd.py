@@ -21,7 +21,13 @@ from config import ConfigError, DeviceKind, SiteConfig, load_site
 from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME, Command, refusal
 from controller.commissioning.probe import SiteDevices, battery_trend, read_device
 from controller.commissioning.readings import DeviceStatus, judge_device, judge_site
-from controller.commissioning.report import CommissioningReport, render_text, summary_text, write_report
+from controller.commissioning.report import (
+    CommissioningReport,
+    render_step_text,
+    render_text,
+    summary_text,
+    write_report,
+)
 from controller.commissioning.step_test import StepTest, StepTestReport, step_sizes
 from firmware_bridge.maps import check_site_devices
 from firmware_bridge.ports import missing_ports
@@ -140,11 +146,10 @@ def _step_test(site: SiteConfig, report: CommissioningReport, links: dict[str, L
         # The process's edge: the test's own `finally` has put the setpoints back; what is left is to say so.
         report.step_test = holder[0] if holder else StepTestReport(interrupted="interrupted before it began")
         report.step_test.interrupted = report.step_test.interrupted or "interrupted"
-        sys.stdout.write(render_text(report).split("\nsite\n", 1)[-1].split("\nstep test\n", 1)[-1])
+        sys.stdout.write(render_step_text(report.step_test))
         return EXIT_INTERRUPTED
     report.step_test = holder[0]
-    text = render_text(report)
-    sys.stdout.write(text[text.index("\nstep test\n") :])
+    sys.stdout.write(render_step_text(report.step_test))
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "Problem",
     "render_json",
     "render_markdown",
+    "render_step_text",
     "render_text",
     "summary_text",
     "write_report",
@@ -58,7 +59,8 @@ class CommissioningReport:
                 found.append(Problem(device.name, f"{device.status.value}: {detail}", _status_fix(device)))
             for point in device.points:
                 if point.verdict is Verdict.IMPLAUSIBLE:
-                    found.append(Problem(device.name, f"{point.quantity} ({point.where}): {point.why}"))
+                    where = "" if point.where in point.why else f" ({point.where})"
+                    found.append(Problem(device.name, f"{point.quantity}{where}: {point.why}"))
         found += [Problem(f.subject, f.what, f.fix) for f in self.findings if f.verdict is Verdict.IMPLAUSIBLE]
         test = self.step_test
         if test is not None:
@@ -145,7 +147,7 @@ def render_text(report: CommissioningReport, *, step_test: bool = True) -> str:
     out.append("\nsite\n")
     out += [_finding_line(f) for f in report.findings]
     if step_test and report.step_test is not None:
-        out.append(_step_text(report.step_test))
+        out.append(render_step_text(report.step_test))
     elif step_test and report.step_test_note:
         out.append(f"\nstep test: {report.step_test_note}\n")
     return "".join(out)
@@ -156,7 +158,8 @@ def _finding_line(finding: Finding) -> str:
     return f"  {finding.verdict.value:<11} {finding.what}{fix}\n"
 
 
-def _step_text(test: StepTestReport) -> str:
+def render_step_text(test: StepTestReport) -> str:
+    """The step test's part of the terminal text."""
     out = ["\nstep test\n"]
     for step in test.steps:
         out.append(f"  {step.kind.value}: {step.outcome.value}: {step.summary}\n")

@@ -261,13 +261,14 @@ def _fixes(wiring: _Wiring, grids: str, pvs: str) -> list[tuple[str, str]]:
     else:
         if wiring.grid_role == "none":
             fixes.append((f"{grids} did not move when the site's flow did: it does not meter the grid connection",
-                          f"check {grids}'s address and where its CTs are fitted (another cable?)"))  # fmt: skip
+                          f"check {grids}'s address, where its CTs are fitted (another cable?) and its ct_ratio"
+                          " (behind a 100:5 CT without ct_ratio = 20 a meter shows a twentieth)"))  # fmt: skip
         elif wiring.grid_role == "pv":
             fixes.append((f"{grids} moves with PV only: it meters the PV feeder, not the grid connection",
                           f"fit {grids}'s CTs on the incoming supply, or make it the PV meter"))  # fmt: skip
         if wiring.pv_role == "none":
             fixes.append((f"{pvs} did not move when PV did: it does not meter these PV inverters",
-                          f"check {pvs}'s address and where its CTs are fitted"))  # fmt: skip
+                          f"check {pvs}'s address, where its CTs are fitted and its ct_ratio"))  # fmt: skip
         elif wiring.pv_role == "grid":
             fixes.append((f"{pvs} moves with the grid: it meters the grid connection, not PV",
                           f"fit {pvs}'s CTs on the PV feeder, or make it the grid meter"))  # fmt: skip
@@ -305,10 +306,10 @@ def plan_battery_step(
 ) -> tuple[float | None, str]:
     """The battery setpoint to step to (None and why when no step fits): towards the middle of the SoC
     window, within the ratings, and with the grid inside its limits after the step."""
-    battery = site.battery
-    if battery is None:
+    if site.battery is None:
         return None, "the site has no battery"
-    prefer_charge = soc_pct is None or soc_pct < 50 * (battery.soc_min + battery.soc_max)
+    window = site.tuning.battery  # the SoC window the site is run in (within the BMS's)
+    prefer_charge = soc_pct is None or soc_pct < 50 * (window.soc_min + window.soc_max)
     reasons: list[str] = []
     for direction in (1, -1) if prefer_charge else (-1, 1):
         target = setpoint_kw + direction * step_kw
@@ -316,9 +317,9 @@ def plan_battery_step(
         grid_after = grid_kw + direction * step_kw
         if target > site.battery_max_charge_kw or -target > site.battery_max_discharge_kw:
             reasons.append(f"to {word}: {fmt_kw(target)} is beyond the battery's rating")
-        elif soc_pct is not None and direction > 0 and soc_pct >= 100 * battery.soc_max - SOC_MARGIN_PTS:
+        elif soc_pct is not None and direction > 0 and soc_pct >= 100 * window.soc_max - SOC_MARGIN_PTS:
             reasons.append(f"to {word}: SoC {soc_pct:g} % is at the top of its window")
-        elif soc_pct is not None and direction < 0 and soc_pct <= 100 * battery.soc_min + SOC_MARGIN_PTS:
+        elif soc_pct is not None and direction < 0 and soc_pct <= 100 * window.soc_min + SOC_MARGIN_PTS:
             reasons.append(f"to {word}: SoC {soc_pct:g} % is at the bottom of its window")
         elif grid_after > site.import_limit_kw or grid_after < -site.export_limit_kw:
             reasons.append(f"to {word}: the grid would go to {fmt_kw(grid_after)}, outside its limits")
