@@ -24,7 +24,7 @@ from config import BusProtocol, DeviceConfig, DeviceKind, Parity, SerialBusConfi
 from firmware_bridge import dlt645, modbus
 from firmware_bridge.bus import Bus
 from firmware_bridge.device import DeviceDriver, Exchange, Readings, words_to_raw
-from firmware_bridge.errors import DeviceException, DeviceTimeout, FrameError, PortError
+from firmware_bridge.errors import BridgeError, DeviceException, DeviceTimeout, FrameError, PortError
 from firmware_bridge.maps import DeviceMap, Dlt645Point, ModbusPoint, all_maps
 from firmware_bridge.ports import serial_ports
 from firmware_bridge.transport import Link, SerialLink
@@ -63,8 +63,9 @@ __all__ = [
 
 # How long a unit gets to answer, after the wire time of request and reply. Modbus meters answer in
 # 20-100 ms and inverters and wallboxes mostly within 200 ms; the example sites poll with 0.3 s. Every
-# silent unit costs this once, so 1..40 with a few devices takes ~13 s at 9600 baud, inside the 30 s
-# commissioning goal. `--timeout-s` gives a slow device (a gateway, an inverter at 0.5-1 s) more.
+# silent unit costs this once, so 1..40 with five devices takes 12-13 s at 9600 baud
+# (tests/scan_bench.py), inside the 30 s commissioning goal. `--timeout-s` gives a slow device (a
+# gateway, an inverter at 0.5-1 s) more.
 MODBUS_REPLY_TIMEOUT_S = 0.3
 # DL/T 645-2007 lets a meter wait up to 500 ms before it replies (Td): less would miss compliant meters.
 DLT645_REPLY_TIMEOUT_S = 0.5
@@ -91,8 +92,9 @@ _PLAUSIBLE_SCORE = 1
 _OFF_MAINS_SCORE = -2
 
 
-class ScanError(Exception):
-    """The scan cannot run: the port is missing or cannot be opened, or an argument is out of range."""
+class ScanError(BridgeError):
+    """The scan cannot run: the port is missing or cannot be opened, or an argument is out of range
+    (permanent: never retried)."""
 
 
 # --- settings and arguments ------------------------------------------------------------------------
