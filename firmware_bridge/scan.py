@@ -739,11 +739,15 @@ def _worst_case(bus: Bus, probe: Exchange, per_answering: Sequence[Exchange], ad
     return WorstCase(none_s, per_s, none_s + addresses * per_s, addresses, maps, len(per_answering))
 
 
-async def _open(link: Link) -> None:
+async def _open(link: Link, settings: ScanSettings) -> None:
     try:
         await link.open()
     except PortError as err:
-        hint = " (is your user in the dialout group?)" if "ermission" in str(err) else ""
+        hint = ""
+        if "ermission" in str(err):
+            hint = " (is your user in the dialout group?)"
+        elif "Invalid argument" in str(err) and settings.parity is not Parity.NONE:
+            hint = f" (the port refuses parity {settings.parity.value}: a pty or some adapters do)"
         raise ScanError(f"{err}{hint}") from None
 
 
@@ -801,7 +805,7 @@ async def scan(
     link = link or SerialLink(config, settings.port)
     bus = Bus(config, link, clock=clock, reopen_after_failures=None)
     maps = tuple(m for m in all_maps().values() if m.protocol is settings.protocol)
-    await _open(link)
+    await _open(link, settings)
     try:
         run = _Run(bus, settings, maps, progress, announce, clock, clock())
         if settings.protocol is BusProtocol.MODBUS_RTU:

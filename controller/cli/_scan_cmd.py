@@ -209,7 +209,9 @@ def _report(result: ScanResult, snippet: str) -> str:
     if not result.addresses:
         scanned = "broadcast read-address"
     else:
-        scanned = f"{len(result.addresses)} {'units' if modbus else 'addresses'} scanned"
+        count = len(result.addresses)
+        noun = ("unit" if modbus else "address") + ("" if count == 1 else "s" if modbus else "es")
+        scanned = f"{count} {noun} scanned"
     unidentified = len(result.found) - len(result.present)
     lines.append(
         f"{scanned} in {result.elapsed_s:.1f} s: {len(result.present)} found"
