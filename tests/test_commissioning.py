@@ -181,6 +181,24 @@ def test_the_step_test_tells_the_wiring_and_puts_every_setpoint_back(
     assert report["ok"] is (code == 0)
 
 
+@pytest.mark.parametrize("peer", [(Plant(battery_follows=False), tuple(SPACES))], indirect=True)
+@pytest.mark.usefixtures("at_noon", "fast_steps")
+def test_a_battery_that_does_not_follow_is_named_with_its_address_and_the_pv_step_still_checks_the_meters(
+    peer: PlantPeer, tmp_path: Path
+) -> None:
+    site = _site_file(tmp_path, peer.port)
+    assert main(["check", str(site), "--step-test", "--yes", "--report", str(tmp_path / "report")]) == 1
+    test = _report(tmp_path / "report")["step_test"]
+    battery = {s["kind"]: s for s in test["steps"]}["battery"]
+    assert battery["outcome"] == "failed"
+    assert battery["observation"] is None
+    (finding,) = battery["findings"]
+    assert "battery did not follow its setpoint" in finding["what"]
+    assert "wrong address" in finding["fix"]
+    assert "moved as configured in every step (pv)" in test["wiring"][0]["what"]
+    assert peer.plant.battery_setpoint_kw == 0.0
+
+
 @pytest.mark.parametrize("peer", [(Plant(), tuple(SPACES))], indirect=True)
 async def test_an_interrupted_step_test_puts_the_setpoint_back_and_lets_the_cancellation_through(
     peer: PlantPeer, tmp_path: Path

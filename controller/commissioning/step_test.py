@@ -419,9 +419,7 @@ class StepTest:
     async def run(self) -> StepTestReport:
         try:
             for step in (self._battery_step, self._charger_step, self._pv_step):
-                result = await step()
-                self.report.steps.append(result)
-                await self._restore()
+                self.report.steps.append(await step())
         except asyncio.CancelledError:
             self.report.interrupted = "interrupted (Ctrl-C or a signal)"
             raise
@@ -595,8 +593,22 @@ class StepTest:
             return StepResult(kind, Outcome.FAILED, f"the step could not be written: {err}", device, setpoint)
         after, settled, waited = await self._hold(writes, actuator, before)
         base = StepResult(kind, Outcome.FAILED, "", device, setpoint, settled=settled, waited_s=waited)
-        return judge_step(base, expected_kw, before=before, after=after, actuator=actuator,
-                          grid_meters=self.grid_meters, pv_meters=self.pv_meters)  # fmt: skip
+        result = judge_step(base, expected_kw, before=before, after=after, actuator=actuator,
+                            grid_meters=self.grid_meters, pv_meters=self.pv_meters)  # fmt: skip
+        await self._restore()
+        await self._settle_back(actuator, before)
+        return result
+
+    async def _settle_back(self, actuator: Sequence[str], before: dict[str, float | None]) -> None:
+        """After a restore, wait (step_hold_s at most) for the stepped device to be back where it was: the next
+        step's baseline must not be taken while it ramps back."""
+        start = _sum(before, actuator)
+        started = self._clock()
+        while start is not None and self._clock() - started < self.sizes.hold_s:
+            now = _sum({name: await self._read(name, "power_kw") for name in actuator}, actuator)
+            if now is not None and abs(now - start) <= STEP_TOLERANCE_FLOOR_KW:
+                return
+            await self._sleep(self._poll_s)
 
 
 @dataclass(frozen=True, slots=True)
