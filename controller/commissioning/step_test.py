@@ -666,7 +666,7 @@ def judge_step(
         moves.append(MeterMove(name, "pv", before.get(name), after.get(name), pv_kw / len(pv_meters)))
     grid_ok = abs(grid_delta - grid_kw) <= observed_tolerance
     pv_ok = pv_delta is None or abs(pv_delta - pv_kw) <= observed_tolerance
-    seen = f"{what} {fmt_kw(moved)}, grid meters {fmt_kw(grid_delta)} (expected {fmt_kw(grid_kw)})"
+    seen = f"{what} moved {fmt_kw(moved)}, grid meters {fmt_kw(grid_delta)} (expected {fmt_kw(grid_kw)})"
     if pv_delta is not None:
         seen += f", PV meters {fmt_kw(pv_delta)} (expected {fmt_kw(pv_kw)})"
     if not base.settled:
