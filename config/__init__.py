@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         ControlConfig,
         DeviceConfig,
         DeviceKind,
+        DisplayConfig,
         GridRating,
         GridTuning,
         MqttConfig,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
         TariffSeason,
         TlsConfig,
         Tuning,
+        WebConfig,
     )
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "ControlConfig",
     "DeviceConfig",
     "DeviceKind",
+    "DisplayConfig",
     "GridRating",
     "GridTuning",
     "MqttConfig",
@@ -64,6 +67,7 @@ __all__ = [
     "TariffSeason",
     "TlsConfig",
     "Tuning",
+    "WebConfig",
     "format_validation_error",
     "load_site",
     "parse_site",

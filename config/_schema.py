@@ -28,6 +28,7 @@ __all__ = [
     "ControlConfig",
     "DeviceConfig",
     "DeviceKind",
+    "DisplayConfig",
     "GridRating",
     "GridTuning",
     "MqttConfig",
@@ -44,6 +45,7 @@ __all__ = [
     "TariffSeason",
     "TlsConfig",
     "Tuning",
+    "WebConfig",
 ]
 
 
@@ -495,6 +497,70 @@ class CommissioningConfig(_Model):
     )  # fmt: skip
 
 
+class WebConfig(_Model):
+    """The embedded web server: the visitors' display (/display) and the engineer's dashboard (/)."""
+
+    enabled: bool = True
+    listen: str = Field(
+        default="127.0.0.1:8080",
+        description="host:port to listen on (port 0: any free port; a busy port is replaced by a free one, which"
+        " the run prints); 0.0.0.0:8080 lets the hall screen and the LAN reach it",
+    )
+    stream_max_rate_hz: float = Field(
+        default=4.0, gt=0.0, le=50.0, description="Live updates per second to each page at most (fast runs sample)"
+    )
+    max_stream_clients: int = Field(
+        default=200, ge=1, le=10_000, description="Live-update connections at once; more are refused (503)"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_form(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65_535:
+            raise ValueError(f"listen is host:port, e.g. 127.0.0.1:8080 or 0.0.0.0:8080, got {value!r}")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+# Standard coal per kWh of thermal power supplied, China 2022 (CEC statistics); CO2 a tree takes up per year
+# (US EPA equivalencies: 0.060 t over a seedling's first ten years). Sites replace them with their own.
+DEFAULT_COAL_KGCE_PER_KWH = 0.3007
+DEFAULT_CO2_KG_PER_TREE_YEAR = 6.0
+
+
+class DisplayConfig(_Model):
+    """What the visitors' display converts PV energy into, each factor with where it comes from (shown in
+    small print under the figures)."""
+
+    co2_kg_per_kwh: float | None = Field(
+        default=None, ge=0.0, le=2.0,
+        description="CO2 avoided per kWh of PV (the grid's emission factor); default: carbon_kg_per_kwh",
+    )  # fmt: skip
+    co2_source: str = Field(
+        default="", max_length=200, description="Where co2_kg_per_kwh comes from (grid, province, year, publisher)"
+    )
+    coal_kgce_per_kwh: float = Field(
+        default=DEFAULT_COAL_KGCE_PER_KWH, ge=0.0, le=1.0,
+        description="Standard coal (kgce) a kWh of grid power burns; China 2022: 300.7 gce/kWh",
+    )  # fmt: skip
+    coal_source: str = Field(
+        default="China Electricity Council, 2022: coal per kWh supplied by thermal plants >= 6 MW, 300.7 gce/kWh",
+        max_length=200,
+    )
+    co2_kg_per_tree_year: float = Field(default=DEFAULT_CO2_KG_PER_TREE_YEAR, gt=0.0, le=1000.0)
+    tree_source: str = Field(
+        default="US EPA GHG equivalencies: 0.060 t CO2 per urban tree over its first 10 years", max_length=200
+    )
+
+
 class SimulationConfig(_Model):
     """What the simulated plant does when the site runs with --simulate; ignored on real hardware."""
 
@@ -523,6 +589,8 @@ class SiteConfig(_Model):
     storage: StorageConfig = StorageConfig()
     simulation: SimulationConfig = SimulationConfig()
     commissioning: CommissioningConfig = CommissioningConfig()
+    web: WebConfig = WebConfig()
+    display: DisplayConfig = DisplayConfig()
 
     @model_validator(mode="after")
     def _commissioning_steps_fit(self) -> Self:
@@ -697,6 +765,12 @@ class SiteConfig(_Model):
     def replan_period_s(self) -> float:
         value = self.tuning.replan_period_s
         return self.control.replan_period_s if value is None else value
+
+    @property
+    def display_co2_kg_per_kwh(self) -> float:
+        """The display's CO2 factor: its own, or the site's grid emission factor."""
+        value = self.display.co2_kg_per_kwh
+        return self.carbon_kg_per_kwh if value is None else value
 
     @property
     def topic_prefix(self) -> str:

@@ -122,6 +122,9 @@ class Counters:
     battery_charge_kwh: float = 0.0
     battery_discharge_kwh: float = 0.0
     ev_kwh: float = 0.0
+    # The cars' energy that came from PV: each tick's car power times PV's share of what supplied the site
+    # (PV, grid import, battery discharge; the battery counts as grid, it may have charged in the valley).
+    ev_pv_kwh: float = 0.0
     energy_cost_cny: float = 0.0  # import at the TOU price in force, minus export revenue
     carbon_kg: float = 0.0  # grid import × the grid emission factor
     carbon_avoided_kg: float = 0.0  # PV energy used on site × the grid emission factor
@@ -252,6 +255,7 @@ class Runtime:
         self.forecaster = Forecaster(site, site.control.step_minutes)
         self.plan: Plan | None = None
         self.plan_start: datetime | None = None
+        self.plan_scenario: Scenario | None = None  # what the plan in force was made for (prices, PV, load)
         self._replan = asyncio.Event()
         self._ev_connected: dict[str, bool] = {c.name: False for c in site.ev_chargers}
         self._ev_since: dict[str, datetime] = {}
@@ -789,6 +793,10 @@ class Runtime:
             c.battery_discharge_kwh += max(-battery_kw, 0.0) * h
         if ev_kw is not None:
             c.ev_kwh += max(ev_kw, 0.0) * h
+            if pv_kw is not None and battery_kw is not None:
+                supply_kw = max(pv_kw, 0.0) + max(grid_kw, 0.0) + max(-battery_kw, 0.0)
+                if supply_kw > 0:
+                    c.ev_pv_kwh += max(ev_kw, 0.0) * h * max(pv_kw, 0.0) / supply_kw
         price = self.site.tariff.band_at(self.clock.local())[1]
         c.energy_cost_cny += imported * price - exported * self.site.tariff.export_price_cny_per_kwh
         c.carbon_kg += imported * self.site.carbon_kg_per_kwh
@@ -1073,6 +1081,7 @@ class Runtime:
             return
         self.plan = plan
         self.plan_start = start
+        self.plan_scenario = scenario
         self.stats.plans += 1
         if self.store is not None:
             summary = {k: v for k, v in self.plan.to_json().items() if k != "steps"}

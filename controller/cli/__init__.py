@@ -18,6 +18,7 @@ from controller.cli import (
     _schema_cmd,
     _service_cmd,
     _validate_cmd,
+    _web_cmd,
 )
 from controller.cli._command import Command
 from controller.logs import configure_logging
@@ -36,6 +37,7 @@ COMMANDS: tuple[Command, ...] = (
     _service_cmd.COMMAND,
     _check_cmd.COMMAND,
     _scan_cmd.COMMAND,
+    _web_cmd.COMMAND,
 )
 
 

@@ -26,6 +26,7 @@ from firmware_bridge.maps import check_site_devices, device_questions
 from firmware_bridge.ports import missing_ports
 
 if TYPE_CHECKING:
+    from controller.mqtt import MqttService
     from controller.runtime import Runtime
 
 
@@ -64,6 +65,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", help="SQLite time-series file (default: storage.path of the site; with "
                         "--simulate, a fresh var/simulation/<site id>/ each run)")  # fmt: skip
     parser.add_argument("--no-mqtt", action="store_true", help="do not publish or listen on MQTT")
+    parser.add_argument("--no-web", action="store_true", help="no web server (display and dashboard)")
     parser.add_argument("--live", action=argparse.BooleanOptionalAction, default=None,
                         help="live terminal view (default: on a terminal, unless --speed max)")  # fmt: skip
     parser.add_argument("--report", type=Path, metavar="DIR", help="write a PNG per day and summary.md here")
@@ -115,6 +117,12 @@ def _simulation_storage(site: SiteConfig, args: argparse.Namespace) -> SiteConfi
     return site.model_copy(update={"storage": storage})
 
 
+def _web_users(site: SiteConfig) -> Path:
+    from controller.web.auth import password_path  # noqa: PLC0415
+
+    return password_path(site.storage.path)
+
+
 def _store(site: SiteConfig, args: argparse.Namespace) -> TimeSeriesStore:
     return TimeSeriesStore(args.store or site.storage.path, site.storage.retention_days)
 
@@ -126,9 +134,11 @@ def _wants_live(args: argparse.Namespace) -> bool:
 
 
 async def _run_attached(
-    runtime: Runtime, tuning: TuningStore, args: argparse.Namespace, duration_s: float | None, stop: asyncio.Event
+    runtime: Runtime, tuning: TuningStore, args: argparse.Namespace, duration_s: float | None, stop: asyncio.Event,
+    *, web_users: Path | None = None,
 ) -> None:
-    """One run with its tuning file followed, MQTT (its address on stdout) and the live view."""
+    """One run with its tuning file followed, MQTT (its address on stdout), the web server (its URL on stdout)
+    and the live view. `web_users`: the dashboard's password file (default: next to the run's storage)."""
     from controller.live import LiveView  # noqa: PLC0415
     from controller.mqtt import site_services  # noqa: PLC0415
 
@@ -137,9 +147,33 @@ async def _run_attached(
         if address is not None:
             sys.stdout.write(f"MQTT: {address}\n")
             sys.stdout.flush()
+        if runtime.site.web.enabled and not args.no_web:
+            await _start_web(runtime, tuning, mqtt, web_users, args.config)
         if _wants_live(args):
             LiveView(runtime, mqtt=address).attach()
         await runtime.run(duration_s, stop)
+
+
+async def _start_web(runtime: Runtime, tuning: TuningStore, mqtt: MqttService | None, users: Path | None,
+                     config: str) -> None:  # fmt: skip
+    """Bind the web server now (its URL printed before the first tick) and leave it to the runtime's supervision."""
+    from controller.web import WebService  # noqa: PLC0415 - aiohttp only for runs that serve pages
+
+    def tuned(_site: SiteConfig) -> None:
+        if mqtt is not None:
+            mqtt.publish_config_state()
+
+    web = WebService(runtime, tuning, on_tuned=tuned, users_path=users)
+    try:
+        url = await web.start()
+    except OSError as err:  # the controller runs without its pages rather than not at all
+        logging.getLogger("greensite").error("web server not started", extra={"error": str(err)})
+        return
+    web.attach()
+    sys.stdout.write(f"web: {url}/display (visitors' display), {url}/ (dashboard)\n")
+    if not web.passwords.users():
+        sys.stdout.write(f"web: no dashboard password yet: greensite web password {config}\n")
+    sys.stdout.flush()
 
 
 def _tuned(site: SiteConfig) -> TuningStore:
@@ -195,6 +229,8 @@ async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
     duration = args.duration if args.duration is not None else 86400.0
     stop = _stop_on_signals()
     wall = time.perf_counter()
+    # The dashboard's password is the site's (`greensite web password SITE`), not the fresh simulation folder's.
+    web_users = None if args.store else _web_users(storage_in_state_directory(site))
     site = storage_in_state_directory(_simulation_storage(site, args))
     tuning = _tuned(site)
     site = tuning.site
@@ -208,7 +244,7 @@ async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
             notifier=notifier, observe=args.observe,
         )  # fmt: skip
         try:
-            await _run_attached(runtime, tuning, args, duration, stop)
+            await _run_attached(runtime, tuning, args, duration, stop, web_users=web_users)
             summary = summary_text(
                 site, plant, recorder, runtime, wall_s=time.perf_counter() - wall, interrupted=stop.is_set()
             )
