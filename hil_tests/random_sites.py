@@ -271,6 +271,9 @@ def _write(site: SiteConfig, plant: Plant, out: Setpoints, written: dict[str, fl
             plant.write(DeviceKind.PV_INVERTER, "pv-inverter", "power_limit_pct", pct)
 
 
+PROGRESS_EVERY = 25  # site-days between progress lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hil_tests.random_sites", description=__doc__.splitlines()[0])
     parser.add_argument("--site-days", type=int, default=500)
@@ -286,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         if result.avoidable_ticks:
             sys.stdout.write(f"seed {seed}: {result.avoidable_ticks} avoidable breach ticks: {result.description}\n")
+        if len(results) % PROGRESS_EVERY == 0:  # a run takes an hour: say how far it is (stderr, not the report)
+            sys.stderr.write(f"{len(results)} of {args.site_days} site-days, {time.perf_counter() - wall:.0f} s\n")
+            sys.stderr.flush()
+        sys.stdout.flush()
     ticks = sum(r.ticks for r in results)
     total = sum(r.breach_ticks for r in results)
     avoidable = sum(r.avoidable_ticks for r in results)
