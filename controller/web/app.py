@@ -399,7 +399,9 @@ class WebService:
 
     async def _session_json(self, request: web.Request) -> web.Response:
         session = self._require(request)
-        return web.json_response({"user": session.user, "csrf": session.csrf, "site": self.runtime.site.site.name})
+        offset = self.runtime.clock.local().utcoffset()
+        return web.json_response({"user": session.user, "csrf": session.csrf, "site": self.runtime.site.site.name,
+                                  "utc_offset_s": 0.0 if offset is None else offset.total_seconds()})  # fmt: skip
 
     # --- the dashboard's data ------------------------------------------------------------------------------
 

@@ -8,9 +8,13 @@ window.gsChart = (() => {
     if (parent) parent.appendChild(node);
     return node;
   };
-  const PAD = { l: 48, r: 10, t: 8, b: 20 };
+  const PAD = { l: 64, r: 10, t: 8, b: 20 };
+  // Times are shown in the site's time zone, not the browser's: the page sets this from /api/session.
+  const site = { offsetS: 0 };
+  const clock = (t) => new Date((t + site.offsetS) * 1000).toISOString().slice(11, 16);
+  const day = (t) => new Date((t + site.offsetS) * 1000).toISOString().slice(5, 10);
 
-  // xs: epoch seconds; series: [{label, values, color, step}]; opts: {unit, min, max, timeFormat}
+  // xs: epoch seconds; series: [{label, values, color, step}]; opts: {unit, min, max, days}
   function draw(svg, xs, series, opts = {}) {
     while (svg.firstChild) svg.removeChild(svg.firstChild);
     const [, , w, h] = svg.getAttribute("viewBox").split(" ").map(Number);
@@ -30,7 +34,7 @@ window.gsChart = (() => {
     const ticks = 6;
     for (let i = 0; i <= ticks && xs.length > 1; i++) {
       const x = x0 + ((x1 - x0) * i) / ticks;
-      const label = (opts.timeFormat || ((t) => new Date(t * 1000).toTimeString().slice(0, 5)))(x);
+      const label = (opts.days ? day : clock)(x);
       el("text", { x: X(x), y: h - 4, "text-anchor": i === 0 ? "start" : i === ticks ? "end" : "middle" }, svg)
         .textContent = label;
     }
@@ -59,5 +63,5 @@ window.gsChart = (() => {
       div.appendChild(item);
     }
   }
-  return { draw, legend };
+  return { draw, legend, site };
 })();

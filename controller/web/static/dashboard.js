@@ -114,16 +114,15 @@
     const { ok, body } = await api(`/api/history?span=${span}`);
     if (!ok) return;
     const s = body.series;
-    const fmt = span === "day" ? undefined : (t) => { const d = new Date(t * 1000);
-      return `${d.getMonth() + 1}/${d.getDate()}`; };
+    const days = span !== "day";
     const power = [
       { label: "grid", values: s.grid_kw, color: C.grid }, { label: "PV", values: s.pv_kw, color: C.pv },
       { label: "load", values: s.load_kw, color: C.load }, { label: "battery (+ charge)", values: s.battery_kw, color: C.battery },
       { label: "cars", values: s.ev_kw, color: C.ev },
     ];
-    gsChart.draw($("hist-power"), body.t_s, power, { unit: "kW", timeFormat: fmt });
+    gsChart.draw($("hist-power"), body.t_s, power, { unit: "kW", days });
     gsChart.draw($("hist-soc"), body.t_s, [{ label: "SoC", values: s.soc_pct, color: C.soc }],
-      { min: 0, max: 100, unit: "%", timeFormat: fmt });
+      { min: 0, max: 100, unit: "%", days });
     gsChart.legend($("hist-legend"), [...power, { label: "SoC %", color: C.soc }]);
   }
 
@@ -216,6 +215,7 @@
   async function start() {
     const { body } = await api("/api/session");
     csrf = body.csrf; $("user").textContent = body.user; $("site").textContent = body.site;
+    gsChart.site.offsetS = body.utc_offset_s;
     document.title = `${body.site} · greensite`;
     const source = new EventSource("/api/stream");
     source.addEventListener("state", (e) => renderLive(JSON.parse(e.data)));
