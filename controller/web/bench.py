@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import statistics
+import sys
 import tempfile
 import time
 from datetime import datetime
@@ -39,7 +41,7 @@ async def _weights(run: WebRun) -> dict[str, int]:
              "dashboard": ["/", "/static/dashboard.css", "/static/charts.js", "/static/dashboard.js",
                            "/static/favicon.svg"]}  # fmt: skip
     out = {}
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
         await _login(session, run.url)
         for page, paths in pages.items():
             total = 0
@@ -129,7 +131,17 @@ async def _screenshots(browser: Any, run: WebRun, folder: Path) -> None:
     await dash.wait_for_selector("#plan-power polyline", timeout=20_000)
     await asyncio.sleep(2.0)
     await dash.screenshot(path=str(folder / "dashboard.png"), full_page=True)
+    for name in ("display.png", "display-en.png", "dashboard.png"):
+        await asyncio.to_thread(_palette, folder / name)
     await context.close()
+
+
+def _palette(path: Path) -> None:
+    """256 colours: a flat UI loses nothing visible, and the README's pictures stay well under 300 kB."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.convert("RGB").quantize(256).save(path, optimize=True)
 
 
 async def _reader(session: aiohttp.ClientSession, url: str, counts: list[int], index: int) -> None:
@@ -138,34 +150,47 @@ async def _reader(session: aiohttp.ClientSession, url: str, counts: list[int], i
             counts[index] += 1
 
 
+async def _load(url: str, clients: int, seconds: float) -> dict[str, float]:
+    """`clients` live-update readers (half on the display's stream, half logged in on the dashboard's) for
+    `seconds`; run in a process of its own, so that the clients' work is not counted in the controller's."""
+    counts = [0] * clients
+    jar = aiohttp.CookieJar(unsafe=True)  # the session cookie of a server addressed by IP
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), cookie_jar=jar) as session:
+        await _login(session, url)
+        tasks = [asyncio.create_task(_reader(session, url + ("/api/display/stream" if i % 2 == 0 else "/api/stream"),
+                                             counts, i)) for i in range(clients)]  # fmt: skip
+        await asyncio.sleep(seconds)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+                await task
+    return {"reads_per_client_min": float(min(counts, default=0))}
+
+
 async def _loop_phase(folder: Path, seconds: float, clients: int) -> dict[str, float]:
-    """A --speed 1 run for `seconds` with `clients` live-update clients reading all along."""
+    """A --speed 1 run for `seconds` with `clients` live-update clients (another process) reading all along."""
     async with web_run(folder, speed=1.0, password=PASSWORD) as run:
-        counts = [0] * clients
-        tasks: list[asyncio.Task[None]] = []
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            if clients:
-                await _login(session, run.url)
-            for i in range(clients):
-                path = "/api/display/stream" if i % 2 == 0 else "/api/stream"
-                tasks.append(asyncio.create_task(_reader(session, run.url + path, counts, i)))
-            await asyncio.sleep(seconds)
-            stats = run.runtime.stats
-            result = {
-                "ticks": float(stats.ticks),
-                "processing_p50_ms": stats.tick_processing_s.percentile_ms(0.5),
-                "processing_p99_ms": stats.tick_processing_s.percentile_ms(0.99),
-                "lateness_p50_ms": stats.tick_lateness_s.percentile_ms(0.5),
-                "lateness_p99_ms": stats.tick_lateness_s.percentile_ms(0.99),
-                "clients_connected": float(run.web.display_hub.clients + run.web.dashboard_hub.clients),
-                "clients_dropped": float(run.web.display_hub.dropped + run.web.dashboard_hub.dropped),
-                "reads_per_client_min": float(min(counts, default=0)),
-            }
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
-                    await task
+        load = None
+        if clients:
+            load = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "controller.web.bench", "--load", run.url, "--clients", str(clients),
+                "--seconds", str(seconds + 5), stdout=asyncio.subprocess.PIPE)  # fmt: skip
+        await asyncio.sleep(seconds)
+        stats = run.runtime.stats
+        result = {
+            "ticks": float(stats.ticks),
+            "processing_p50_ms": stats.tick_processing_s.percentile_ms(0.5),
+            "processing_p99_ms": stats.tick_processing_s.percentile_ms(0.99),
+            "lateness_p50_ms": stats.tick_lateness_s.percentile_ms(0.5),
+            "lateness_p99_ms": stats.tick_lateness_s.percentile_ms(0.99),
+            "clients_connected": float(run.web.display_hub.clients + run.web.dashboard_hub.clients),
+            "clients_dropped": float(run.web.display_hub.dropped + run.web.dashboard_hub.dropped),
+            "reads_per_client_min": 0.0,
+        }
+        if load is not None:
+            out, _ = await load.communicate()
+            result.update(json.loads(out.decode().strip().splitlines()[-1]))
     return result
 
 
@@ -200,5 +225,10 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each control-loop phase (wall s)")
     parser.add_argument("--repeats", type=int, default=5, help="page loads and changes measured per figure")
     parser.add_argument("--screenshots", type=Path, help="write display.png, display-en.png, dashboard.png here")
+    parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)  # the client process of the loop phase
+    parser.add_argument("--clients", type=int, default=100, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.repeats, args.screenshots))
+    if args.load:
+        print(json.dumps(asyncio.run(_load(args.load, args.clients, args.seconds))))
+    else:
+        asyncio.run(main(args.seconds, args.repeats, args.screenshots))
