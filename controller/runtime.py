@@ -564,12 +564,14 @@ class Runtime:
     async def _write_now(self, device: str, quantity: str, value: float, *, even_if_lost: bool = False) -> bool:
         """Write a setpoint; False (logged, counted) when it did not land. `even_if_lost`: ask a device the
         bus has given up on for now (the exit's safe state is worth a timeout). Observing, nothing is sent:
-        the value is noted as what would have been written, and taken as written."""
+        the value is noted as what would have been written (`would_write`), and the device still holds
+        what it held."""
         if self.observe:
-            self.drivers[device].write_exchange(quantity, value)  # the same checks, the frame never sent
+            # The same checks as a write, the frame never sent. What the devices hold is still what they
+            # held (`_written` is what was sent): each tick's setpoints are worked out from the site as it is.
+            self.drivers[device].write_exchange(quantity, value)
             self.would_write[(device, quantity)] = value
             self.stats.observed_writes += 1
-            self._written[(device, quantity)] = value
             _log.debug("would write", extra={"device": device, "quantity": quantity, "value": value})
             return True
         try:
@@ -762,6 +764,11 @@ class Runtime:
         self.stats.safety_actions += bool(setpoints.actions)
         self.stats.tick_processing_s.add(time.perf_counter() - started)
         await self._apply(setpoints)
+        if self.observe:
+            # The battery never got it: the next tick's setpoint is worked out from where the battery is
+            # (as if it had just been told to stay there), not chased from a setpoint it never saw (that
+            # made the would-be setpoint swing between -30 and 0 kW every tick on a bench).
+            self._setpoint_battery_kw = 0.0 if battery is None else battery
         if self._watchdogs and self.site.control.device_watchdog_s > 0:
             await self._keep_watchdogs_alive()
         self.battery_response.sent(battery, self._setpoint_battery_kw)
@@ -838,10 +845,12 @@ class Runtime:
         for name, kw in measured.ev_kw.items():
             if kw is not None:
                 values[f"measured.{name}_kw"] = kw
-        values["setpoint.battery_kw"] = setpoints.battery_kw
-        values["setpoint.pv_limit_kw"] = -1.0 if setpoints.pv_limit_kw is None else setpoints.pv_limit_kw
+        # Observing, the setpoints were never written: they are kept apart from those that were.
+        kind = "would_write" if self.observe else "setpoint"
+        values[f"{kind}.battery_kw"] = setpoints.battery_kw
+        values[f"{kind}.pv_limit_kw"] = -1.0 if setpoints.pv_limit_kw is None else setpoints.pv_limit_kw
         for name, amps in setpoints.ev_current_a.items():
-            values[f"setpoint.{name}_a"] = amps
+            values[f"{kind}.{name}_a"] = amps
         values["state.safe"] = float(setpoints.safe_state)
         self.store.record(self.clock.local().timestamp(), values)  # a queue put: its own thread writes and prunes
 
@@ -974,7 +983,8 @@ class Runtime:
             pct = 100.0 if limit is None else max(0.0, min(100.0, 100 * limit / self.site.pv.peak_kw))
             for name in self._devices(DeviceKind.PV_INVERTER):
                 writes.append((name, "power_limit_pct", round(pct, 1), 100 * PV_DEADBAND_KW / self.site.pv.peak_kw))
-            self._pv_limit_kw = limit
+            if not self.observe:  # observing, the inverter keeps whatever limit it had
+                self._pv_limit_kw = limit
         for device, quantity, value, deadband in writes:
             last = self._written.get((device, quantity))
             # Safety corrections must land this tick: write whenever the value moved past the deadband, and

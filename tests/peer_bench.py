@@ -26,8 +26,7 @@ EXAMPLE = Path(__file__).parents[1] / "config" / "sites" / "community_centre_exp
 
 
 def bench_site_text(port: str, out: Path) -> str:
-    """The example site on the peer's port: a real (not simulated) bus, its storage in `out`, MQTT off
-    (a rehearsal needs no broker; `greensite run` says so with --no-mqtt too)."""
+    """The example site on the peer's port: a real (not simulated) bus, its storage in `out`."""
     text = EXAMPLE.read_text()
     text = text.replace('port = "/dev/ttyUSB0"', f'port = "{port}"', 1)
     text = text.replace("simulated = true", "simulated = false", 1)
@@ -39,11 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.peer_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("var/bench"), help="where site.toml is written")
     parser.add_argument("--wiring", choices=[w.value for w in Wiring], default=Wiring.CORRECT.value)
-    parser.add_argument("--car", action="store_true", help="a car is connected at charger-1")
+    parser.add_argument("--car", action="store_true", help="a car is connected at charger-1 (its step runs)")
+    parser.add_argument("--pv-kw", type=float, help="PV the sun gives now (default: 60 kW by day, 0 at night)")
     args = parser.parse_args(argv)
     plant = Plant(wiring=Wiring(args.wiring), car_connected=args.car)
     site = load_site(EXAMPLE, environment=False).site
-    if is_night(site.latitude_deg, site.longitude_deg, datetime.now(UTC)):
+    if args.pv_kw is not None:
+        plant.pv_available_kw = max(0.0, args.pv_kw)  # e.g. PV by night, to rehearse the PV step
+    elif is_night(site.latitude_deg, site.longitude_deg, datetime.now(UTC)):
         plant.pv_available_kw = 0.0  # `check` knows when the sun is down at the site: so does the bench
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             f"site file: {path}\n"
             f"  scripts/greensite scan --port {peer.port} --protocol modbus_rtu --units 1-40\n"
             f"  scripts/greensite check {path} --step-test --yes\n"
-            f"  scripts/greensite run {path} --observe --no-mqtt --duration 1min\n"
+            f"  scripts/greensite run {path} --observe --no-mqtt --duration 1m\n"
+            f"  scripts/greensite run {path} --no-mqtt --duration 1m\n"
             "Ctrl-C stops the peer.\n"
         )
         sys.stdout.flush()

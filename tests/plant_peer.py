@@ -104,7 +104,11 @@ class Plant:
             image = {0x2006: _float(2302), 0x2008: _float(2311), 0x200A: _float(2298)}
             image |= {0x200C + 2 * i: _float(kw / 3 / 0.23 * 1000) for i in range(3)}
             image |= {0x2012: _float(kw * 10_000)} | {0x2014 + 2 * i: _float(kw / 3 * 10_000) for i in range(3)}
-            image |= {0x202A: _float(980), 0x2044: _float(5001), 0x101E: _float(81234.5), 0x1028: _float(1234.5)}
+            imported, exported = 81234.5, 1234.5
+            if self.wiring is Wiring.GRID_REVERSED:  # backwards, the meter counts the imports as exports
+                imported, exported = exported, imported
+            pf = -980 if self.wiring is Wiring.GRID_REVERSED else 980
+            image |= {0x202A: _float(pf), 0x2044: _float(5001), 0x101E: _float(imported), 0x1028: _float(exported)}
             return image
         if unit == PV_METER_UNIT:  # eastron_sdm630: input, float32, SI units (power in W)
             kw = self.meter_kw(unit)

@@ -287,6 +287,8 @@ async def test_observe_against_an_independent_modbus_peer_sends_it_no_write() ->
     assert runtime.last_measured is not None
     assert runtime.last_measured.grid_kw == pytest.approx(-20.0, abs=0.1)
     assert max(battery_kw) > 0  # it would have charged from the export
+    # Worked out each tick from where the battery is, not chased from setpoints it never got: steady.
+    assert len({round(kw, 1) for kw in battery_kw[1:]}) == 1, battery_kw
     assert runtime.stats.observed_writes > 0
     # Leaving, the safe state too is only noted: battery idle.
     assert runtime.would_write[("battery", "power_setpoint_kw")] == 0.0
@@ -338,3 +340,22 @@ def test_community_centre_serial_example_meters_its_pv_once() -> None:
     site = load_site(SITES / "community_centre_serial.toml", environment=False)
     assert [d.name for _, d in site.devices() if d.kind.value == "pv_meter"] == ["revenue-meter"]
 
+
+
+def test_observing_without_a_terminal_prints_what_it_would_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["run", str(SCHOOL), "--simulate", "--observe", "--no-live", "--speed", "max", "--duration", "2m",
+            "--no-mqtt", "--no-web", "--store", str(tmp_path / "s.sqlite3"), "--start", "2026-07-06T11:00"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "nothing is written to any device" in out
+    assert "would write: battery" in out
+
+
+def test_report_on_a_real_run_is_refused_with_where_the_series_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", str(CENTRE), "--report", str(tmp_path / "r"), "--no-mqtt"]) == 2
+    assert "greensite export" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

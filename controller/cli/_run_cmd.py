@@ -83,6 +83,10 @@ def _run(args: argparse.Namespace) -> int:
     if problems:
         sys.stderr.write(refusal(args.config, problems))
         return EXIT_BAD_INPUT
+    if args.report is not None and not args.simulate:
+        sys.stderr.write("--report needs --simulate (it plots the simulated plant); a real run's series are in"
+                         " its store: greensite export\n")  # fmt: skip
+        return EXIT_BAD_INPUT
     if not args.simulate and any(bus.simulated for bus in site.buses):
         names = ", ".join(bus.name for bus in site.buses if bus.simulated)
         sys.stderr.write(f"buses {names} are simulated in {args.config}: add --simulate\n")
@@ -151,6 +155,8 @@ async def _run_attached(
             await _start_web(runtime, tuning, mqtt, web_users, args.config)
         if _wants_live(args):
             LiveView(runtime, mqtt=address).attach()
+        elif runtime.observe:
+            runtime.listeners.append(_ObserveLines())
         await runtime.run(duration_s, stop)
 
 
@@ -174,6 +180,37 @@ async def _start_web(runtime: Runtime, tuning: TuningStore, mqtt: MqttService | 
     if not web.passwords.users():
         sys.stdout.write(f"web: no dashboard password yet: greensite web password {config}\n")
     sys.stdout.flush()
+
+
+class _ObserveLines:
+    """Observing without the live view (no terminal, or --no-live): a line every OBSERVE_LINE_PERIOD_S of
+    wall time with what would be written and what the site does, so shadow mode shows something."""
+
+    def __init__(self) -> None:
+        self._next_s = 0.0
+
+    def __call__(self, runtime: Runtime) -> None:
+        now_s = time.monotonic()
+        measured, setpoints = runtime.last_measured, runtime.last_setpoints
+        if now_s < self._next_s or measured is None or setpoints is None:
+            return
+        self._next_s = now_s + OBSERVE_LINE_PERIOD_S
+
+        def kw(value: float | None) -> str:
+            return "unknown" if value is None else f"{value:+.1f} kW"
+
+        cars = "".join(f", {name} {amps:.1f} A" for name, amps in setpoints.ev_current_a.items())
+        limit = "none" if setpoints.pv_limit_kw is None else f"{setpoints.pv_limit_kw:.1f} kW"
+        why = f" ({'; '.join(setpoints.actions)})" if setpoints.actions else ""
+        sys.stdout.write(
+            f"{runtime.clock.local():%H:%M:%S} would write: battery {setpoints.battery_kw:+.1f} kW, PV limit {limit}"
+            f"{cars} | grid {kw(measured.grid_kw)}, PV {kw(measured.pv_kw)}, battery {kw(measured.battery_kw)}{why}\n"
+        )
+        sys.stdout.flush()
+
+
+# Shadow mode's progress line, wall time: often enough to watch, rare enough to read.
+OBSERVE_LINE_PERIOD_S = 5.0
 
 
 def _tuned(site: SiteConfig) -> TuningStore:
