@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import shutil
@@ -82,6 +83,10 @@ def _run(args: argparse.Namespace) -> int:
         problems = err.errors
     if problems:
         sys.stderr.write(refusal(args.config, problems))
+        return EXIT_BAD_INPUT
+    if args.report is not None and importlib.util.find_spec("matplotlib") is None:
+        sys.stderr.write("--report draws with matplotlib, which is not installed: scripts/bootstrap installs it"
+                         " (or pip install 'greensite[plot]')\n")  # fmt: skip
         return EXIT_BAD_INPUT
     if args.report is not None and not args.simulate:
         sys.stderr.write("--report needs --simulate (it plots the simulated plant); a real run's series are in"
