@@ -1,5 +1,5 @@
-"""A simulated site: the plant, simulated meters on ptys speaking the real protocols, and a recorder
-that judges the run by the plant's truth (not by what the controller believes)."""
+"""A simulated site: the plant, simulated meters on ptys (or in-process links) speaking the real
+protocols, and a recorder that judges the run by the plant's truth (not by what the controller believes)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from controller.breaches import BreachCount
 from controller.plant import Plant, school_arrivals
 from controller.safety import LIMIT_MARGIN_KW, Setpoints
 from firmware_bridge.maps import load_map
-from firmware_bridge.simulator import SimulatedBus, SimulatedDevice
+from firmware_bridge.simulator import Line, SimulatedBus, SimulatedDevice
 from firmware_bridge.transport import Link, SerialLink
 
 __all__ = ["Recorder", "simulated_site"]
@@ -88,10 +88,13 @@ async def simulated_site(
     wire_time: bool = False,
     plant: Plant | None = None,
     link_dir: Path | None = None,
+    line: Line = Line.PTY,
 ) -> AsyncIterator[tuple[Plant, dict[str, Link], dict[str, SimulatedBus]]]:
     """Plant and simulated buses for every bus of the site; yields the links the controller opens.
     `plant`: a plant built by the caller (weather, calendar, cars); default the school on a cloudy day.
-    `link_dir`: where the ports appear (`<bus name>.tty`), for a controller in another process."""
+    `link_dir`: where the ports appear (`<bus name>.tty`), for a controller in another process.
+    `line`: ptys, or in-process links (the same bytes, codecs and timeouts, no pseudo-terminal; not for a
+    controller in another process)."""
     if plant is None:
         plant = Plant(site, start, seed=seed, arrivals=school_arrivals(site, start, days))
         if site.battery is not None:
@@ -114,8 +117,8 @@ async def simulated_site(
                         clock=lambda p=plant: p.now_s,  # type: ignore[misc]  # the devices live in plant time
                     )
                 )
-            simulated = SimulatedBus(bus, devices, wire_time=wire_time, seed=seed, link_dir=link_dir)
+            simulated = SimulatedBus(bus, devices, wire_time=wire_time, seed=seed, link_dir=link_dir, line=line)
             sim = await stack.enter_async_context(simulated)
             sims[bus.name] = sim
-            links[bus.name] = SerialLink(bus, sim.port, virtual=True)
+            links[bus.name] = sim.memory_link if line is Line.MEMORY else SerialLink(bus, sim.port, virtual=True)
         yield plant, links, sims

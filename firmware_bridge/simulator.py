@@ -1,7 +1,8 @@
-"""Simulated device firmware: serves register maps over a pty with the real protocols.
+"""Simulated device firmware: serves register maps over a pty (or an in-process link) with the real
+protocols.
 
 The simulator answers from values supplied by the caller (a plant model), so a controller on the
-other end of the pty closes its loop through real bytes. Faults can be injected per device.
+other end of the line closes its loop through real bytes. Faults can be injected per device.
 """
 
 from __future__ import annotations
@@ -23,15 +24,23 @@ from config import BusProtocol, SerialBusConfig
 from firmware_bridge import dlt645, modbus
 from firmware_bridge.device import CT_SCALED_SUFFIXES, registers_from_values, words_to_raw
 from firmware_bridge.maps import Access, DeviceMap, Dlt645Point, ModbusPoint
+from firmware_bridge.memory_link import MemoryLink
 from firmware_bridge.transport import bits_per_character
 
-__all__ = ["Fault", "FaultMode", "SimulatedBus", "SimulatedDevice"]
+__all__ = ["Fault", "FaultMode", "Line", "SimulatedBus", "SimulatedDevice"]
 
 _log = logging.getLogger(__name__)
 
 # Time a real device takes to start answering: Modbus meters a few ms, DL/T 645 at least Td = 20 ms.
 MODBUS_TURNAROUND_S = 0.005
 DLT645_TURNAROUND_S = 0.020
+
+
+class Line(StrEnum):
+    """What carries a simulated bus's bytes to the controller."""
+
+    PTY = "pty"  # an OS pseudo-terminal: the controller opens a serial port, as on a site
+    MEMORY = "memory"  # an in-process link (`SimulatedBus.memory_link`): the same bytes, no system calls
 
 
 class FaultMode(StrEnum):
@@ -187,7 +196,8 @@ class SimulatedBus:
     """A pty pair: the client opens `port`; this side decodes requests and answers as the devices would.
 
     `port` is a symlink to the pty, so `unplug()`/`replug()` can make the port vanish and come back
-    under the same name, as a USB adapter does.
+    under the same name, as a USB adapter does. With `line=Line.MEMORY` there is no pty: the client
+    uses `memory_link` (a `Link`), and unplugging makes that link lose its port and refuse to open.
     """
 
     def __init__(
@@ -198,8 +208,10 @@ class SimulatedBus:
         wire_time: bool = False,
         seed: int = 0,
         link_dir: Path | None = None,
+        line: Line = Line.PTY,
     ) -> None:
         self.config = config
+        self.line = line
         self.devices = {str(d.address): d for d in devices}
         self.wire_time = wire_time
         self.echo = config.adapter_echo
@@ -214,9 +226,19 @@ class SimulatedBus:
         self._pending: set[asyncio.TimerHandle] = set()
         self.requests = 0
         self.frame_errors = 0
+        self._memory = MemoryLink(f"memory:{config.name}", self._received) if line is Line.MEMORY else None
+
+    @property
+    def memory_link(self) -> MemoryLink:
+        """The client's end of an in-process line (`line=Line.MEMORY` only)."""
+        if self._memory is None:
+            raise RuntimeError(f"bus {self.config.name} is served over a pty: open {self.port}")
+        return self._memory
 
     @property
     def port(self) -> str:
+        if self._memory is not None:
+            return self._memory.port
         directory = self._link_dir or Path(self._tmp.name if self._tmp else ".")
         return str(directory / f"{self.config.name}.tty")
 
@@ -234,7 +256,7 @@ class SimulatedBus:
         return [d.name for d in self.devices.values() if d.check_watchdog()]
 
     async def __aenter__(self) -> SimulatedBus:
-        if self._link_dir is None:
+        if self._link_dir is None and self._memory is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="greensite-sim-")
         self._plug()
         return self
@@ -245,6 +267,9 @@ class SimulatedBus:
             self._tmp.cleanup()
 
     def _plug(self) -> None:
+        if self._memory is not None:
+            self._memory.reappear()
+            return
         master, slave = os.openpty()
         tty.setraw(slave, termios.TCSANOW)  # a pty starts cooked: 0x0D, 0x03 ... would be translated
         os.set_blocking(master, False)
@@ -258,13 +283,16 @@ class SimulatedBus:
         for handle in self._pending:
             handle.cancel()
         self._pending.clear()
+        self._buffer = b""
+        if self._memory is not None:
+            self._memory.vanish()
+            return
         if self._master is not None:
             asyncio.get_running_loop().remove_reader(self._master)
             os.close(self._master)
         if self._slave is not None:
             os.close(self._slave)
         self._master = self._slave = None
-        self._buffer = b""
         Path(self.port).unlink(missing_ok=True)
 
     def unplug(self) -> None:
@@ -279,6 +307,9 @@ class SimulatedBus:
         self._send(data)
 
     def _send(self, data: bytes) -> None:
+        if self._memory is not None:
+            self._memory.deliver(data)
+            return
         if self._master is None:
             return
         try:
@@ -294,6 +325,10 @@ class SimulatedBus:
             return
         except OSError:
             return  # no client has the slave open right now
+        self._received(chunk)
+
+    def _received(self, chunk: bytes) -> None:
+        """Bytes from the client: decode every complete request and answer it."""
         self._buffer = (self._buffer + chunk)[-4096:]
         while self._buffer:
             request: modbus.Request | dlt645.Dlt645Frame | None

@@ -29,7 +29,7 @@ from controller.storage.timeseries import TimeSeriesStore
 from controller.tuning import TuningStore
 from firmware_bridge.bus import LOST_BACKOFF_MAX_S
 from firmware_bridge.simulator import Fault as SimFault
-from firmware_bridge.simulator import FaultMode
+from firmware_bridge.simulator import FaultMode, Line
 from hil_tests.baselines import Outcome, bill_cny, no_battery, perfect_foresight, self_consumption, true_profiles
 from hil_tests.broker import Mosquitto, Subscriber, subscribed
 from hil_tests.scenario import FaultKind, HilScenario
@@ -237,8 +237,12 @@ class _Run:
             await client.publish(Topics(self.site.topic_prefix).config_set, payload, qos=1)
 
 
-async def run_scenario(scenario: HilScenario, workdir: Path, *, short: bool = True) -> ScenarioResult:
-    """Run a scenario (shortened or full length) and judge it; `workdir` gets the series and state."""
+async def run_scenario(
+    scenario: HilScenario, workdir: Path, *, short: bool = True, line: Line = Line.MEMORY
+) -> ScenarioResult:
+    """Run a scenario (shortened or full length) and judge it; `workdir` gets the series and state.
+    `line`: the simulated buses' bytes over in-process links (every fault of the matrix is emulated on
+    them too: silent, late, broken frames, garbage on the line, an unplugged adapter) or over ptys."""
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
     result = ScenarioResult(scenario.name, scenario.description, short)
     duration = scenario.short_duration if short else scenario.duration
@@ -266,7 +270,7 @@ async def run_scenario(scenario: HilScenario, workdir: Path, *, short: bool = Tr
             subscriber = await stack.enter_async_context(
                 subscribed(broker.port, topics.state, topics.config_reply, identifier=f"hil-{scenario.name}")
             )
-        _, links, sims = await stack.enter_async_context(simulated_site(site, start, days, plant=plant))
+        _, links, sims = await stack.enter_async_context(simulated_site(site, start, days, plant=plant, line=line))
         run.sims = sims
         if scenario.history_days:
             _seed_history(scenario, site, plant, links)
@@ -422,6 +426,6 @@ def _judge(  # noqa: PLR0917 - one call site, every piece of the run it judges
             fail(f"bill {result.realised.bill_cny:.0f} CNY is not below self-consumption's {rule.bill_cny:.0f} CNY")
 
 
-def run_sync(scenario: HilScenario, workdir: Path, *, short: bool = True) -> ScenarioResult:
-    return asyncio.run(run_scenario(scenario, workdir, short=short))
+def run_sync(scenario: HilScenario, workdir: Path, *, short: bool = True, line: Line = Line.MEMORY) -> ScenarioResult:
+    return asyncio.run(run_scenario(scenario, workdir, short=short, line=line))
 

@@ -1,4 +1,6 @@
-"""The HIL matrix: every scenario shortened in the default run; full length with `-m long_hil`."""
+"""The HIL matrix: every scenario shortened in the default run; full length with `-m long_hil`. The
+simulated buses' bytes go over in-process links (the same codecs, bus and firmware, every fault emulated);
+the port's own faults and a plain day go over ptys as well."""
 
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ from controller.clock import SimClock
 from controller.plant import Plant
 from controller.runtime import Runtime
 from controller.simulation import simulated_site
+from firmware_bridge.simulator import Line
 from hil_tests.harness import _seed_history, _site, run_scenario
 from hil_tests.scenario import HilScenario, load_scenarios
 
 SCENARIOS = load_scenarios()
+# Over ptys too: the faults that live in the port (it vanishes, garbage on the line) and the main job.
+PTY_SCENARIOS = [s for s in SCENARIOS if s.name in {"port-vanishes", "garbage-on-bus", "main-job-day"}]
 
 
 def _check(result_failures: list[str]) -> None:
@@ -29,6 +34,13 @@ async def test_scenario_shortened(scenario: HilScenario, tmp_path: Path) -> None
     assert result.ticks == result.logged_ticks > 0
     assert result.realised is not None
     assert {o.name for o in result.baselines} >= {"no battery", "self-consumption"}
+
+
+@pytest.mark.parametrize("scenario", PTY_SCENARIOS, ids=[s.name for s in PTY_SCENARIOS])
+async def test_scenario_shortened_over_ptys(scenario: HilScenario, tmp_path: Path) -> None:
+    result = await run_scenario(scenario, tmp_path, short=True, line=Line.PTY)
+    _check(result.failures)
+    assert result.ticks == result.logged_ticks > 0
 
 
 @pytest.mark.long_hil

@@ -10,8 +10,8 @@ from config import BusProtocol, DeviceConfig, DeviceKind, SerialBusConfig
 from firmware_bridge.bus import Bus
 from firmware_bridge.device import DeviceDriver
 from firmware_bridge.maps import load_map
-from firmware_bridge.simulator import SimulatedBus, SimulatedDevice
-from firmware_bridge.transport import SerialLink
+from firmware_bridge.simulator import Line, SimulatedBus, SimulatedDevice
+from firmware_bridge.transport import Link, SerialLink
 
 METER_VALUES = {
     "power_kw": 12.5,
@@ -64,13 +64,16 @@ class Rig:
 
 @asynccontextmanager
 async def rig(
-    config: SerialBusConfig, *, wire_time: bool = False, values: dict[str, float] | None = None
+    config: SerialBusConfig,
+    *,
+    wire_time: bool = False,
+    values: dict[str, float] | None = None,
+    line: Line = Line.PTY,
 ) -> AsyncIterator[Rig]:
     source = dict(METER_VALUES if values is None else values)
     sims = [SimulatedDevice(d.name, load_map(d.model), d.address, source=lambda: source) for d in config.devices]
     drivers = {d.name: DeviceDriver(d.name, load_map(d.model), d.address) for d in config.devices}
-    async with (
-        SimulatedBus(config, sims, wire_time=wire_time) as sim,
-        Bus(config, SerialLink(config, sim.port, virtual=True)) as bus,
-    ):
-        yield Rig(sim, bus, drivers)
+    async with SimulatedBus(config, sims, wire_time=wire_time, line=line) as sim:
+        link: Link = sim.memory_link if line is Line.MEMORY else SerialLink(config, sim.port, virtual=True)
+        async with Bus(config, link) as bus:
+            yield Rig(sim, bus, drivers)

@@ -63,6 +63,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start", type=datetime.fromisoformat, default=datetime(2026, 7, 6),
                         help="simulation start, local time (default Monday 2026-07-06 00:00, summer)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1, help="simulation random seed (clouds)")
+    parser.add_argument("--link", choices=("memory", "pty"),
+                        help="with --simulate, what carries the bus bytes to the simulated devices: ptys, or an"
+                             " in-process link (the same bytes, codecs and timeouts, no pseudo-terminal);"
+                             " default memory at --speed max, pty otherwise")  # fmt: skip
     parser.add_argument("--store", help="SQLite time-series file (default: storage.path of the site; with "
                         "--simulate, a fresh var/simulation/<site id>/ each run)")  # fmt: skip
     parser.add_argument("--no-mqtt", action="store_true", help="do not publish or listen on MQTT")
@@ -91,6 +95,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.report is not None and not args.simulate:
         sys.stderr.write("--report needs --simulate (it plots the simulated plant); a real run's series are in"
                          " its store: greensite export\n")  # fmt: skip
+        return EXIT_BAD_INPUT
+    if args.link is not None and not args.simulate:
+        sys.stderr.write("--link chooses how simulated devices are reached: it needs --simulate\n")
         return EXIT_BAD_INPUT
     if not args.simulate and any(bus.simulated for bus in site.buses):
         names = ", ".join(bus.name for bus in site.buses if bus.simulated)
@@ -266,6 +273,7 @@ async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
     from controller.runtime import Runtime  # noqa: PLC0415
     from controller.simulation import Recorder, simulated_site  # noqa: PLC0415
     from controller.summary import summary_text  # noqa: PLC0415
+    from firmware_bridge.simulator import Line  # noqa: PLC0415
 
     start = args.start.replace(tzinfo=ZoneInfo(site.site.timezone)) if args.start.tzinfo is None else args.start
     duration = args.duration if args.duration is not None else 86400.0
@@ -276,7 +284,10 @@ async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
     site = storage_in_state_directory(_simulation_storage(site, args))
     tuning = _tuned(site)
     site = tuning.site
-    async with simulated_site(site, start, int(duration // 86400) + 1, seed=args.seed) as (plant, links, _sims):
+    # At --speed max the ptys' system calls were most of a tick; a paced run keeps the OS's serial path.
+    line = Line(args.link) if args.link is not None else Line.MEMORY if args.speed is None else Line.PTY
+    days = int(duration // 86400) + 1
+    async with simulated_site(site, start, days, seed=args.seed, line=line) as (plant, links, _sims):
         recorder = Recorder(site, plant)
         store = _store(site, args)
         notifier = SystemdNotifier()  # the demo as a service: READY and the watchdog as on hardware
