@@ -17,6 +17,7 @@ from numba import njit
 # situation still yields the best possible plan (and says what broke); the figure dwarfs any tariff.
 PENALTY_CNY_PER_KWH = 1000.0
 
+
 @njit(cache=True, nogil=True)
 def grid_cost(
     grid_kw: float,
@@ -561,6 +562,239 @@ def _best_move(
     return energy + best_d
 
 
+# --- non-convex step costs -------------------------------------------------------------------------
+#
+# Where export pays more than import (a paid export above the valley price), the grid cost has a
+# concave kink at zero: the site imports or exports in a step, never both. A piecewise-linear function
+# is the minimum of its maximal convex runs (each on its own interval), so the DP step is the lower
+# envelope of the slope merges of every run of the step cost with every run of the value function;
+# still exact, still no grid. Where everything is convex there is one run each and the plain merge runs.
+
+_CONCAVE_TOL = 1e-7
+# Breakpoints of an envelope closer than this (kWh) are one: crossings found from different runs
+# differ by rounding, and the sliver between them would read as a kink.
+_ENVELOPE_X_TOL = 1e-7
+
+
+@njit(cache=True, nogil=True)
+def _convex_runs(xs: np.ndarray, ys: np.ndarray, start: int, stop: int, out_cuts: np.ndarray) -> int:
+    """Split breakpoints xs/ys[start:stop] at their concave kinks: run k spans breakpoint indices
+    out_cuts[k]..out_cuts[k + 1] (inclusive; neighbours share the kink). Returns the number of runs."""
+    n = 0
+    out_cuts[0] = start
+    prev = -np.inf
+    for i in range(start, stop - 1):
+        if xs[i + 1] - xs[i] < _ENVELOPE_X_TOL:
+            continue  # a sliver's slope is rounding noise, not a kink
+        slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
+        if slope < prev - _CONCAVE_TOL * max(1.0, abs(prev)):
+            n += 1
+            out_cuts[n] = i
+        prev = slope
+    n += 1
+    out_cuts[n] = max(stop - 1, start)
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _merge_run(
+    fd: np.ndarray, fv: np.ndarray, f0: int, f1: int, xs: np.ndarray, ys: np.ndarray, v0: int, v1: int,
+    e_min: float, e_max: float, out_x: np.ndarray, out_y: np.ndarray, at: int,
+) -> int:  # fmt: skip
+    """h(e) = min_d f(d) + V(e + d) for one convex run of f (breakpoints f0..f1) and of V (v0..v1),
+    kept on [e_min, e_max], written from out_x/out_y[at]; returns the end (== at when h is empty there).
+
+    h starts at e = V's start - f's end with value V(start) + f(end); its slopes are V's and f's
+    reversed and negated, merged in order."""
+    out = at
+    x = xs[v0] - fd[f1]
+    y = ys[v0] + fv[f1]
+    i_v, i_f = v0, f1
+    wrote = False
+    while True:
+        has_v = i_v < v1
+        has_f = i_f > f0
+        if not has_v and not has_f:
+            break
+        if has_v and has_f:
+            sv = (ys[i_v + 1] - ys[i_v]) / (xs[i_v + 1] - xs[i_v])
+            sf = -(fv[i_f - 1] - fv[i_f]) / (fd[i_f - 1] - fd[i_f])
+            take_v = sv <= sf
+        else:
+            take_v = has_v
+        if take_v:
+            length = xs[i_v + 1] - xs[i_v]
+            rise = ys[i_v + 1] - ys[i_v]
+            i_v += 1
+        else:
+            length = fd[i_f] - fd[i_f - 1]
+            rise = fv[i_f - 1] - fv[i_f]
+            i_f -= 1
+        x_next = x + length
+        y_next = y + rise
+        if x_next > e_min and x < e_max and length > 0.0:
+            lo = max(x, e_min)
+            hi = min(x_next, e_max)
+            if not wrote:
+                out_x[out] = lo
+                out_y[out] = y + rise * (lo - x) / length
+                out += 1
+                wrote = True
+            if hi - out_x[out - 1] > 1e-12:
+                out_x[out] = hi
+                out_y[out] = y + rise * (hi - x) / length
+                out += 1
+        x, y = x_next, y_next
+        if x >= e_max:
+            break
+    if not wrote and e_min - 1e-12 <= x <= e_max + 1e-12 and x - (xs[v0] - fd[f1]) <= 1e-12:
+        out_x[out] = min(max(x, e_min), e_max)  # a single point (e_min == e_max, or both runs points)
+        out_y[out] = y
+        out += 1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _lower_envelope(
+    px: np.ndarray, py: np.ndarray, starts: np.ndarray, stops: np.ndarray, count: int, out_x: np.ndarray,
+    out_y: np.ndarray,
+) -> int:  # fmt: skip
+    """Lower envelope of `count` piecewise-linear functions (px/py[starts[k]:stops[k]], each on its own
+    interval) into out_x/out_y; returns its number of breakpoints. Between two consecutive breakpoints
+    of any function all are linear: the envelope of those lines is walked crossing by crossing."""
+    total = 0
+    for k in range(count):
+        total += stops[k] - starts[k]
+    xs = np.empty(total)
+    n = 0
+    for k in range(count):
+        for j in range(starts[k], stops[k]):
+            xs[n] = px[j]
+            n += 1
+    xs.sort()
+    m = 0
+    for j in range(n):
+        if m == 0 or xs[j] - xs[m - 1] > 1e-10:
+            xs[m] = xs[j]
+            m += 1
+    ptr = starts.copy()
+    value = np.empty(count)
+    slope = np.empty(count)
+    covers = np.zeros(count, dtype=np.bool_)
+    out = 0
+    for u in range(m):
+        xa = xs[u]
+        last = u == m - 1
+        xb = xa if last else xs[u + 1]
+        cur = -1
+        for k in range(count):
+            s, e = starts[k], stops[k]
+            covers[k] = False
+            if e - s == 1:
+                if abs(px[s] - xa) <= 1e-10:
+                    covers[k], value[k], slope[k] = True, py[s], 0.0
+            elif px[s] <= xa + 1e-10 and px[e - 1] >= xb - 1e-10:
+                while ptr[k] + 2 < e and px[ptr[k] + 1] <= xa + 1e-10:
+                    ptr[k] += 1
+                j = ptr[k]
+                slope[k] = (py[j + 1] - py[j]) / (px[j + 1] - px[j])
+                value[k] = py[j] + slope[k] * (xa - px[j])
+                covers[k] = True
+            if covers[k] and (cur < 0 or value[k] < value[cur] - 1e-12
+                              or (value[k] <= value[cur] + 1e-12 and slope[k] < slope[cur])):  # fmt: skip
+                cur = k
+        if cur < 0:
+            continue
+        out_x[out], out_y[out] = xa, value[cur]
+        out += 1
+        if last:
+            break
+        x = xa
+        while True:
+            nxt = -1
+            best_x = xb
+            for k in range(count):
+                if covers[k] and slope[k] < slope[cur] - 1e-15:
+                    xc = xa + (value[k] - value[cur]) / (slope[cur] - slope[k])
+                    if x + 1e-10 < xc < best_x - 1e-10:
+                        best_x, nxt = xc, k
+            if nxt < 0:
+                break
+            out_x[out], out_y[out] = best_x, value[cur] + slope[cur] * (best_x - xa)
+            out += 1
+            x, cur = best_x, nxt
+    # Drop slivers and the breakpoints where the slope does not change (up to rounding).
+    k = 0
+    for j in range(out):
+        if k >= 1 and out_x[j] - out_x[k - 1] < _ENVELOPE_X_TOL and j < out - 1:
+            continue
+        if k >= 1 and out_x[j] - out_x[k - 1] < _ENVELOPE_X_TOL:
+            k -= 1  # keep the domain's end exactly
+        if k >= 2:
+            s_prev = (out_y[k - 1] - out_y[k - 2]) / (out_x[k - 1] - out_x[k - 2])
+            s_new = (out_y[j] - out_y[k - 1]) / (out_x[j] - out_x[k - 1])
+            if abs(s_new - s_prev) <= 1e-9 * max(1.0, abs(s_prev)):
+                k -= 1
+        out_x[k], out_y[k] = out_x[j], out_y[j]
+        k += 1
+    return k
+
+
+@njit(cache=True, nogil=True)
+def _nonconvex_step(
+    fd: np.ndarray, fv: np.ndarray, m: int, xs: np.ndarray, ys: np.ndarray, a0: int, a1: int, e_min: float,
+    e_max: float, f_cuts: np.ndarray, f_runs: int, v_cuts: np.ndarray, v_runs: int,
+) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
+    """min_d f(d) + V(e + d) for non-convex f or V: the lower envelope of the merges of their runs."""
+    pairs = f_runs * v_runs
+    room = pairs * (a1 - a0 + m + 4)
+    px = np.empty(room)
+    py = np.empty(room)
+    starts = np.empty(pairs, dtype=np.int64)
+    stops = np.empty(pairs, dtype=np.int64)
+    count = 0
+    at = 0
+    for a in range(f_runs):
+        for b in range(v_runs):
+            end = _merge_run(fd, fv, f_cuts[a], f_cuts[a + 1], xs, ys, v_cuts[b], v_cuts[b + 1], e_min, e_max,
+                             px, py, at)  # fmt: skip
+            if end > at:
+                starts[count], stops[count] = at, end
+                count += 1
+                at = end
+    out_x = np.empty(at * (count + 1) + 2)
+    out_y = np.empty(at * (count + 1) + 2)
+    n = _lower_envelope(px, py, starts, stops, count, out_x, out_y)
+    return out_x, out_y, n
+
+
+@njit(cache=True, nogil=True)
+def _best_move_any(
+    fd: np.ndarray, fv: np.ndarray, m: int, xs: np.ndarray, ys: np.ndarray, a0: int, a1: int, energy: float,
+    lo: float, hi: float,
+) -> float:  # fmt: skip
+    """_best_move for non-convex f or V: the minimum lies at an end or a kink of either; try them all."""
+    best = np.inf
+    best_d = 0.0
+    for c in range(m + (a1 - a0) + 2):
+        if c == 0:
+            d = lo
+        elif c == 1:
+            d = hi
+        elif c < m + 2:
+            d = fd[c - 2]
+        else:
+            d = xs[a0 + c - m - 2] - energy
+        if d < lo - 1e-12 or d > hi + 1e-12:
+            continue
+        d = min(max(d, lo), hi)
+        total = _pwl_value(fd, fv, 0, m, d) + _pwl_value(xs, ys, a0, a1, energy + d)
+        if total < best - 1e-9 or (total <= best + 1e-9 and abs(d) < abs(best_d)):
+            best = min(best, total)
+            best_d = d
+    return energy + best_d
+
+
 @njit(cache=True, nogil=True)
 def battery_pwl_tables(
     step_delta: np.ndarray,
@@ -599,16 +833,32 @@ def battery_pwl_tables(
     starts = np.zeros(steps + 1, dtype=np.int64)
     stops = np.zeros(steps + 1, dtype=np.int64)
     starts[steps], stops[steps] = 0, n
+    plain = np.ones(steps, dtype=np.bool_)  # f_t and V_{t+1} convex: the plain merge and forward walk
+    f_cuts = np.empty(_KINKS + 64, dtype=np.int64)
+    v_cuts = np.empty(capacity + 1, dtype=np.int64)
     for t in range(steps - 1, -1, -1):
         fd, fv, m = step_delta[t], step_value[t], step_count[t]
-        # Slopes of f~(u) = f(-u): f's segments reversed, slopes negated; check convexity on the way.
-        prev = -np.inf
-        for i in range(m - 1, 0, -1):
-            slope = -(fv[i - 1] - fv[i]) / (fd[i - 1] - fd[i])
-            if slope < prev - 1e-7 * max(1.0, abs(prev)):
-                return np.nan
-            prev = slope
         a0, a1 = starts[t + 1], stops[t + 1]
+        f_runs = _convex_runs(fd, fv, 0, m, f_cuts)
+        if a1 - a0 + 1 > v_cuts.shape[0]:
+            v_cuts = np.empty(2 * (a1 - a0 + 1), dtype=np.int64)
+        v_runs = _convex_runs(xs, ys, a0, a1, v_cuts)
+        if f_runs > 1 or v_runs > 1:
+            plain[t] = False
+            env_x, env_y, count = _nonconvex_step(fd, fv, m, xs, ys, a0, a1, e_min, e_max, f_cuts, f_runs, v_cuts,
+                                                  v_runs)  # fmt: skip
+            if n + count > capacity:
+                capacity = 2 * (n + count)
+                grown_x = np.empty(capacity)
+                grown_y = np.empty(capacity)
+                grown_x[:n] = xs[:n]
+                grown_y[:n] = ys[:n]
+                xs, ys = grown_x, grown_y
+            xs[n : n + count] = env_x[:count]
+            ys[n : n + count] = env_y[:count]
+            starts[t], stops[t] = n, n + count
+            n += count
+            continue
         need = stops[t + 1] + (a1 - a0) + m + 4
         if need > capacity:
             capacity = 2 * need
@@ -680,8 +930,13 @@ def battery_pwl_tables(
     energy = min(max(e_start, e_min), e_max)
     out_energy[0] = energy
     for t in range(steps):
-        energy = _best_move(step_delta[t], step_value[t], step_count[t], xs, ys, starts[t + 1], stops[t + 1],
-                            energy, max(-d_max, e_min - energy), min(c_max, e_max - energy))  # fmt: skip
+        lo, hi = max(-d_max, e_min - energy), min(c_max, e_max - energy)
+        if plain[t]:
+            energy = _best_move(step_delta[t], step_value[t], step_count[t], xs, ys, starts[t + 1], stops[t + 1],
+                                energy, lo, hi)  # fmt: skip
+        else:
+            energy = _best_move_any(step_delta[t], step_value[t], step_count[t], xs, ys, starts[t + 1],
+                                    stops[t + 1], energy, lo, hi)  # fmt: skip
         energy = min(max(energy, e_min), e_max)
         out_energy[t + 1] = energy
         out_marginal[t] = _left_slope_cost(xs, ys, starts[t + 1], stops[t + 1], energy)

@@ -321,6 +321,15 @@ def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | N
     relaxed = _exact_cars(s, a, base, import_cap, None if warm is None else warm.ev, pool=pool)
     if relaxed is None:
         return _alternate(s, a, base, import_cap, warm)
+    if _direction_matters(a):
+        # Column generation prices the cars against the step costs' convex hull (import and export at
+        # once); its plan is improved by alternating the exact battery DP and the car placement.
+        improved = _alternate(s, a, base, import_cap, None, ev=relaxed.ev.copy())
+        fresh = _alternate(s, a, base, import_cap, None)
+        best = min((relaxed, improved, fresh), key=lambda c: c.objective)
+        if _respects_minimum(s, best.ev):
+            return best
+        relaxed = best
     if _respects_minimum(s, relaxed.ev):
         return relaxed
     ev = relaxed.ev.copy()
@@ -328,6 +337,12 @@ def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | N
     repaired = _alternate(s, a, base, import_cap, None, ev=ev)
     fresh = _alternate(s, a, base, import_cap, None)
     return repaired if repaired.objective <= fresh.objective else fresh
+
+
+def _direction_matters(a: _Arrays) -> bool:
+    """Whether export pays more than import at some step where export is allowed (the step cost has a
+    concave kink at zero: the plan imports or exports, and the LP's relaxation would do both)."""
+    return bool(((a.price_export > a.price_import) & (a.export_cap > 0.0)).any())
 
 
 def _respects_minimum(s: Scenario, ev: FloatArray) -> bool:
