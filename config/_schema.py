@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal, Self
@@ -23,16 +23,20 @@ __all__ = [
     "BatteryRating",
     "BatteryTuning",
     "BusProtocol",
+    "CalendarConfig",
     "ChargerRating",
     "CommissioningConfig",
     "ControlConfig",
+    "DateRange",
     "DeviceConfig",
     "DeviceKind",
     "DisplayConfig",
+    "ForecastConfig",
     "GridRating",
     "GridTuning",
     "MqttConfig",
     "Parity",
+    "PvArray",
     "PvRating",
     "SafeState",
     "SerialBusConfig",
@@ -181,9 +185,90 @@ class BatteryRating(_Model):
         return self
 
 
+class PvArray(_Model):
+    """One plane of modules: its share of the peak and which way it faces."""
+
+    name: Name
+    peak_kw: PositiveKw
+    tilt_deg: float = Field(ge=0.0, le=90.0, description="0: flat, 90: a facade")
+    azimuth_deg: float = Field(ge=0.0, lt=360.0, description="Compass bearing the modules face: 180 south, 90 east")
+
+
+# The arrays' peaks must add up to pv.peak_kw within this share (rounding on a datasheet).
+ARRAYS_PEAK_TOLERANCE = 0.01
+
+
 class PvRating(_Model):
     peak_kw: PositiveKw
     curtailable: bool = Field(description="The PV inverter accepts an active-power limit")
+    arrays: list[PvArray] = Field(
+        default_factory=list, max_length=32,
+        description="Planes of modules for the clear-sky curve from the sun's position (site latitude and"
+        " longitude); empty: the fixed southern-China curve of earlier versions",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _arrays_add_up(self) -> Self:
+        if self.arrays:
+            total = sum(a.peak_kw for a in self.arrays)
+            if abs(total - self.peak_kw) > ARRAYS_PEAK_TOLERANCE * self.peak_kw:
+                raise ValueError(f"arrays: their peak_kw add up to {total:g} kW, pv.peak_kw is {self.peak_kw:g} kW")
+            if len({a.name for a in self.arrays}) != len(self.arrays):
+                raise ValueError("arrays: names must be unique")
+        return self
+
+
+class DateRange(_Model):
+    start: date
+    end: date = Field(description="Inclusive")
+    name: str = Field(default="", max_length=100)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.end < self.start:
+            raise ValueError(f"end ({self.end}) is before start ({self.start})")
+        return self
+
+
+class CalendarConfig(_Model):
+    """Which kind of day each date is: the forecaster learns each kind apart, the simulated plant follows it."""
+
+    china_holidays: bool = Field(
+        default=True,
+        description="China's public holidays and make-up working days (调休) from the chinesecalendar package;"
+        " a year it does not know falls back to Monday-Friday plus the lists below",
+    )
+    holidays: list[date] = Field(
+        default_factory=list, max_length=400,
+        description="Days off beyond the library's: a year not yet published, a local holiday",
+    )  # fmt: skip
+    workdays: list[date] = Field(
+        default_factory=list, max_length=400,
+        description="Working days beyond the library's: make-up working days of a year it does not know",
+    )  # fmt: skip
+    school_terms: list[DateRange] = Field(
+        default_factory=list, max_length=100,
+        description="Working days outside every term are vacation days; empty: every working day is a school day",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _not_both(self) -> Self:
+        both = sorted(set(self.holidays) & set(self.workdays))
+        if both:
+            raise ValueError(f"holidays and workdays both list {both[0]}")
+        return self
+
+
+class ForecastConfig(_Model):
+    """External forecasts (PV, optionally load) that replace the controller's own while they are fresh."""
+
+    external_file: str | None = Field(
+        default=None, description="A JSON forecast file (see the README), read again whenever it changes"
+    )
+    external_mqtt: bool = Field(default=True, description="Accept forecasts on <prefix>/forecast/set")
+    external_max_age_h: float = Field(
+        default=12.0, gt=0.0, le=72.0, description="An external forecast older than this is not used"
+    )
 
 
 class ChargerRating(_Model):
@@ -588,6 +673,8 @@ class SiteConfig(_Model):
     mqtt: MqttConfig = MqttConfig()
     storage: StorageConfig = StorageConfig()
     simulation: SimulationConfig = SimulationConfig()
+    calendar: CalendarConfig = CalendarConfig()
+    forecast: ForecastConfig = ForecastConfig()
     commissioning: CommissioningConfig = CommissioningConfig()
     web: WebConfig = WebConfig()
     display: DisplayConfig = DisplayConfig()

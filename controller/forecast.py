@@ -1,4 +1,6 @@
-"""Default forecasts: load from the recent days' profile, PV from a clear-sky curve scaled by recent yield.
+"""Default forecasts: load from the recent days' profile per kind of day (working day, vacation, weekend,
+holiday: controller.day_kinds), PV from the arrays' clear-sky curve (controller.clear_sky) scaled by
+recent yield; an external forecast (controller.external_forecast) replaces either while it is fresh.
 
 Deliberately simple and honest: it sees only what the meters measured, never the simulator's truth.
 Replaceable: the runtime needs only `observe`, `load_kw` and `pv_kw`.
@@ -12,6 +14,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from config import SiteConfig
+from controller import clear_sky
+from controller.day_kinds import FALLBACK, DayKind, SiteCalendar
+from controller.external_forecast import ExternalForecast
 
 __all__ = ["Forecaster", "clear_sky_kw"]
 
@@ -25,25 +30,34 @@ KNOWN_DAY_SHARE = 0.9
 
 
 def clear_sky_kw(peak_kw: float, local: datetime) -> float:
-    """A plain clear-sky shape for southern China (sunrise ~06:10, sunset ~18:50)."""
-    hour = local.hour + local.minute / 60 + local.second / 3600
-    return float(peak_kw * max(0.0, math.sin(math.pi * (hour - 6.2) / 12.6)) ** 1.3)
+    """The fixed southern-China curve (sites without arrays); kept for callers of earlier versions."""
+    return clear_sky.legacy_curve_kw(peak_kw, local)
 
 
 class Forecaster:
     def __init__(self, site: SiteConfig, slot_minutes: int) -> None:
+        self._pv = site.pv
         self._peak_kw = site.pv.peak_kw if site.pv else 0.0
+        self._lat_deg, self._lon_deg = site.site.latitude_deg, site.site.longitude_deg
         self._slot_minutes = slot_minutes
-        self._profile: dict[tuple[bool, int], float] = {}  # (school day?, slot of day) -> kW
-        self._known_slots = {True: 0, False: 0}  # profile slots per kind of day (asked every tick)
-        self._slot_sum: dict[tuple[bool, int], tuple[float, int]] = {}
+        self.calendar = SiteCalendar(site.calendar)
+        self._profile: dict[tuple[DayKind, int], float] = {}  # (kind of day, slot of day) -> kW
+        self._known_slots = dict.fromkeys(DayKind, 0)  # profile slots per kind of day (asked every tick)
+        self._slot_sum: dict[tuple[DayKind, int], tuple[float, int]] = {}
         self._recent_load: deque[float] = deque(maxlen=3600)
         self._yield: deque[tuple[float, float]] = deque(maxlen=YIELD_WINDOW)
+        # The latest external forecast taken (file or MQTT), and how old it may be to be used.
+        self.external: ExternalForecast | None = None
+        self.external_max_age_h = site.forecast.external_max_age_h
 
-    def _key(self, local: datetime) -> tuple[bool, int]:
-        return local.weekday() < 5, (local.hour * 60 + local.minute) // self._slot_minutes
+    def sky_kw(self, local: datetime) -> float:
+        return clear_sky.clear_sky_kw(self._pv, self._lat_deg, self._lon_deg, local)
+
+    def _key(self, local: datetime) -> tuple[DayKind, int]:
+        return self.calendar.kind(local.date()), (local.hour * 60 + local.minute) // self._slot_minutes
 
     def observe(self, local: datetime, load_kw: float, pv_kw: float, pv_limited: bool) -> None:
+        """One reading: `load_kw` is the building's own (EV charging already taken out by the caller)."""
         key = self._key(local)
         total, count = self._slot_sum.get(key, (0.0, 0))
         self._slot_sum[key] = (total + max(load_kw, 0.0), count + 1)
@@ -56,7 +70,7 @@ class Forecaster:
                 self._known_slots[other[0]] += 1
             self._profile[other] = mean if old is None else (1 - PROFILE_WEIGHT) * old + PROFILE_WEIGHT * mean
         self._recent_load.append(max(load_kw, 0.0))
-        sky = clear_sky_kw(self._peak_kw, local)
+        sky = self.sky_kw(local)
         if sky > 0.1 * self._peak_kw and not pv_limited:  # a curtailed inverter says nothing of the sun
             self._yield.append((pv_kw, sky))
 
@@ -64,48 +78,87 @@ class Forecaster:
         """What was learned, for the state file: a restart must not begin from a cold forecast."""
         return {
             "slot_minutes": self._slot_minutes,
-            "profile": {f"{int(school)}:{slot}": kw for (school, slot), kw in self._profile.items()},
+            "profile": {f"{kind}:{slot}": kw for (kind, slot), kw in self._profile.items()},
             "yield": [list(pair) for pair in self._yield],
         }
 
     def restore(self, body: dict[str, Any]) -> None:
-        """Take back what `to_json` saved; raises ValueError (or KeyError/TypeError) on a damaged body."""
+        """Take back what `to_json` saved; raises ValueError (or KeyError/TypeError) on a damaged body.
+        A file of earlier versions keys days 1 (school day) and 0 (not): working day and weekend."""
         if int(body["slot_minutes"]) != self._slot_minutes:
             raise ValueError("saved with another step length")
-        profile: dict[tuple[bool, int], float] = {}
+        profile: dict[tuple[DayKind, int], float] = {}
         for key, kw in body["profile"].items():
-            school, slot = str(key).split(":")
+            kind, slot = str(key).split(":")
             value = float(kw)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"profile {key}: {kw!r}")
-            profile[(school == "1", int(slot))] = value
+            day = {"1": DayKind.WORKDAY, "0": DayKind.REST}.get(kind) or DayKind(kind)
+            profile[(day, int(slot))] = value
         pairs = [(float(p), float(s)) for p, s in body["yield"]]
         self._profile = profile
-        self._known_slots = {school: sum(1 for day, _ in profile if day == school) for school in (True, False)}
+        self._known_slots = {kind: sum(1 for day, _ in profile if day == kind) for kind in DayKind}
         self._yield.clear()
         self._yield.extend(pairs[-YIELD_WINDOW:])
 
-    def knows_day(self, local: datetime, share: float = KNOWN_DAY_SHARE) -> bool:
-        """Whether the load profile covers this kind of day (school day or not) well enough to plan on."""
+    def _learned_kind(self, kind: DayKind, share: float) -> DayKind | None:
+        """This kind if its profile is known, else its fallback's if that is."""
         slots = 24 * 60 // self._slot_minutes
-        return self._known_slots[local.weekday() < 5] >= share * slots
+        fallback = FALLBACK[kind]
+        for candidate in (kind, fallback):
+            if candidate is not None and self._known_slots[candidate] >= share * slots:
+                return candidate
+        return None
+
+    def knows_day(self, local: datetime, share: float = KNOWN_DAY_SHARE) -> bool:
+        """Whether the load profile covers this kind of day (or the kind it falls back to) well enough to plan on."""
+        return self._learned_kind(self.calendar.kind(local.date()), share) is not None
 
     def yield_ratio(self) -> float:
         measured = sum(p for p, _ in self._yield)
         sky = sum(s for _, s in self._yield)
         return min(1.2, measured / sky) if sky > 0 else 0.8
 
-    def load_kw(self, start: datetime, steps: int, step_minutes: int) -> list[float]:
+    def _external(self, quantity: str, local: datetime, now: datetime | None) -> float | None:
+        forecast = self.external
+        if forecast is None or not forecast.fresh(now or local, self.external_max_age_h):
+            return None
+        return forecast.value_at(quantity, local)
+
+    def own_load_kw(self, start: datetime, steps: int, step_minutes: int) -> list[float]:
         fallback = sum(self._recent_load) / len(self._recent_load) if self._recent_load else 0.0
         out = []
         for step in range(steps):
             local = start + timedelta(minutes=step * step_minutes)
-            out.append(max(0.0, self._profile.get(self._key(local), fallback)))
+            kind, slot = self._key(local)
+            learned = self._learned_kind(kind, KNOWN_DAY_SHARE) or kind
+            value = self._profile.get((learned, slot))
+            fallback_kind = FALLBACK[kind]
+            if value is None and fallback_kind is not None:
+                value = self._profile.get((fallback_kind, slot))
+            out.append(max(0.0, fallback if value is None else value))
         return out
 
-    def pv_kw(self, start: datetime, steps: int, step_minutes: int) -> list[float]:
+    def own_pv_kw(self, start: datetime, steps: int, step_minutes: int) -> list[float]:
         ratio = self.yield_ratio()
-        return [
-            clear_sky_kw(self._peak_kw, start + timedelta(minutes=(step + 0.5) * step_minutes)) * ratio
-            for step in range(steps)
-        ]
+        return [self.sky_kw(start + timedelta(minutes=(step + 0.5) * step_minutes)) * ratio for step in range(steps)]
+
+    def load_kw(self, start: datetime, steps: int, step_minutes: int, now: datetime | None = None) -> list[float]:
+        """The plan's load: an external forecast's where it is fresh and covers the step, the own otherwise."""
+        own = self.own_load_kw(start, steps, step_minutes)
+        return self._merge("load_kw", own, start, step_minutes, now)
+
+    def pv_kw(self, start: datetime, steps: int, step_minutes: int, now: datetime | None = None) -> list[float]:
+        own = self.own_pv_kw(start, steps, step_minutes)
+        return self._merge("pv_kw", own, start, step_minutes, now)
+
+    def _merge(self, quantity: str, own: list[float], start: datetime, step_minutes: int,
+               now: datetime | None) -> list[float]:  # fmt: skip
+        if self.external is None:
+            return own
+        out = []
+        for step, value in enumerate(own):
+            middle = start + timedelta(minutes=(step + 0.5) * step_minutes)
+            external = self._external(quantity, middle, now or start)
+            out.append(value if external is None else external)
+        return out

@@ -1,6 +1,12 @@
 """A simulated plant: PV with passing clouds, a school or community-centre load (with steps and noise),
 battery physics (optionally slower than its rating), EV arrivals.
 
+Options that add realism (each off by default, so that a scenario keeps its meaning unless it asks):
+`weather="mixed"` draws each day's sky (sunny / cloudy / overcast / rain) from the seed; `variation`
+makes each day's load its own (cooling driven by the day's temperature, occupancy, events); `replay`
+plays recorded interval data (controller.interval_csv) for the load, the PV or both. The kind of day
+(working day, vacation, weekend, public holiday) comes from the site's calendar (controller.day_kinds).
+
 It exposes what each device's meter would read and accepts the setpoints the devices would take,
 so the simulated meters of firmware_bridge can serve it over real protocols.
 """
@@ -14,13 +20,30 @@ from datetime import date, datetime, timedelta
 from typing import Literal
 
 from config import DeviceKind, SiteConfig
+from controller import clear_sky
+from controller.day_kinds import DayKind, SiteCalendar
+from controller.interval_csv import IntervalSeries
 from controller.safety import LIMIT_MARGIN_KW, mean_ramp_change_kw
 
-__all__ = ["EvArrival", "Plant", "Weather", "school_arrivals"]
+__all__ = ["DayDraw", "EvArrival", "Plant", "Sky", "Weather", "school_arrivals"]
 
-Weather = Literal["sunny", "overcast", "passing_clouds"]
+Weather = Literal["sunny", "overcast", "passing_clouds", "mixed"]
+Sky = Literal["sunny", "cloudy", "overcast", "rain"]
 # Overcast sky: this share of the clear-sky yield, with slow variation.
 OVERCAST_FACTOR = 0.3
+RAIN_FACTOR = 0.12
+# Rough Pearl River Delta climatology for `weather="mixed"`: the chance of each sky, wet season (Apr-Sep)
+# and dry season, and each month's mean daily maximum temperature (C).
+SKY_ODDS: dict[bool, tuple[tuple[Sky, float], ...]] = {
+    True: (("sunny", 0.35), ("cloudy", 0.35), ("overcast", 0.15), ("rain", 0.15)),
+    False: (("sunny", 0.45), ("cloudy", 0.30), ("overcast", 0.20), ("rain", 0.05)),
+}
+MONTH_MAX_TEMP_C = (18.5, 19.0, 22.0, 26.0, 30.0, 32.0, 33.0, 33.0, 32.0, 29.5, 25.5, 20.5)
+SKY_TEMP_OFFSET_C: dict[Sky, float] = {"sunny": 1.5, "cloudy": 0.0, "overcast": -1.5, "rain": -3.5}
+# Cooling starts above this daily maximum; the school's chillers add this much per degree above it
+# (before load_scale), the community centre's half.
+COOLING_FROM_C = 27.0
+COOLING_KW_PER_C = 8.0
 
 # The battery inverter reports SoC in 0.1 % steps.
 SOC_RESOLUTION = 0.001
@@ -42,17 +65,31 @@ class EvArrival:
 def school_arrivals(
     site: SiteConfig, start: datetime, days: int, holidays: frozenset[date] = frozenset()
 ) -> list[EvArrival]:
-    """School-day staff cars: one arrives 08:00 for 45 kWh, one 13:00 for 60 kWh (if two chargers)."""
+    """Staff cars on working days (the site calendar's, make-up Saturdays included): one arrives 08:00 for
+    45 kWh, one 13:00 for 60 kWh (if two chargers)."""
     out: list[EvArrival] = []
     names = [c.name for c in site.ev_chargers]
+    calendar = SiteCalendar(site.calendar)
     for day in range(days + 1):
         date = (start + timedelta(days=day)).replace(hour=0, minute=0, second=0, microsecond=0)
-        if date.weekday() >= 5 or date.date() in holidays:
+        if not calendar.working(date.date()) or date.date() in holidays:
             continue
         plan = [(8, 17, 45.0), (13, 22, 60.0)]
         for name, (arrive_h, leave_h, energy) in zip(names, plan, strict=False):
             out.append(EvArrival(name, date + timedelta(hours=arrive_h), date + timedelta(hours=leave_h), energy))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class DayDraw:
+    """One simulated day's weather and occupancy (drawn from the seed and the day alone)."""
+
+    sky: Sky
+    max_temp_c: float
+    occupancy: float  # multiplies the occupied part of the load
+    event: bool  # an evening event on a working day, a daytime one on a day off
+    clouds: tuple[tuple[float, float, float], ...]  # (centre s of the day, half-width s, depth)
+    dim: float  # overcast / rain: the share of clear sky
 
 
 @dataclass
@@ -73,6 +110,8 @@ class Plant:
     arrivals: list[EvArrival] = field(default_factory=list)
     weather: Weather = "passing_clouds"
     holidays: frozenset[date] = frozenset()  # school closed: the weekend load
+    variation: bool = False  # each day its own load: cooling by temperature, occupancy, events
+    replay: IntervalSeries | None = None  # recorded data, for load and/or PV (what the recording has)
     # The site's own kind of load and battery (site.simulation), and what a random site adds: load
     # steps (a few a day, up to this many kW either way), load noise and meter noise (standard
     # deviations, kW).
@@ -119,6 +158,8 @@ class Plant:
     _battery_shares: dict[str, float] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._calendar = SiteCalendar(self.site.calendar)
+        self._days: dict[int, DayDraw] = {}
         self._random = random.Random(self.seed)
         # Passing clouds: (centre second, half-width s, depth) over the run, a few per day.
         self._clouds = [
@@ -152,43 +193,102 @@ class Plant:
     def load_at(self, at_s: float) -> float:
         return self._load(at_s)
 
+    def day_kind(self, day: date) -> DayKind:
+        return DayKind.HOLIDAY if day in self.holidays else self._calendar.kind(day)
+
+    def day_draw(self, day: date) -> DayDraw:
+        """The day's weather and occupancy: from the seed and the date alone, so a day is the same whether
+        the run reaches it or the history before the run does."""
+        index = (day - self.start.date()).days
+        draw = self._days.get(index)
+        if draw is None:
+            draw = self._days[index] = self._draw(day)
+        return draw
+
+    def _draw(self, day: date) -> DayDraw:
+        rng = random.Random(f"{self.seed}:{day.isoformat()}")
+        sky: Sky
+        if self.weather == "mixed":
+            pick, sky = rng.random(), "sunny"
+            for candidate, odds in SKY_ODDS[4 <= day.month <= 9]:
+                sky = candidate
+                pick -= odds
+                if pick < 0:
+                    break
+        else:
+            sky = "sunny" if self.weather == "sunny" else "overcast" if self.weather == "overcast" else "cloudy"
+        temp = MONTH_MAX_TEMP_C[day.month - 1] + SKY_TEMP_OFFSET_C[sky] + rng.gauss(0.0, 1.2)
+        count, depth = {"sunny": (3, (0.05, 0.2)), "cloudy": (25, (0.3, 0.8))}.get(sky, (0, (0.0, 0.0)))
+        clouds = tuple(
+            (rng.uniform(6 * 3600, 19 * 3600), rng.uniform(300, 2400), rng.uniform(*depth)) for _ in range(count)
+        )
+        dim = {"overcast": rng.uniform(0.22, 0.4), "rain": rng.uniform(0.06, 0.18)}.get(sky, 1.0)
+        return DayDraw(sky, temp, max(0.7, rng.gauss(1.0, 0.06)), rng.random() < 0.12, clouds, dim)
+
     def _pv_available(self, at_s: float) -> float:
-        if self.site.pv is None:
+        pv = self.site.pv
+        if pv is None:
             return 0.0
         t = self.local_time(at_s)
-        hour = t.hour + t.minute / 60 + t.second / 3600
-        sun = max(0.0, math.sin(math.pi * (hour - 6.2) / 12.6)) ** 1.3
+        if self.replay is not None and self.replay.pv_kw is not None:
+            return min(pv.peak_kw, self.replay.pv_kw[self.replay.index_at(t)])
+        sky = clear_sky.clear_sky_kw(pv, self.site.site.latitude_deg, self.site.site.longitude_deg, t)
         shade = 1.0
-        if self.weather == "overcast":
+        if self.weather == "mixed":
+            draw = self.day_draw(t.date())
+            if draw.sky in {"overcast", "rain"}:
+                shade = draw.dim * (1 + 0.3 * math.sin(at_s / 1800.0))
+            second = t.hour * 3600 + t.minute * 60 + t.second
+            for centre, width, depth in draw.clouds:
+                distance = abs(second - centre)
+                if distance < width:
+                    shade *= 1 - depth * (1 - distance / width)
+        elif self.weather == "overcast":
             shade = OVERCAST_FACTOR * (1 + 0.3 * math.sin(at_s / 1800.0))
         elif self.weather == "passing_clouds":
             for centre, width, depth in self._clouds:
                 distance = abs(at_s - centre)
                 if distance < width:
                     shade *= 1 - depth * (1 - distance / width)
-        return float(self.site.pv.peak_kw * 0.82 * sun * shade)
+        return float(sky * clear_sky.PERFORMANCE_RATIO * shade)
 
     def _load(self, at_s: float) -> float:
         t = self.local_time(at_s)
+        if self.replay is not None and self.replay.load_kw is not None:
+            return self.replay.load_kw[self.replay.index_at(t)]
         hour = t.hour + t.minute / 60
-        working_day = t.weekday() < 5 and t.date() not in self.holidays
+        kind = self.day_kind(t.date())
+        working_day = kind in {DayKind.WORKDAY, DayKind.VACATION}
+        draw = self.day_draw(t.date()) if self.variation else None
+        occupancy = 1.0 if draw is None else draw.occupancy
         sim = self.site.simulation
         if sim.load_profile == "school":
             base = 45.0
-            if working_day and 7.5 <= hour < 17.5:
-                base += 120.0
-            if working_day and 11.5 <= hour < 13.0:
-                base += 35.0
+            if kind is DayKind.WORKDAY and 7.5 <= hour < 17.5:
+                base += 120.0 * occupancy
+            if kind is DayKind.WORKDAY and 11.5 <= hour < 13.0:
+                base += 35.0 * occupancy
+            if kind is DayKind.VACATION and 8.0 <= hour < 17.0:
+                base += 25.0 * occupancy  # staff, offices, a summer class
             if 17.5 <= hour < 21.0:
                 base += 25.0
+            cooling_hours, cooling_share = (9.0, 17.5), 1.0 if kind is DayKind.WORKDAY else 0.2
         else:  # community centre: open every day 08-21, classes in the evening, events at weekends
             base = 15.0
             if 8.0 <= hour < 21.0:
-                base += 30.0
+                base += 30.0 * occupancy
             if 18.0 <= hour < 21.0:
-                base += 20.0
+                base += 20.0 * occupancy
             if not working_day and 14.0 <= hour < 17.0:
-                base += 25.0
+                base += 25.0 * occupancy
+            cooling_hours, cooling_share = (10.0, 21.0), 0.5
+        if draw is not None:
+            start_h, end_h = cooling_hours
+            if start_h <= hour < end_h and draw.max_temp_c > COOLING_FROM_C:
+                shape = math.sin(math.pi * (hour - start_h) / (end_h - start_h))  # peaks mid-afternoon
+                base += COOLING_KW_PER_C * cooling_share * (draw.max_temp_c - COOLING_FROM_C) * (0.5 + 0.5 * shape)
+            if draw.event and ((working_day and 18.0 <= hour < 21.0) or (not working_day and 9.0 <= hour < 16.0)):
+                base += 40.0 if working_day else 30.0  # a parents' evening, an open day, a wedding banquet
         base *= sim.load_scale
         for start, end, kw in self._steps:
             if start <= at_s < end:

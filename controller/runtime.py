@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 from config import DeviceKind, SiteConfig
 from controller.breaches import BreachCount
 from controller.clock import Clock, clock_plausible
+from controller.external_forecast import MAX_FORECAST_BYTES, ForecastRefused, parse_forecast
 from controller.forecast import Forecaster
 from controller.safety import (
     BatteryResponse,
@@ -253,6 +255,7 @@ class Runtime:
         self._slow_due: dict[int, float] = {}
         self.latest: dict[str, _Latest] = {}
         self.forecaster = Forecaster(site, site.control.step_minutes)
+        self._forecast_file_seen: tuple[int, int] | None = None  # (mtime ns, size) of the file last read
         self.plan: Plan | None = None
         self.plan_start: datetime | None = None
         self.plan_scenario: Scenario | None = None  # what the plan in force was made for (prices, PV, load)
@@ -1050,8 +1053,8 @@ class Runtime:
                 "step_minutes": step_minutes,
                 "price_import_cny_per_kwh": prices,
                 "price_export_cny_per_kwh": site.tariff.export_price_cny_per_kwh,
-                "pv_kw": self.forecaster.pv_kw(start, steps, step_minutes),
-                "load_kw": self.forecaster.load_kw(start, steps, step_minutes),
+                "pv_kw": self.forecaster.pv_kw(start, steps, step_minutes, now=self.clock.local()),
+                "load_kw": self.forecaster.load_kw(start, steps, step_minutes, now=self.clock.local()),
                 "grid": {
                     "import_limit_kw": site.import_limit_kw,
                     "export_limit_kw": site.export_limit_kw,
@@ -1065,6 +1068,42 @@ class Runtime:
             }
         )
 
+    def accept_forecast(self, raw: bytes, *, origin: str) -> list[str]:
+        """An external forecast (file or MQTT): taken, and a plan made on it soon; or the reasons it is not
+        (each naming the field). Never raises on any input."""
+        try:
+            peak_kw = self.site.pv.peak_kw if self.site.pv else None
+            forecast = parse_forecast(raw, now=self.clock.local(), pv_peak_kw=peak_kw)
+        except ForecastRefused as err:
+            _log.warning("external forecast refused", extra={"origin": origin, "errors": err.errors[:5]})
+            return err.errors
+        self.forecaster.external = forecast
+        self._replan.set()
+        _log.info("external forecast taken", extra={
+            "origin": origin, "source": forecast.source, "start": forecast.start.isoformat(),
+            "end": forecast.end.isoformat(),
+        })  # fmt: skip
+        return []
+
+    def _read_forecast_file(self) -> None:
+        """The site's forecast file, again whenever it changed; a missing or bad file keeps what was taken."""
+        path = self.site.forecast.external_file
+        if path is None:
+            return
+        try:
+            stat = os.stat(path)
+            if (stat.st_mtime_ns, stat.st_size) == self._forecast_file_seen:
+                return
+            self._forecast_file_seen = (stat.st_mtime_ns, stat.st_size)
+            with open(path, "rb") as handle:
+                raw = handle.read(MAX_FORECAST_BYTES + 1)
+        except OSError as err:
+            if self._forecast_file_seen != (-1, -1):
+                _log.warning("forecast file unreadable", extra={"path": path, "error": str(err)})
+            self._forecast_file_seen = (-1, -1)
+            return
+        self.accept_forecast(raw, origin=f"file {path}")
+
     async def _make_plan(self) -> None:
         """A new plan, or the last one kept (the safety layer holds the limits either way). In real time
         the kernels run in a thread (they release the GIL), so a slow plan never delays a tick, and a plan
@@ -1077,6 +1116,7 @@ class Runtime:
         start = local - timedelta(minutes=local.minute % self.site.control.step_minutes, seconds=local.second,
                                   microseconds=local.microsecond)  # fmt: skip
         started = time.perf_counter()
+        self._read_forecast_file()
         try:
             scenario = self._scenario(start)
             if self.clock.realtime:

@@ -49,6 +49,14 @@ class Topics:
         return f"{self.prefix}/config/set"  # command: {"correlation_id", "patch", "requested_by"}
 
     @property
+    def forecast_set(self) -> str:
+        return f"{self.prefix}/forecast/set"  # an external forecast (controller.external_forecast's shape)
+
+    @property
+    def forecast_reply(self) -> str:
+        return f"{self.prefix}/forecast/reply"  # {"accepted", "errors"} for each forecast received
+
+    @property
     def config_reply(self) -> str:
         return f"{self.prefix}/config/reply"  # answers, with the correlation id of the command
 

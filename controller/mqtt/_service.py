@@ -286,6 +286,8 @@ class MqttService:
                     await client.subscribe(topic, options=SubscribeOptions(qos=1, retainAsPublished=True))
                 else:
                     await client.subscribe(topic, qos=1)
+            if self.site.forecast.external_mqtt:
+                await client.subscribe(self.topics.forecast_set, qos=1)
             if self.site.mqtt.ha_discovery:
                 await client.subscribe(f"{self.site.mqtt.ha_discovery_prefix}/{HA_STATUS_TOPIC_SUFFIX}", qos=1)
                 await self._send_discovery(client)
@@ -346,6 +348,12 @@ class MqttService:
                 if payload == b"online" and self.site.mqtt.ha_discovery:
                     await self._send_discovery(client)  # Home Assistant restarted: tell it again
                 continue
+            if topic == self.topics.forecast_set:
+                if payload:  # an empty message clears a retained forecast
+                    self.outbox.put(self._json(self.topics.forecast_reply, self.handle_forecast(payload),
+                                               retain=False), control=True)  # fmt: skip
+                await asyncio.sleep(0)
+                continue
             sender = self.topics.command_sender(topic)
             if sender is None or not payload:
                 continue  # an empty message clears a retained command (ours, or the sender's): nothing to answer
@@ -365,6 +373,17 @@ class MqttService:
             await asyncio.sleep(0)
 
     # --- commands ---------------------------------------------------------------------------------------
+
+    def handle_forecast(self, payload: bytes) -> dict[str, Any]:
+        """Take an external forecast (retained ones too: its issued_at decides whether it is still fresh);
+        returns the reply, never raises on any input."""
+        try:
+            errors = self.runtime.accept_forecast(payload, origin="mqtt")
+        except Exception as err:  # a payload must never end the controller
+            _log.exception("forecast handling failed", extra={"error_type": type(err).__name__})
+            errors = [f"internal error while handling the forecast ({type(err).__name__}); see the controller log"]
+        shown = [line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..." for line in errors]
+        return {"accepted": not errors, "errors": shown}
 
     async def handle_command(
         self, payload: bytes, *, retained: bool = False, sender: str | None = None
