@@ -111,6 +111,7 @@ class Plant:
     weather: Weather = "passing_clouds"
     holidays: frozenset[date] = frozenset()  # school closed: the weekend load
     variation: bool = False  # each day its own load: cooling by temperature, occupancy, events
+    skies: tuple[Sky, ...] = ()  # weather "mixed": these skies day by day from `start` (cycled), not drawn
     replay: IntervalSeries | None = None  # recorded data, for load and/or PV (what the recording has)
     # The site's own kind of load and battery (site.simulation), and what a random site adds: load
     # steps (a few a day, up to this many kW either way), load noise and meter noise (standard
@@ -208,8 +209,11 @@ class Plant:
     def _draw(self, day: date) -> DayDraw:
         rng = random.Random(f"{self.seed}:{day.isoformat()}")
         sky: Sky
-        if self.weather == "mixed":
-            pick, sky = rng.random(), "sunny"
+        pick = rng.random()
+        if self.weather == "mixed" and self.skies:
+            sky = self.skies[(day - self.start.date()).days % len(self.skies)]
+        elif self.weather == "mixed":
+            sky = "sunny"
             for candidate, odds in SKY_ODDS[4 <= day.month <= 9]:
                 sky = candidate
                 pick -= odds

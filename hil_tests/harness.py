@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import logging
 import random
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiomqtt
 
-from config import SiteConfig, load_site
+from config import ConfigError, SiteConfig, load_site
 from controller.clock import SimClock
 from controller.forecast import Forecaster
+from controller.interval_csv import IntervalCsvError, IntervalSeries, parse_interval_csv
 from controller.mqtt import MqttService, Topics, site_services
 from controller.plant import EvArrival, Plant, school_arrivals
 from controller.runtime import Runtime
@@ -30,11 +33,19 @@ from controller.tuning import TuningStore
 from firmware_bridge.bus import LOST_BACKOFF_MAX_S
 from firmware_bridge.simulator import Fault as SimFault
 from firmware_bridge.simulator import FaultMode, Line
-from hil_tests.baselines import Outcome, bill_cny, no_battery, perfect_foresight, self_consumption, true_profiles
+from hil_tests.baselines import (
+    Outcome,
+    Profiles,
+    bill_cny,
+    no_battery,
+    perfect_foresight,
+    self_consumption,
+    true_profiles,
+)
 from hil_tests.broker import Mosquitto, Subscriber, subscribed
-from hil_tests.scenario import FaultKind, HilScenario
+from hil_tests.scenario import DATA_DIR, FaultKind, HilScenario
 
-__all__ = ["ScenarioResult", "run_scenario"]
+__all__ = ["ScenarioResult", "WeekRow", "run_scenario"]
 
 _log = logging.getLogger(__name__)
 
@@ -52,12 +63,27 @@ REVERSAL_MOVE_KW = 0.2
 VALLEY_COVER_SLACK_KWH = 0.5
 # Wall time to let MQTT settle at the end (outbox drained, replies in) before judging.
 MQTT_SETTLE_S = 10.0
+# Day-ahead forecast error: the forecast made at local midnight for the day, in these steps.
+DAY_AHEAD_STEP_MINUTES = 15
+WEEK_S = 7 * 86400
 _MODES = {
     FaultKind.SILENT: FaultMode.SILENT,
     FaultKind.BAD_CRC: FaultMode.BAD_CRC,
     FaultKind.EXCEPTION: FaultMode.EXCEPTION,
     FaultKind.REFUSE_SETPOINTS: FaultMode.EXCEPTION,
 }
+
+
+@dataclass(frozen=True)
+class WeekRow:
+    """One week of a longer run: the run's bill beside the baselines' over the same days."""
+
+    label: str
+    days: float
+    realised_cny: float
+    no_battery_cny: float
+    self_consumption_cny: float
+    optimum_cny: float | None
 
 
 @dataclass
@@ -93,6 +119,11 @@ class ScenarioResult:
     counters_continuous: bool = True
     realised: Outcome | None = None
     baselines: list[Outcome] = field(default_factory=list)
+    weeks: list[WeekRow] = field(default_factory=list)
+    # Mean absolute error of the forecast made at local midnight for that day (own or external, as planned on).
+    mae_load_kw: float | None = None
+    mae_pv_kw: float | None = None
+    external_forecasts: int = 0
     failures: list[str] = field(default_factory=list)
     series: dict[str, list[float]] = field(default_factory=dict)
     fault_windows: list[tuple[float, float, str]] = field(default_factory=list)
@@ -105,8 +136,31 @@ class ScenarioResult:
         return next((o for o in self.baselines if o.name == name), None)
 
 
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _replay(scenario: HilScenario, site: SiteConfig) -> IntervalSeries | None:
+    if scenario.replay_csv is None:
+        return None
+    path = DATA_DIR / scenario.replay_csv
+    try:
+        series = parse_interval_csv(path.read_bytes(), ZoneInfo(site.site.timezone))
+    except (OSError, IntervalCsvError) as err:
+        raise ConfigError(str(path), [str(err)]) from None
+    if scenario.replay == "load":
+        return IntervalSeries(series.start, series.step_s, series.load_kw, None)
+    if scenario.replay == "pv":
+        return IntervalSeries(series.start, series.step_s, None, series.pv_kw)
+    return series
+
+
 def _site(scenario: HilScenario, workdir: Path, broker_port: int | None) -> SiteConfig:
     data = load_site(SITES / f"{scenario.site}.toml", environment=False).model_dump()
+    data = _merge(data, scenario.site_overrides)
     data["storage"] = {"path": str(workdir / "series.sqlite3")}
     if scenario.battery_response_kw_per_s is not None:
         data["simulation"]["battery_response_kw_per_s"] = scenario.battery_response_kw_per_s
@@ -159,12 +213,21 @@ class _Run:
         self.safe: list[bool] = []
         self.last_battery_kw = 0.0
         self.last_move_kw = 0.0
+        self.runtime: Runtime | None = None
+        self.day_ahead: dict[date, tuple[list[float], list[float]]] = {}
+        self.issued: set[tuple[date, int]] = set()
+        self.forecast_random = random.Random(f"forecast:{scenario.seed}")
+        self.last_tick_s = 0.0
+        self.block_import: dict[int, float] = {}  # 15-minute block -> import kWh
+        self.week_marks: list[tuple[float, float, float]] = []  # (s, energy cost CNY, SoC) at each week start
 
     def bus_of(self, device: str) -> str:
         return next(bus.name for bus, d in self.site.devices() if d.name == device)
 
     def on_tick(self, now_plant_s: float, setpoints: Setpoints) -> None:
         self.recorder(now_plant_s, setpoints)
+        self._account(now_plant_s)
+        self._forecasts(now_plant_s)
         move = setpoints.battery_kw - self.last_battery_kw
         if abs(move) > REVERSAL_MOVE_KW:
             self.result.battery_reversals += self.last_move_kw * move < 0
@@ -188,6 +251,70 @@ class _Run:
                                ("safe", float(setpoints.safe_state))):  # fmt: skip
                 s.setdefault(key, []).append(value)
         self._faults(now_plant_s)
+
+    def _account(self, now_s: float) -> None:
+        """Per-week accounting: the energy cost and SoC at each week's start, import per 15-minute block."""
+        if not self.week_marks or now_s >= self.week_marks[-1][0] + WEEK_S:
+            at = 0.0 if not self.week_marks else self.week_marks[-1][0] + WEEK_S
+            self.week_marks.append((at, self.plant.cost_cny, self.plant.soc))
+        dt_s = max(0.0, now_s - self.last_tick_s)
+        self.last_tick_s = now_s
+        block = int((now_s - dt_s) // 900)
+        self.block_import[block] = self.block_import.get(block, 0.0) + max(self.plant.grid_kw, 0.0) * dt_s / 3600
+
+    def _forecasts(self, now_s: float) -> None:
+        runtime = self.runtime
+        if runtime is None:
+            return
+        local = self.plant.local_time(now_s)
+        sim = self.scenario.external_forecast
+        if sim is not None:
+            due = [h for h in sim.issue_hours if local.hour >= h and (local.date(), h) not in self.issued]
+            if due or not self.issued:
+                self.issued.update((local.date(), h) for h in sim.issue_hours if local.hour >= h)
+                self.issued.add((local.date(), -1))
+                self.result.external_forecasts += 1
+                errors = runtime.accept_forecast(self._provider_forecast(now_s), origin="hil provider")
+                if errors:
+                    self.result.failures.append(f"the simulated provider's forecast was refused: {errors[:2]}")
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        if local.date() not in self.day_ahead and (local - midnight).total_seconds() < 60:
+            steps = 24 * 60 // DAY_AHEAD_STEP_MINUTES
+            self.day_ahead[local.date()] = (
+                runtime.forecaster.load_kw(midnight, steps, DAY_AHEAD_STEP_MINUTES, now=local),
+                runtime.forecaster.pv_kw(midnight, steps, DAY_AHEAD_STEP_MINUTES, now=local),
+            )
+
+    def _provider_forecast(self, now_s: float) -> bytes:
+        """What a provider would send: the truth's step means times a per-day error factor, plus per-step noise."""
+        sim = self.scenario.external_forecast
+        assert sim is not None
+        step_s = sim.step_minutes * 60
+        first_s = (now_s // step_s) * step_s
+        rng, plant = self.forecast_random, self.plant
+        day_factor: dict[date, float] = {}
+        pv, load = [], []
+        peak_kw = self.site.pv.peak_kw if self.site.pv else 0.0
+        for index in range(sim.horizon_h * 3600 // step_s):
+            start = first_s + index * step_s
+            samples = [start + (k + 0.5) * 300 for k in range(step_s // 300)]
+            day = plant.local_time(start).date()
+            factor = day_factor.setdefault(day, max(0.0, rng.gauss(1.0, sim.pv_error)))
+            true_pv = sum(plant.pv_available_at(t) for t in samples) / len(samples)
+            pv.append(round(min(1.5 * peak_kw, max(0.0, true_pv * factor * rng.gauss(1.0, sim.pv_error / 2))), 2))
+            if sim.load_error is not None:
+                true_load = sum(plant.load_at(t) for t in samples) / len(samples)
+                load.append(round(max(0.0, true_load * rng.gauss(1.0, sim.load_error)), 2))
+        body: dict[str, Any] = {
+            "issued_at": plant.local_time(now_s).isoformat(),
+            "start": plant.local_time(first_s).isoformat(),
+            "step_minutes": sim.step_minutes,
+            "pv_kw": pv,
+            "source": "hil-provider",
+        }
+        if load:
+            body["load_kw"] = load
+        return json.dumps(body).encode()
 
     def _faults(self, now_s: float) -> None:
         for index, fault in enumerate(self.scenario.faults):
@@ -260,7 +387,8 @@ async def run_scenario(
         holidays = frozenset({start.date()}) if scenario.calendar == "holiday" else frozenset()
         arrivals = school_arrivals(site, start, days, holidays) if scenario.cars == "school" else []
         plant = Plant(site, start, seed=scenario.seed, arrivals=list(arrivals), weather=scenario.weather,
-                      holidays=holidays)  # fmt: skip
+                      holidays=holidays, variation=scenario.variation, replay=_replay(scenario, site),
+                      skies=tuple(scenario.skies))  # fmt: skip
         soc_initial = plant.soc = max(site.tuning.battery.soc_min, min(site.tuning.battery.soc_max, 0.5))
         run = _Run(scenario, site, plant, result)
         run.broker = broker
@@ -287,6 +415,7 @@ async def run_scenario(
                 before_tick=lambda t, o=segment_offset: plant.advance(o + t),  # type: ignore[misc]
                 on_tick=lambda t, sp, o=segment_offset: run.on_tick(o + t, sp),  # type: ignore[misc]
             )  # fmt: skip
+            run.runtime = runtime
             if counters_before is not None:
                 result.counters_continuous = (
                     runtime.restored
@@ -416,6 +545,14 @@ def _judge(  # noqa: PLR0917 - one call site, every piece of the run it judges
         result.baselines.append(perfect_foresight(site, profiles, soc_initial, plant.soc, per_session))
     except (ValueError, RuntimeError) as err:
         _log.warning("perfect-foresight reference failed", extra={"error": str(err)})
+    _forecast_error(plant, run, result)
+    if plant.now_s > WEEK_S + 86400:  # a run of more than a week: each full week (and the rest) on its own
+        _weeks(site, plant, run, result, profiles)
+        if scenario.expect.weekly_beats_self_consumption and not result.short:
+            for week in result.weeks:
+                if week.realised_cny >= week.self_consumption_cny:
+                    fail(f"{week.label}: bill {week.realised_cny:.0f} CNY is not below self-consumption's"
+                         f" {week.self_consumption_cny:.0f} CNY")  # fmt: skip
     if not result.short:
         optimum, rule = result.outcome("perfect foresight"), result.outcome("self-consumption")
         gap = scenario.expect.max_gap_to_optimum
@@ -429,3 +566,53 @@ def _judge(  # noqa: PLR0917 - one call site, every piece of the run it judges
 def run_sync(scenario: HilScenario, workdir: Path, *, short: bool = True, line: Line = Line.MEMORY) -> ScenarioResult:
     return asyncio.run(run_scenario(scenario, workdir, short=short, line=line))
 
+
+
+def _forecast_error(plant: Plant, run: _Run, result: ScenarioResult) -> None:
+    """MAE of the day-ahead forecasts (made at local midnight) against the plant's true 15-minute means,
+    over the days the run covered whole."""
+    load_errors: list[float] = []
+    pv_errors: list[float] = []
+    step_s = DAY_AHEAD_STEP_MINUTES * 60
+    for day, (load_kw, pv_kw) in sorted(run.day_ahead.items()):
+        midnight = datetime.combine(day, datetime.min.time(), plant.start.tzinfo)
+        first_s = (midnight - plant.start).total_seconds()
+        if first_s < 0 or first_s + 86400 > plant.now_s:
+            continue
+        for index, (load_f, pv_f) in enumerate(zip(load_kw, pv_kw, strict=True)):
+            samples = [first_s + index * step_s + 30 + 60 * k for k in range(DAY_AHEAD_STEP_MINUTES)]
+            load_errors.append(abs(load_f - sum(plant.load_at(t) for t in samples) / len(samples)))
+            pv_errors.append(abs(pv_f - sum(plant.pv_available_at(t) for t in samples) / len(samples)))
+    if load_errors:
+        result.mae_load_kw = sum(load_errors) / len(load_errors)
+        result.mae_pv_kw = sum(pv_errors) / len(pv_errors)
+
+
+def _weeks(site: SiteConfig, plant: Plant, run: _Run, result: ScenarioResult, profiles: Profiles) -> None:
+    marks = [*run.week_marks, (plant.now_s, plant.cost_cny, plant.soc)]
+    per = int(profiles.step_s)
+    for number, (begin, end) in enumerate(itertools.pairwise(marks), 1):
+        (start_s, cost_start, soc_start), (end_s, cost_end, soc_end) = begin, end
+        days = (end_s - start_s) / 86400
+        if days < 1.0:
+            continue
+        blocks = [kwh * 4 for block, kwh in run.block_import.items() if start_s <= block * 900 < end_s]
+        realised = bill_cny(site, cost_end - cost_start, max(blocks, default=0.0), days)
+        first, last = int(start_s // per), int(end_s // per)
+        week_start = profiles.start + timedelta(seconds=start_s)
+        week_end = profiles.start + timedelta(seconds=end_s)
+        arrivals = [a for a in profiles.arrivals if week_start <= a.arrive < week_end]
+        sliced = Profiles(week_start, profiles.step_s, profiles.load_kw[first:last], profiles.pv_kw[first:last],
+                          profiles.price_cny_per_kwh[first:last], arrivals)  # fmt: skip
+        sessions = [(a, kwh) for a, kwh in plant.finished if week_start <= a.arrive < week_end]
+        sessions += [(ev.arrival, ev.delivered_kwh) for ev in plant.evs.values()
+                     if ev.arrival is not None and week_start <= ev.arrival.arrive < week_end]  # fmt: skip
+        optimum: float | None = None
+        try:
+            optimum = perfect_foresight(site, sliced, soc_start, soc_end, sessions).bill_cny
+        except (ValueError, RuntimeError) as err:
+            _log.warning("perfect-foresight reference failed", extra={"week": number, "error": str(err)})
+        result.weeks.append(WeekRow(
+            f"week {number}", days, realised, no_battery(site, sliced).bill_cny,
+            self_consumption(site, sliced, soc_start).bill_cny, optimum,
+        ))  # fmt: skip

@@ -19,6 +19,13 @@ def _carbon(result: ScenarioResult, name: str) -> str:
     return "n/a" if outcome is None else f"{outcome.carbon_kg:.0f}"
 
 
+def _mae(result: ScenarioResult) -> str:
+    """The day-ahead forecast's error (made at local midnight), over the days the run covered whole."""
+    if result.mae_load_kw is None or result.mae_pv_kw is None:
+        return "n/a (no whole day)"
+    return f"{result.mae_load_kw:.1f} / {result.mae_pv_kw:.1f}"
+
+
 def markdown(results: list[ScenarioResult]) -> str:
     lines = [
         "# greensite HIL report",
@@ -31,8 +38,8 @@ def markdown(results: list[ScenarioResult]) -> str:
         "| scenario | length | result | breach ticks: avoidable / unavoidable (longest run, kWh)"
         " | battery reversals /min | SoC out of bounds | safe state | EV kWh"
         " delivered/requested | log ticks/ticks | bill: run / no battery / self-cons. / optimum | gap to"
-        " optimum | kgCO2: run / no battery / self-cons. | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " optimum | kgCO2: run / no battery / self-cons. | day-ahead MAE kW: load / PV | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         optimum = r.outcome("perfect foresight")
@@ -52,8 +59,19 @@ def markdown(results: list[ScenarioResult]) -> str:
             f" {r.logged_ticks}/{r.ticks} | {_money(r, 'realised')} / {_money(r, 'no battery')} /"
             f" {_money(r, 'self-consumption')} / {_money(r, 'perfect foresight')} | {gap} |"
             f" {_carbon(r, 'realised')} / {_carbon(r, 'no battery')} / {_carbon(r, 'self-consumption')} |"
-            f" {r.wall_s:.1f} |"
+            f" {_mae(r)} | {r.wall_s:.1f} |"
         )
+    weekly = [r for r in results if r.weeks]
+    if weekly:
+        lines += ["", "## Week by week", "",
+                  "| scenario | week | days | bill: run / no battery / self-cons. / optimum | gap to optimum |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for r in weekly:
+            for w in r.weeks:
+                week_gap = "n/a" if not w.optimum_cny else f"{100 * (w.realised_cny / w.optimum_cny - 1):+.1f} %"
+                best = "n/a" if w.optimum_cny is None else f"{w.optimum_cny:.0f}"
+                lines.append(f"| {r.name} | {w.label} | {w.days:.1f} | {w.realised_cny:.0f} / {w.no_battery_cny:.0f}"
+                             f" / {w.self_consumption_cny:.0f} / {best} | {week_gap} |")  # fmt: skip
     lines += ["", "## Scenarios", ""]
     lines += [f"- **{r.name}**: {r.description}" for r in results]
     return "\n".join(lines) + "\n"

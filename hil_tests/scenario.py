@@ -6,7 +6,14 @@
     start = 2026-07-06T11:00:00        # local time of the site
     duration = "6h"                    # full length (-m long_hil, python -m hil_tests)
     short_duration = "20m"             # the default test run
-    weather = "sunny"                  # sunny | overcast | passing_clouds
+    weather = "sunny"                  # sunny | overcast | passing_clouds | mixed (each day's sky drawn)
+    skies = ["cloudy", "rain"]         # mixed: these skies day by day (cycled) instead of drawn
+    variation = false                  # each day its own load (temperature, occupancy, events)
+    replay_csv = "week.csv"            # hil_tests/data/<file>: recorded load and/or PV (controller.interval_csv)
+    replay = "both"                    # load | pv | both: what of the recording is played
+    site_overrides = {}                # deep-merged into the site file (e.g. pv.arrays, calendar)
+    [external_forecast]                # a day-ahead PV (and load) forecast as a provider sends it
+    pv_error = 0.15                    # its error: a per-day factor and per-step noise of this spread
     calendar = "weekday"               # weekday | weekend | holiday (the start date is a holiday)
     cars = "school"                    # school | none
     mqtt = false                       # start a Mosquitto for this scenario
@@ -34,9 +41,20 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from config import ConfigError, format_validation_error
 from controller.durations import parse_duration_s
 
-__all__ = ["SCENARIO_DIR", "Expect", "Fault", "FaultKind", "HilScenario", "load_scenarios", "seconds"]
+__all__ = [
+    "DATA_DIR",
+    "SCENARIO_DIR",
+    "Expect",
+    "ExternalForecastSim",
+    "Fault",
+    "FaultKind",
+    "HilScenario",
+    "load_scenarios",
+    "seconds",
+]
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
+DATA_DIR = Path(__file__).parent / "data"
 
 
 def seconds(text: Any) -> float:
@@ -100,6 +118,18 @@ class Expect(_Model):
     # The battery never covers import in the day's cheapest band while a dearer one lies ahead (unless a
     # grid limit needs it): more than half a kWh of it fails the run.
     no_valley_cover: bool = False
+    # Every full week of a longer run: its bill below self-consumption's in that week.
+    weekly_beats_self_consumption: bool = False
+
+
+class ExternalForecastSim(_Model):
+    """A forecast provider: from the plant's truth with an error, issued at these hours for `horizon_h`."""
+
+    pv_error: float = Field(default=0.15, ge=0.0, le=1.0)
+    load_error: float | None = Field(default=None, ge=0.0, le=1.0, description="None: PV only")
+    issue_hours: list[int] = Field(default_factory=lambda: [5, 17], min_length=1)
+    horizon_h: int = Field(default=48, ge=1, le=168)
+    step_minutes: int = 30
 
 
 class HilScenario(_Model):
@@ -109,7 +139,13 @@ class HilScenario(_Model):
     start: datetime
     duration: Seconds
     short_duration: Seconds
-    weather: Literal["sunny", "overcast", "passing_clouds"] = "sunny"
+    weather: Literal["sunny", "overcast", "passing_clouds", "mixed"] = "sunny"
+    skies: list[Literal["sunny", "cloudy", "overcast", "rain"]] = Field(default_factory=list)
+    variation: bool = False
+    replay_csv: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.csv$")
+    replay: Literal["load", "pv", "both"] = "both"
+    site_overrides: dict[str, Any] = Field(default_factory=dict)
+    external_forecast: ExternalForecastSim | None = None
     calendar: Literal["weekday", "weekend", "holiday"] = "weekday"
     cars: Literal["school", "none"] = "school"
     mqtt: bool = False
@@ -133,6 +169,8 @@ class HilScenario(_Model):
             raise ValueError(f"calendar is weekend but {self.start.date()} is a weekday")
         if self.calendar in {"weekday", "holiday"} and weekend:
             raise ValueError(f"calendar is {self.calendar} but {self.start.date()} is a weekend day")
+        if self.skies and self.weather != "mixed":
+            raise ValueError("skies are given day by day with weather = \"mixed\"")
         for index, fault in enumerate(self.faults):
             if fault.until > self.short_duration:
                 raise ValueError(f"faults.{index}: ends after short_duration; the short run must see it")
