@@ -151,7 +151,10 @@ class Bus:
     # --- health -----------------------------------------------------------------------------------
 
     def health(self, device: str) -> DeviceHealth:
-        return self._health.setdefault(device, DeviceHealth())
+        health = self._health.get(device)
+        if health is None:  # not setdefault: that builds a DeviceHealth on every call, a few per device a tick
+            health = self._health[device] = DeviceHealth()
+        return health
 
     def port_health(self) -> PortHealth:
         return PortHealth(

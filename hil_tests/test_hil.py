@@ -51,6 +51,14 @@ async def test_scenario_full_length(scenario: HilScenario, tmp_path: Path) -> No
     _check(result.failures)
 
 
+@pytest.mark.long_hil
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("scenario", PTY_SCENARIOS, ids=[s.name for s in PTY_SCENARIOS])
+async def test_scenario_full_length_over_ptys(scenario: HilScenario, tmp_path: Path) -> None:
+    result = await run_scenario(scenario, tmp_path, short=False, line=Line.PTY)
+    _check(result.failures)
+
+
 async def test_history_days_start_the_controller_with_last_weeks_profile(tmp_path: Path) -> None:
     scenario = next(s for s in SCENARIOS if s.history_days)
     site = _site(scenario, tmp_path, None)
