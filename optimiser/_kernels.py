@@ -570,10 +570,19 @@ def _best_move(
 # envelope of the slope merges of every run of the step cost with every run of the value function;
 # still exact, still no grid. Where everything is convex there is one run each and the plain merge runs.
 
-_CONCAVE_TOL = 1e-7
 # Breakpoints of an envelope closer than this (kWh) are one: crossings found from different runs
 # differ by rounding, and the sliver between them would read as a kink.
 _ENVELOPE_X_TOL = 1e-7
+# A value function split into more convex runs than this is left to the grid DP (a guard on time and
+# memory: each run is merged with each run of the step cost).
+_MAX_RUNS = 256
+
+
+@njit(cache=True, nogil=True)
+def _rounding(value: float) -> float:
+    """How far (CNY) a value of this size may be off through rounding in the DP (values carry the
+    planner's penalty, up to millions, so an absolute tolerance alone would not do)."""
+    return 1e-9 + 1e-10 * abs(value)
 
 
 @njit(cache=True, nogil=True)
@@ -583,14 +592,17 @@ def _convex_runs(xs: np.ndarray, ys: np.ndarray, start: int, stop: int, out_cuts
     n = 0
     out_cuts[0] = start
     prev = -np.inf
+    prev_len = 0.0
     for i in range(start, stop - 1):
-        if xs[i + 1] - xs[i] < _ENVELOPE_X_TOL:
+        length = xs[i + 1] - xs[i]
+        if length < _ENVELOPE_X_TOL:
             continue  # a sliver's slope is rounding noise, not a kink
-        slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
-        if slope < prev - _CONCAVE_TOL * max(1.0, abs(prev)):
+        slope = (ys[i + 1] - ys[i]) / length
+        # A kink counts when the value misses the straight line by more than rounding.
+        if slope < prev and (prev - slope) * min(length, prev_len) > _rounding(ys[i]):
             n += 1
             out_cuts[n] = i
-        prev = slope
+        prev, prev_len = slope, length
     n += 1
     out_cuts[n] = max(stop - 1, start)
     return n
@@ -731,9 +743,9 @@ def _lower_envelope(
         if k >= 1 and out_x[j] - out_x[k - 1] < _ENVELOPE_X_TOL:
             k -= 1  # keep the domain's end exactly
         if k >= 2:
-            s_prev = (out_y[k - 1] - out_y[k - 2]) / (out_x[k - 1] - out_x[k - 2])
-            s_new = (out_y[j] - out_y[k - 1]) / (out_x[j] - out_x[k - 1])
-            if abs(s_new - s_prev) <= 1e-9 * max(1.0, abs(s_prev)):
+            w = (out_x[k - 1] - out_x[k - 2]) / (out_x[j] - out_x[k - 2])
+            on_line = out_y[k - 2] + w * (out_y[j] - out_y[k - 2])
+            if abs(out_y[k - 1] - on_line) <= _rounding(out_y[k - 1]):
                 k -= 1
         out_x[k], out_y[k] = out_x[j], out_y[j]
         k += 1
@@ -810,7 +822,7 @@ def battery_pwl_tables(
     out_marginal: np.ndarray,
 ) -> float:
     """The exact DP on step costs given as tables (step_tables, step_tables_cars): the optimal
-    stored-energy path into out_energy and its cost, or NaN when some step cost is not convex."""
+    stored-energy path into out_energy and its cost (NaN if a value function has too many convex runs)."""
     steps = step_count.shape[0]
     capacity = 64 * (steps + 1)
     xs = np.empty(capacity)
@@ -845,6 +857,8 @@ def battery_pwl_tables(
         v_runs = _convex_runs(xs, ys, a0, a1, v_cuts)
         if f_runs > 1 or v_runs > 1:
             plain[t] = False
+            if v_runs > _MAX_RUNS:
+                return np.nan  # the caller plans on the energy grid instead (never seen; memory stays bounded)
             env_x, env_y, count = _nonconvex_step(fd, fv, m, xs, ys, a0, a1, e_min, e_max, f_cuts, f_runs, v_cuts,
                                                   v_runs)  # fmt: skip
             if n + count > capacity:
@@ -1013,13 +1027,20 @@ def step_tables_cars(
     seg_car = np.empty(3 + cars, dtype=np.int64)
     xs = np.empty(4 + cars)
     vs = np.empty(4 + cars)
+    kinks = np.empty(4)
     for t in range(base_kw.shape[0]):
-        if only_car_steps:
-            present = False
-            for i in range(cars):
-                present = present or arrival[i] <= t < departure[i]
-            if not present:
-                continue
+        present = False
+        for i in range(cars):
+            present = present or arrival[i] <= t < departure[i]
+        if not present:
+            if not only_car_steps:
+                # The step's own cost, exactly (also where it is not convex: export paying more than import).
+                for i in range(cars):
+                    out_car_edge[t, i] = -np.inf
+                out_count[t] = _step_breakpoints(base_kw[t], dt_h, price_import[t], price_export[t],
+                                                 import_cap_kw[t], export_cap_kw[t], curtail_max_kw[t], eta_c, eta_d,
+                                                 wear, d_max, c_max, out_delta[t], out_value[t], kinks)  # fmt: skip
+            continue
         p_imp, p_exp, cap = price_import[t], price_export[t], import_cap_kw[t]
         exp_cap, curt = export_cap_kw[t], curtail_max_kw[t]
         # The grid cost's kinks and slopes (CNY per kW over the step), as in grid_cost.

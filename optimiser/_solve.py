@@ -34,9 +34,10 @@ MAX_PRICED_PLANS = 80
 PRICED_PLANS_PER_CAR = 16
 # Demand-charge cap search: stop when the bracket is this narrow (kW). At 32 CNY/kW, 0.02 kW is 0.64 CNY.
 CAP_TOLERANCE_KW = 0.02
+# The cap search's cutting planes end in a few probes on a piecewise-linear cost; a cap on them.
+MAX_CAP_PROBES = 24
 # A plan's import or export beyond its limit by more than this is reported (rounding is not).
 _LIMIT_TOLERANCE_KW = 1e-6
-_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +327,7 @@ def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | N
         # once); its plan is improved by alternating the exact battery DP and the car placement.
         improved = _alternate(s, a, base, import_cap, None, ev=relaxed.ev.copy())
         fresh = _alternate(s, a, base, import_cap, None)
-        best = min((relaxed, improved, fresh), key=lambda c: c.objective)
+        best = min((relaxed, improved, fresh), key=lambda c: _capped_cost(s, a, c, import_cap))
         if _respects_minimum(s, best.ev):
             return best
         relaxed = best
@@ -337,6 +338,14 @@ def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | N
     repaired = _alternate(s, a, base, import_cap, None, ev=ev)
     fresh = _alternate(s, a, base, import_cap, None)
     return repaired if repaired.objective <= fresh.objective else fresh
+
+
+def _capped_cost(s: Scenario, a: _Arrays, c: _Candidate, import_cap: FloatArray) -> float:
+    """What the DP minimises under an import cap: the plan's cost with the planner's penalty on import
+    above the cap instead of the demand charge (the cap search adds the charge on the cap itself)."""
+    charged = s.grid.demand_charge_cny_per_kw * max(0.0, c.peak_kw - s.grid.peak_import_so_far_kw)
+    over_kwh = float(np.maximum(c.net_kw - import_cap, 0.0).sum()) * a.dt_h
+    return c.objective - charged + k.PENALTY_CNY_PER_KWH * over_kwh
 
 
 def _direction_matters(a: _Arrays) -> bool:
@@ -476,15 +485,20 @@ def solve(scenario: Scenario) -> Plan:
 def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     """Import cap minimising energy cost + demand charge.
 
-    The cost is convex in the cap only where the cap can be held; below that the DP minimises the
-    excess energy, not the peak. So: holding the month's peak so far (free, and usually best) is
-    tried first; if it cannot be held, the lowest cap that can is bisected for (holding is monotone
-    in the cap); then two solves tell whether a higher cap pays, and only then a golden-section search.
+    With the cap c as a soft limit (the planner's penalty above it), G(c) = the optimal cost under c
+    + the demand charge on c above the month's peak is convex in c wherever the plan is an LP optimum
+    (the cap is a right-hand side), and piecewise linear. Holding the month's peak (free, and usually
+    best) is tried first; otherwise G is minimised between that and the uncapped plan's peak by
+    cutting planes: each probe solves at c and c + CAP_TOLERANCE_KW (a slope, hence a tangent below
+    G), and the next probe is where the tangents bracketing the minimum cross. On a piecewise-linear
+    G this ends in a few probes, when G at a probe meets the tangents' lower bound. The best plan
+    seen is kept (where G is not convex, the search is a heuristic and says nothing more).
     """
     best: _Candidate | None = None
     warm: _Candidate | None = None
     results: dict[float, _Candidate] = {}
     pool = _PlanPool.of(s, a)
+    demand = s.grid.demand_charge_cny_per_kw
 
     def evaluate(cap: float) -> _Candidate:
         nonlocal best, warm
@@ -495,45 +509,44 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
                 best = candidate
         return results[cap]
 
-    def holds(cap: float) -> bool:
-        return evaluate(cap).peak_kw <= cap + CAP_TOLERANCE_KW
+    def g(cap: float) -> float:
+        """G(cap): the plan's cost with the penalty above the cap and the demand charge on the cap."""
+        capped = _capped_cost(s, a, evaluate(cap), np.minimum(a.import_limit, cap))
+        return capped + demand * max(0.0, cap - floor_kw)
+
+    def slope(cap: float) -> float:
+        return (g(cap + CAP_TOLERANCE_KW) - g(cap)) / CAP_TOLERANCE_KW
 
     low = floor_kw
     if evaluate(low).peak_kw < low - CAP_TOLERANCE_KW:
         assert best is not None
         return best  # the cap does not bind: the plan is the uncapped optimum and adds no demand charge
-    if holds(low) and (
-        _raising_cap_cannot_pay(s, a, evaluate(low), low)
-        or evaluate(low).objective <= evaluate(low + CAP_TOLERANCE_KW).objective
-    ):
+    holds = evaluate(low).peak_kw <= low + CAP_TOLERANCE_KW
+    if holds and _raising_cap_cannot_pay(s, a, evaluate(low), low):
         assert best is not None
         return best  # the usual case: holding the month's peak
-    high = max(evaluate(math.inf).peak_kw, floor_kw)
-    if not holds(low):
-        lo, hi = low, high
-        while hi - lo > CAP_TOLERANCE_KW:
-            mid = 0.5 * (lo + hi)
-            if holds(mid):
-                hi = mid
-            else:
-                lo = mid
-        low = hi
-    if high <= low + CAP_TOLERANCE_KW or evaluate(low).objective <= evaluate(low + CAP_TOLERANCE_KW).objective:
+    s_low = slope(low)
+    high = evaluate(math.inf).peak_kw
+    results.setdefault(high, results[math.inf])  # the uncapped plan is the plan for its own peak
+    if s_low >= 0.0 or high <= low + CAP_TOLERANCE_KW:
         assert best is not None
         return best
-    low += CAP_TOLERANCE_KW
-    x1 = high - _GOLDEN * (high - low)
-    x2 = low + _GOLDEN * (high - low)
-    f1, f2 = evaluate(x1).objective, evaluate(x2).objective
-    while high - low > CAP_TOLERANCE_KW:
-        if f1 <= f2:
-            high, x2, f2 = x2, x1, f1
-            x1 = high - _GOLDEN * (high - low)
-            f1 = evaluate(x1).objective
+    g_low, g_high, s_high = g(low), g(high), demand  # above the uncapped peak only the charge grows
+    for _ in range(MAX_CAP_PROBES):
+        if high - low <= CAP_TOLERANCE_KW:
+            break
+        cross = (g_high - g_low + s_low * low - s_high * high) / (s_low - s_high)
+        bound = g_low + s_low * (cross - low)  # no cap in [low, high] does better (G convex)
+        if min(g_low, g_high) - bound <= 1e-7 * max(1.0, abs(bound)):
+            break  # G meets the lower bound: the better end is optimal
+        if not low < cross < high:
+            cross = 0.5 * (low + high)
+        cross = min(max(cross, low + CAP_TOLERANCE_KW), high - CAP_TOLERANCE_KW)
+        g_cross, s_cross = g(cross), slope(cross)
+        if s_cross < 0.0:
+            low, g_low, s_low = cross, g_cross, s_cross
         else:
-            low, x1, f1 = x1, x2, f2
-            x2 = low + _GOLDEN * (high - low)
-            f2 = evaluate(x2).objective
+            high, g_high, s_high = cross, g_cross, s_cross
     assert best is not None
     return best
 
