@@ -1258,7 +1258,7 @@ def _priced_cost(
 
 @njit(
     "i8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, i8[:], i8[:], f8[:],"
-    " f8[:], f8[:, :], f8[:, :, :], i8, f8[:], f8[:])",
+    " f8[:], f8[:, :], f8[:, :, :], i8, f8[:], f8[:], f8[:])",
     cache=True,
     nogil=True,
 )
@@ -1268,6 +1268,7 @@ def column_generation(
     d_max: float, c_max: float, e_min: float, e_max: float, e_start: float, final_min_kwh: float,
     arrival: np.ndarray, departure: np.ndarray, car_max_kw: np.ndarray, need_kwh: np.ndarray,
     plan_energy: np.ndarray, plan_ev: np.ndarray, initial: int, start_price: np.ndarray, out_weight: np.ndarray,
+    out_bound: np.ndarray,
 ) -> int:  # fmt: skip
     """Optimal battery and car plan by column generation over plans (battery path, car kW).
 
@@ -1275,8 +1276,9 @@ def column_generation(
     (which must not deliver more than any need). New plans are priced
     into plan_energy/plan_ev until no plan improves the master problem or the arrays are full.
     `start_price`: a first guess of each car's CNY/kWh; the prices of the best bound are written back.
-    Returns the number of plans, with the optimal combination's weights in out_weight; -1 when some
-    step cost is not convex (the DP cannot price).
+    Returns the number of plans, with the optimal combination's weights in out_weight, and in
+    out_bound[0] the best Lagrangian lower bound on the cost (valid for any plan, also one where a car
+    has a minimum power or the step cost is not convex); -1 when the DP cannot price.
     """
     steps, cars, capacity = base_kw.shape[0], arrival.shape[0], plan_energy.shape[0]
     kwh = np.empty((capacity, cars))
@@ -1305,6 +1307,7 @@ def column_generation(
     # `start_price` instead, later ones at the master's duals.
     price = start_price.copy()
     best_bound = -np.inf
+    out_bound[0] = -np.inf
     n = initial
     tables_ready = False
     while n < capacity:
@@ -1329,6 +1332,7 @@ def column_generation(
             bound = bound + price[i] * need_kwh[i] if price[i] <= PENALTY_CNY_PER_KWH else -np.inf
         if bound > best_bound:
             best_bound = bound
+            out_bound[0] = bound
             start_price[:] = price
         car_allocation(base_kw, plan_energy[n], dt_h, eta_c, eta_d, arrival, departure, car_max_kw, edge,
                        plan_ev[n])  # fmt: skip

@@ -256,8 +256,7 @@ def main(argv: list[str]) -> int:
 
 def _bound(plan: Plan) -> str:
     """The planner's own proven bound on its gap to the optimum, if it gives one."""
-    bound = getattr(plan, "gap_bound", None)
-    return "-" if bound is None else f"{bound:.3%}"
+    return "-" if plan.gap_bound is None else f"{plan.gap_bound:.3%}"
 
 
 if __name__ == "__main__":
