@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from controller.cli import main
 from optimiser import Plan, Scenario, ScenarioError, load_scenario, solve, solve_scenario
 from optimiser import _kernels as k
-from optimiser.reference_lp import solve_lp
+from optimiser.bench import matrix_scenarios
+from optimiser.reference_lp import solve_exact, solve_lp
 
 SCENARIOS = sorted((Path(__file__).parents[1] / "config" / "scenarios").glob("*.json"))
 TOL_KW = 1e-6
@@ -25,12 +26,15 @@ LP_SLACK_CNY = 1e-5
 
 
 @st.composite
-def scenarios(draw: st.DrawFn, *, evs: bool = True, demand: bool = True) -> dict[str, Any]:
-    steps = draw(st.integers(4, 40))
+def scenarios(
+    draw: st.DrawFn, *, evs: bool = True, demand: bool = True, export_price_max: float = 0.1, min_power: bool = False,
+    max_steps: int = 40,
+) -> dict[str, Any]:  # fmt: skip
+    steps = draw(st.integers(4, max_steps))
     step_minutes = draw(st.sampled_from([15, 30, 60]))
     floats = st.floats
     price = [draw(floats(0.1, 1.5)) for _ in range(steps)]
-    export_price = draw(floats(0.0, 0.1))
+    export_price = draw(floats(0.0, export_price_max))
     pv = [draw(floats(0.0, 150.0)) for _ in range(steps)]
     load = [draw(floats(5.0, 120.0)) for _ in range(steps)]
     capacity = draw(floats(20.0, 300.0))
@@ -46,7 +50,8 @@ def scenarios(draw: st.DrawFn, *, evs: bool = True, demand: bool = True) -> dict
             most = max_kw * (departure - arrival) * step_minutes / 60
             sessions.append(
                 {"charger": f"ev{index}", "arrival_step": arrival, "departure_step": departure,
-                 "energy_kwh": draw(floats(0.0, 0.9)) * most, "min_kw": 0.0, "max_kw": max_kw}
+                 "energy_kwh": draw(floats(0.0, 0.9)) * most,
+                 "min_kw": draw(floats(0.1, 0.5)) * max_kw if min_power else 0.0, "max_kw": max_kw}
             )  # fmt: skip
     import_limit = max(load) + sum(s["max_kw"] for s in sessions) + 1.0
     return {
@@ -150,6 +155,81 @@ def test_plan_with_cars_within_half_a_percent_of_the_lp(data: dict[str, Any]) ->
     assert plan.cost_cny >= lp.cost_cny - 1e-6 * abs(lp.cost_cny) - LP_SLACK_CNY  # the LP is a lower bound
     assert plan.cost_cny <= lp.cost_cny + 0.005 * abs(lp.cost_cny) + 1e-6, (plan.cost_cny, lp.cost_cny)
     assert_plan_within_limits(s, plan)
+
+
+# Issue #21: the planner against the exact optimum (the MIP where the LP relaxes a rule that matters).
+EXACT_GAP = 0.001
+
+
+def assert_within_exact(s: Scenario, plan: Plan, exact_cost: float, gap: float = EXACT_GAP) -> None:
+    assert plan.cost_cny >= exact_cost - 1e-6 * abs(exact_cost) - LP_SLACK_CNY, (plan.cost_cny, exact_cost)
+    assert plan.cost_cny <= exact_cost + gap * abs(exact_cost) + 1e-6, (plan.cost_cny, exact_cost)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(evs=False, demand=False, export_price_max=1.0, max_steps=24))
+def test_battery_plan_is_exact_where_export_pays_more_than_import(data: dict[str, Any]) -> None:
+    # Export above some import price: the LP would import and export at once; the DP's step cost has
+    # a concave kink at zero and each DP step is a lower envelope. Exact against the MIP.
+    s = load_scenario(data)
+    plan = solve(s)
+    assert plan.cost_cny == pytest.approx(solve_exact(s).cost_cny, rel=1e-6, abs=LP_SLACK_CNY)
+    assert_plan_within_limits(s, plan)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(evs=False, export_price_max=1.0, max_steps=24))
+def test_demand_charge_and_paid_export_within_a_tenth_of_a_percent_of_the_exact_optimum(data: dict[str, Any]) -> None:
+    s = load_scenario(data)
+    plan = solve(s)
+    assert_within_exact(s, plan, solve_exact(s).cost_cny)
+    assert_plan_within_limits(s, plan)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(min_power=True, max_steps=24))
+def test_cars_with_a_minimum_power_are_within_the_proven_bound(data: dict[str, Any]) -> None:
+    s = load_scenario(data)
+    plan = solve(s)
+    exact = solve_exact(s)
+    for session, kw in zip(s.ev_sessions, plan.ev_kw.values(), strict=True):
+        used = kw[kw > 1e-9]
+        assert (used >= session.min_kw - 1e-9).all()
+    if plan.gap_bound is not None and s.grid.demand_charge_cny_per_kw == 0 and not plan.ev_shortfalls:
+        # Without a demand charge the bound is on the gap to the optimum itself.
+        assert_within_exact(s, plan, exact.cost_cny, plan.gap_bound + 1e-9)
+    else:
+        assert plan.cost_cny >= exact.cost_cny - 1e-6 * abs(exact.cost_cny) - LP_SLACK_CNY
+
+
+def _matrix(prefix: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(label, data) for label, data in matrix_scenarios() if label.startswith(prefix)]
+
+
+def _check_matrix_row(data: dict[str, Any]) -> None:
+    s = load_scenario(data)
+    plan = solve(s)
+    exact = solve_exact(s)
+    if any(x.min_kw > 0 for x in s.ev_sessions):
+        assert plan.gap_bound is not None
+        assert_within_exact(s, plan, exact.cost_cny, plan.gap_bound + 1e-9)
+    else:
+        assert_within_exact(s, plan, exact.cost_cny)
+    if s.battery is not None:
+        assert_plan_within_limits(s, plan)
+
+
+@pytest.mark.parametrize(("label", "data"), _matrix("24h"), ids=[label for label, _ in _matrix("24h")])
+def test_bench_matrix_24h_is_exact(label: str, data: dict[str, Any]) -> None:
+    """Every family of the bench's matrix at 24 h / 15 min: within 0.1 % of the exact optimum (cars with
+    a minimum power: within the proven bound the plan states)."""
+    _check_matrix_row(data)
+
+
+@pytest.mark.long_hil
+@pytest.mark.parametrize(("label", "data"), _matrix("48h"), ids=[label for label, _ in _matrix("48h")])
+def test_bench_matrix_48h_is_exact(label: str, data: dict[str, Any]) -> None:
+    _check_matrix_row(data)  # the MIPs take up to several seconds each at 576 steps
 
 
 def test_cars_that_compete_with_the_battery_for_cheap_energy_are_placed_exactly() -> None:
