@@ -23,6 +23,7 @@ from controller.safety import Setpoints
 from controller.simulation import simulated_site
 from firmware_bridge.device import Readings
 from firmware_bridge.errors import DeviceTimeout, PortError
+from firmware_bridge.ports import missing_ports
 from firmware_bridge.transport import Link, SerialLink
 from tests.nullmodem import NullModem
 from tests.plant_peer import SPACES, Plant, PlantPeer
@@ -364,3 +365,18 @@ async def test_a_battery_that_ramps_as_its_site_file_says_is_not_called_deaf() -
     battery = report.steps[0]
     assert battery.kind.value == "battery"
     assert [f.what for f in battery.findings if f.verdict is Verdict.IMPLAUSIBLE] == [], battery.summary
+
+
+# --- 9. a bus behind a serial server (a pyserial URL) ---------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: missing_ports checks os.path.exists(bus.port), so a bus on a pyserial URL (an RS-485 to"
+    " Ethernet serial server: socket://, rfc2217://, which SerialLink opens) is named missing and"
+    " `greensite run` exits 2 (under systemd it waits for it for ever)",
+)
+@pytest.mark.parametrize("port", ["socket://192.0.2.10:4001", "rfc2217://192.0.2.10:4002"])
+def test_a_bus_on_a_serial_server_url_is_not_called_missing(port: str) -> None:
+    site = _load(_centre_text(**{'port = "/dev/ttyUSB0"': f'port = "{port}"', "simulated = true": "simulated = false"}))
+    assert missing_ports(site) == []
