@@ -1007,18 +1007,185 @@ def battery_pwl(
 # the exact DP runs on it unchanged. A car whose segment lies right of y charges fully, left of it not.
 
 
+# Where the step's grid cost is not convex (export paying more than import) and a car is present,
+# the cars are convolved with each convex run of the grid cost separately, and the step's cost is the
+# lower envelope of those (the convex merge would price the run's convex hull: import and export at
+# once). Each run keeps its own car edges; the allocation takes the run that is cheapest at the grid
+# power the plan ends up with. At most three runs (the kinks at zero, the export limit, the cap).
+_CAR_RUNS = 3
+
+
+@njit(cache=True, nogil=True)
+def _car_runs_step(
+    t: int, base: float, p_imp: float, p_exp: float, cap: float, exp_cap: float, curt: float, dt_h: float,
+    eta_c: float, eta_d: float, wear: float, d_max: float, c_max: float, arrival: np.ndarray,
+    departure: np.ndarray, car_max_kw: np.ndarray, car_cny_per_kwh: np.ndarray, row_d: np.ndarray,
+    row_v: np.ndarray, run_x: np.ndarray, run_v: np.ndarray, run_n: np.ndarray, run_edge: np.ndarray,
+) -> int:  # fmt: skip
+    """Row t of the car-priced step tables where the grid cost is not convex; returns its kink count,
+    or 0 when the grid cost is convex here or the row would not fit (the caller prices the hull)."""
+    cars = arrival.shape[0]
+    g1 = -(exp_cap + curt)
+    g2 = -exp_cap if p_exp >= 0.0 else -curt
+    s0 = -PENALTY_CNY_PER_KWH * dt_h if p_exp >= 0.0 else (p_exp - PENALTY_CNY_PER_KWH) * dt_h
+    s1 = 0.0 if p_exp >= 0.0 else p_exp * dt_h
+    s2 = p_exp * dt_h if p_exp >= 0.0 else 0.0
+    s3 = p_imp * dt_h
+    s4 = (p_imp + PENALTY_CNY_PER_KWH) * dt_h
+    # The grid cost's segments (slope, left, right) of non-zero width; the first and last unbounded.
+    seg_s = np.empty(5)
+    seg_l = np.empty(5)
+    seg_r = np.empty(5)
+    bounds = (-np.inf, g1, g2, 0.0, cap, np.inf)
+    slopes = (s0, s1, s2, s3, s4)
+    n_seg = 0
+    for j in range(5):
+        if bounds[j + 1] - bounds[j] > 1e-12:
+            seg_s[n_seg], seg_l[n_seg], seg_r[n_seg] = slopes[j], bounds[j], bounds[j + 1]
+            n_seg += 1
+    run_start = np.empty(4, dtype=np.int64)
+    runs = 1
+    run_start[0] = 0
+    for j in range(1, n_seg):
+        if seg_s[j] < seg_s[j - 1] - 1e-12:
+            if runs == _CAR_RUNS:
+                return 0
+            run_start[runs] = j
+            runs += 1
+    if runs == 1:
+        return 0
+    run_start[runs] = n_seg
+    # The grid powers the battery can reach here.
+    y_lo = base + battery_kw_for(-d_max, dt_h, eta_c, eta_d)
+    y_hi = base + battery_kw_for(c_max, dt_h, eta_c, eta_d)
+    width = run_x.shape[2]
+    cs = np.empty(3 + cars)
+    cw = np.empty(3 + cars)
+    cc = np.empty(3 + cars, dtype=np.int64)
+    for r in range(_CAR_RUNS):
+        run_n[t, r] = 0
+    for r in range(runs):
+        a, b = run_start[r], run_start[r + 1] - 1
+        left_open = seg_l[a] == -np.inf
+        right_open = seg_r[b] == np.inf
+        n = 0
+        for j in range(a, b + 1):
+            if seg_l[j] > -np.inf and seg_r[j] < np.inf:
+                cs[n], cw[n], cc[n] = seg_s[j], seg_r[j] - seg_l[j], -1
+                n += 1
+        on_kw = 0.0
+        on_value = 0.0
+        for i in range(cars):
+            run_edge[t, r, i] = -np.inf
+            if not arrival[i] <= t < departure[i]:
+                continue
+            slope = car_cny_per_kwh[i] * dt_h
+            if left_open and slope <= seg_s[a]:
+                continue
+            on_kw += car_max_kw[i]
+            on_value += slope * car_max_kw[i]
+            if right_open and slope >= seg_s[b]:
+                run_edge[t, r, i] = np.inf
+                continue
+            cs[n], cw[n], cc[n] = slope, car_max_kw[i], i
+            n += 1
+        for u in range(1, n):
+            j = u
+            while j > 0 and cs[j - 1] > cs[j]:
+                cs[j - 1], cs[j] = cs[j], cs[j - 1]
+                cw[j - 1], cw[j] = cw[j], cw[j - 1]
+                cc[j - 1], cc[j] = cc[j], cc[j - 1]
+                j -= 1
+        # The run's finite start: its left kink (or, left-open, its first finite kink), all cars on.
+        start = seg_r[a] if left_open else seg_l[a]
+        xs = np.empty(n + 3)
+        vs = np.empty(n + 3)
+        xs[0] = start - on_kw
+        vs[0] = grid_cost(start, dt_h, p_imp, p_exp, cap, exp_cap, curt, PENALTY_CNY_PER_KWH) - on_value
+        k = 1
+        for j in range(n):
+            xs[k] = xs[k - 1] + cw[j]
+            vs[k] = vs[k - 1] + cs[j] * cw[j]
+            if cc[j] >= 0:
+                run_edge[t, r, cc[j]] = xs[k]
+            if cw[j] > 1e-12:
+                k += 1
+        # Onto [y_lo, y_hi]: the open ends extend at the penalty slopes, the closed ones stop.
+        out = 0
+        if left_open and y_lo < xs[0]:
+            run_x[t, r, 0], run_v[t, r, 0] = y_lo, vs[0] + seg_s[a] * (y_lo - xs[0])
+            out = 1
+        for j in range(k):
+            if y_lo <= xs[j] <= y_hi:
+                if out == 0 and xs[j] > y_lo and j > 0:
+                    w = (y_lo - xs[j - 1]) / (xs[j] - xs[j - 1])
+                    run_x[t, r, 0], run_v[t, r, 0] = y_lo, vs[j - 1] + w * (vs[j] - vs[j - 1])
+                    out = 1
+                if out + 2 > width:
+                    return 0
+                run_x[t, r, out], run_v[t, r, out] = xs[j], vs[j]
+                out += 1
+            elif xs[j] > y_hi and j > 0 and xs[j - 1] < y_hi:
+                w = (y_hi - xs[j - 1]) / (xs[j] - xs[j - 1])
+                lo_x = max(xs[j - 1], y_lo)
+                if out == 0:
+                    w0 = (lo_x - xs[j - 1]) / (xs[j] - xs[j - 1])
+                    run_x[t, r, 0], run_v[t, r, 0] = lo_x, vs[j - 1] + w0 * (vs[j] - vs[j - 1])
+                    out = 1
+                run_x[t, r, out], run_v[t, r, out] = y_hi, vs[j - 1] + w * (vs[j] - vs[j - 1])
+                out += 1
+                break
+        if right_open and out > 0 and y_hi > run_x[t, r, out - 1]:
+            last = run_x[t, r, out - 1]
+            run_x[t, r, out], run_v[t, r, out] = y_hi, run_v[t, r, out - 1] + seg_s[b] * (y_hi - last)
+            out += 1
+        elif right_open and out == 0 and xs[k - 1] < y_lo:
+            run_x[t, r, 0], run_v[t, r, 0] = y_lo, vs[k - 1] + seg_s[b] * (y_lo - xs[k - 1])
+            run_x[t, r, 1], run_v[t, r, 1] = y_hi, vs[k - 1] + seg_s[b] * (y_hi - xs[k - 1])
+            out = 2
+        run_n[t, r] = out
+    # The step's cost over y: the lower envelope of the runs.
+    starts = np.empty(runs, dtype=np.int64)
+    stops = np.empty(runs, dtype=np.int64)
+    px = np.empty(runs * width)
+    py = np.empty(runs * width)
+    count = 0
+    at = 0
+    for r in range(runs):
+        if run_n[t, r] > 0:
+            starts[count] = at
+            for j in range(run_n[t, r]):
+                px[at], py[at] = run_x[t, r, j], run_v[t, r, j]
+                at += 1
+            stops[count] = at
+            count += 1
+    env_x = np.empty(at * (count + 1) + 2)
+    env_y = np.empty(at * (count + 1) + 2)
+    n_env = _lower_envelope(px, py, starts, stops, count, env_x, env_y)
+    if n_env == 0 or n_env + 3 > row_d.shape[0]:
+        return 0
+    m = _energy_kinks(env_x, n_env, base, dt_h, eta_c, eta_d, d_max, c_max, row_d)
+    for j in range(m):
+        battery = battery_kw_for(row_d[j], dt_h, eta_c, eta_d)
+        row_v[j] = _pwl_value(env_x, env_y, 0, n_env, base + battery) + wear * abs(battery) * dt_h
+    return m
+
+
 @njit(cache=True, nogil=True)
 def step_tables_cars(
     base_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray, import_cap_kw: np.ndarray,
     export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float, eta_c: float, eta_d: float, wear: float,
     d_max: float, c_max: float, arrival: np.ndarray, departure: np.ndarray, car_max_kw: np.ndarray,
     car_cny_per_kwh: np.ndarray, out_delta: np.ndarray, out_value: np.ndarray, out_count: np.ndarray,
-    out_car_edge: np.ndarray, only_car_steps: bool,
+    out_car_edge: np.ndarray, only_car_steps: bool, run_x: np.ndarray, run_v: np.ndarray, run_n: np.ndarray,
+    run_edge: np.ndarray,
 ) -> None:  # fmt: skip
     """step_tables for net load `base_kw` without the cars, each car valued at car_cny_per_kwh.
 
     out_car_edge[t, i]: the car charges min(max(edge - y, 0), max_kw) at net load y (battery included):
     +inf for a car that always charges at its value, -inf for one that never does or is away.
+    Where the grid cost is not convex, per convex run r instead: its cost over y in run_x/run_v[t, r,
+    :run_n[t, r]] and the edges in run_edge[t, r] (run_n[t, 0] == 0 elsewhere).
     `only_car_steps`: leave the rows of steps without a car as they are (they do not depend on values).
     """
     cars = arrival.shape[0]
@@ -1042,6 +1209,15 @@ def step_tables_cars(
                                                  wear, d_max, c_max, out_delta[t], out_value[t], kinks)  # fmt: skip
             continue
         p_imp, p_exp, cap = price_import[t], price_export[t], import_cap_kw[t]
+        run_n[t, 0] = 0
+        if p_exp > p_imp or p_imp < 0.0:
+            m = _car_runs_step(t, base_kw[t], p_imp, p_exp, cap, export_cap_kw[t], curtail_max_kw[t], dt_h, eta_c,
+                               eta_d, wear, d_max, c_max, arrival, departure, car_max_kw, car_cny_per_kwh,
+                               out_delta[t], out_value[t], run_x, run_v, run_n, run_edge)  # fmt: skip
+            if m > 0:
+                out_count[t] = m
+                continue
+            run_n[t, :] = 0
         exp_cap, curt = export_cap_kw[t], curtail_max_kw[t]
         # The grid cost's kinks and slopes (CNY per kW over the step), as in grid_cost.
         g1 = -(exp_cap + curt)
@@ -1115,14 +1291,25 @@ def step_tables_cars(
 @njit(cache=True, nogil=True)
 def car_allocation(
     base_kw: np.ndarray, energy: np.ndarray, dt_h: float, eta_c: float, eta_d: float, arrival: np.ndarray,
-    departure: np.ndarray, car_max_kw: np.ndarray, car_edge: np.ndarray, out_kw: np.ndarray,
+    departure: np.ndarray, car_max_kw: np.ndarray, car_edge: np.ndarray, run_x: np.ndarray, run_v: np.ndarray,
+    run_n: np.ndarray, run_edge: np.ndarray, out_kw: np.ndarray,
 ) -> None:  # fmt: skip
     """Each car's kW per step for a battery path priced with step_tables_cars (into out_kw[car, t])."""
     for t in range(base_kw.shape[0]):
         y = base_kw[t] + battery_kw_for(energy[t + 1] - energy[t], dt_h, eta_c, eta_d)
+        run = -1
+        if run_n[t, 0] > 0 or run_n[t, 1] > 0:
+            best = np.inf
+            for r in range(run_n.shape[1]):
+                n = run_n[t, r]
+                if n > 0 and run_x[t, r, 0] - 1e-9 <= y <= run_x[t, r, n - 1] + 1e-9:
+                    value = _pwl_value(run_x[t, r], run_v[t, r], 0, n, y)
+                    if value < best - 1e-12:
+                        best, run = value, r
         for i in range(arrival.shape[0]):
             if arrival[i] <= t < departure[i]:
-                out_kw[i, t] = min(max(car_edge[t, i] - y, 0.0), car_max_kw[i])
+                edge = car_edge[t, i] if run < 0 else run_edge[t, run, i]
+                out_kw[i, t] = min(max(edge - y, 0.0), car_max_kw[i])
             else:
                 out_kw[i, t] = 0.0
 
@@ -1283,7 +1470,7 @@ def column_generation(
     steps, cars, capacity = base_kw.shape[0], arrival.shape[0], plan_energy.shape[0]
     kwh = np.empty((capacity, cars))
     cost = np.empty(capacity)
-    width = _KINKS + cars
+    width = 4 * (_KINKS + cars)
     delta = np.empty((steps, width))
     value = np.empty((steps, width))
     count = np.empty(steps, dtype=np.int64)
@@ -1302,6 +1489,11 @@ def column_generation(
         for i in range(cars):
             kwh[j, i] = min(plan_ev[j, i].sum() * dt_h, need_kwh[i]) if j == 0 else plan_ev[j, i].sum() * dt_h
     edge = np.empty((steps, cars))
+    run_width = 2 * (cars + _KINKS)
+    run_x = np.empty((steps, _CAR_RUNS, run_width))
+    run_v = np.empty((steps, _CAR_RUNS, run_width))
+    run_n = np.zeros((steps, _CAR_RUNS), dtype=np.int64)
+    run_edge = np.empty((steps, _CAR_RUNS, cars))
     duals = np.empty(cars + 1)
     # The first master's duals are degenerate (shortfall prices): the first plan is priced at
     # `start_price` instead, later ones at the master's duals.
@@ -1319,7 +1511,7 @@ def column_generation(
             price[:] = duals[:cars]
         step_tables_cars(base_kw, price_import, price_export, import_cap_kw, export_cap_kw, curtail_max_kw, dt_h,
                          eta_c, eta_d, wear, d_max, c_max, arrival, departure, car_max_kw, price, delta, value,
-                         count, edge, tables_ready)  # fmt: skip
+                         count, edge, tables_ready, run_x, run_v, run_n, run_edge)  # fmt: skip
         guess = not tables_ready
         tables_ready = True
         lagrangian = battery_pwl_tables(delta, value, count, e_min, e_max, e_start, d_max, c_max, final_min_kwh,
@@ -1334,8 +1526,8 @@ def column_generation(
             best_bound = bound
             out_bound[0] = bound
             start_price[:] = price
-        car_allocation(base_kw, plan_energy[n], dt_h, eta_c, eta_d, arrival, departure, car_max_kw, edge,
-                       plan_ev[n])  # fmt: skip
+        car_allocation(base_kw, plan_energy[n], dt_h, eta_c, eta_d, arrival, departure, car_max_kw, edge, run_x,
+                       run_v, run_n, run_edge, plan_ev[n])  # fmt: skip
         cost[n] = _priced_cost(base_kw, plan_energy[n], plan_ev[n], price_import, price_export, import_cap_kw,
                                export_cap_kw, curtail_max_kw, dt_h, eta_c, eta_d, wear, final_min_kwh)  # fmt: skip
         reduced = cost[n] - duals[cars]

@@ -158,7 +158,10 @@ def solve_lp(s: Scenario, *, exact: bool = False) -> LpResult:
         rhs = s.load_kw[t] - s.pv_kw[t]
         m.row(terms, rhs, rhs)
     for i, session in enumerate(s.ev_sessions):
-        m.row([(col, dt) for col in ev_cols[i].values()] + [(ev_slack[i], 1.0)], session.energy_kwh, session.energy_kwh)
+        # Off or at least min_kw: a need below one step at min_kw can only be met by giving a little more.
+        over = session.min_kw * dt if exact else 0.0
+        need = session.energy_kwh
+        m.row([(col, dt) for col in ev_cols[i].values()] + [(ev_slack[i], 1.0)], need, need + over)
     final_slack = None
     if b is not None:
         e_min, e_max = b.soc_min * b.capacity_kwh, b.soc_max * b.capacity_kwh
