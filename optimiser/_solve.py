@@ -32,6 +32,8 @@ MAX_ROUNDS = 6
 # per car suffice; the school's 48 h case with four sessions needs about 20).
 MAX_PRICED_PLANS = 80
 PRICED_PLANS_PER_CAR = 16
+# A plan within this fraction of column generation's lower bound is optimal (up to rounding).
+PROVEN_OPTIMAL = 1e-7
 # Demand-charge cap search: stop when the bracket is this narrow (kW). At 32 CNY/kW, 0.02 kW is 0.64 CNY.
 CAP_TOLERANCE_KW = 0.02
 # The cap search's cutting planes end in a few probes on a piecewise-linear cost; a cap on them.
@@ -334,9 +336,11 @@ def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | N
     relaxed = _exact_cars(s, a, base, import_cap, None if warm is None else warm.ev, pool=pool)
     if relaxed is None:
         return _alternate(s, a, base, import_cap, warm)
-    if _direction_matters(a):
-        # Column generation prices the cars against the step costs' convex hull (import and export at
-        # once); its plan is improved by alternating the exact battery DP and the car placement.
+    proven = _bounded(s, a, relaxed, import_cap, relaxed.lower_bound).gap_bound
+    if _direction_matters(a) and (proven is None or proven > PROVEN_OPTIMAL):
+        # Where export pays more than import the combination of plans column generation returns is
+        # not always a plan as cheap as the combination (the cost is not convex); unless the bound
+        # proves it optimal, it is improved by alternating the exact battery DP and the car placement.
         improved = _alternate(s, a, base, import_cap, None, ev=relaxed.ev.copy())
         fresh = _alternate(s, a, base, import_cap, None)
         best = min((relaxed, improved, fresh), key=lambda c: _capped_cost(s, a, c, import_cap))
