@@ -741,6 +741,16 @@ class SiteConfig(_Model):
             for d, device in enumerate(bus.devices):
                 if device.rated_kw is not None and device.kind is not DeviceKind.BATTERY_INVERTER:
                     raise ValueError(f"buses.{b}.devices.{d}.rated_kw: only a battery inverter takes a share")
+        rated = [self.buses[b].devices[d].rated_kw for b, d in inverters]
+        if self.battery is not None and inverters and all(kw is not None for kw in rated):
+            total_kw = sum(kw for kw in rated if kw is not None)
+            needed_kw = max(self.battery.max_charge_kw, self.battery.max_discharge_kw)
+            if total_kw < needed_kw:
+                b, d = inverters[0]
+                raise ValueError(
+                    f"buses.{b}.devices.{d}.rated_kw: the battery inverters are rated {total_kw:g} kW together, less"
+                    f" than the battery's {needed_kw:g} kW: each would be asked beyond its rating"
+                )
         self._check_tuning_within_ratings()
         return self
 

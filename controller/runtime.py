@@ -277,6 +277,9 @@ class Runtime:
         # The battery's last setpoint write failed (refused, bus down): it is not following whatever
         # it reads now, until a write lands.
         self._battery_refused = False
+        # Per battery inverter: its last setpoint write failed. One refusing is enough to count the battery
+        # out (the next inverter accepting its share does not make the first one's share land).
+        self._inverter_refused: dict[str, bool] = {}
         self._written: dict[tuple[str, str], float] = {}
         # Devices whose communication watchdog is armed (-> the bus's recovery count then), and when each
         # device was last written (a write keeps its watchdog alive).
@@ -572,7 +575,13 @@ class Runtime:
         if self.observe:
             # The same checks as a write, the frame never sent. What the devices hold is still what they
             # held (`_written` is what was sent): each tick's setpoints are worked out from the site as it is.
-            self.drivers[device].write_exchange(quantity, value)
+            try:
+                self.drivers[device].write_exchange(quantity, value)
+            except ValueError as err:  # a value the register cannot take: counted as a real run counts it
+                self.stats.write_failures += 1
+                _log.warning("setpoint could not be written", extra={"device": device, "quantity": quantity,
+                                                                       "error": str(err)})  # fmt: skip
+                return False
             self.would_write[(device, quantity)] = value
             self.stats.observed_writes += 1
             _log.debug("would write", extra={"device": device, "quantity": quantity, "value": value})
@@ -997,7 +1006,8 @@ class Runtime:
             if last is None or abs(last - value) > deadband or (value == 0.0 and last != 0.0) or exact:
                 written = await self._write_now(device, quantity, value)
                 if quantity == "power_setpoint_kw":
-                    self._battery_refused = not written
+                    self._inverter_refused[device] = not written
+                    self._battery_refused = any(self._inverter_refused.values())
         self._setpoint_battery_kw = setpoints.battery_kw
 
     # --- planning -----------------------------------------------------------------------------------

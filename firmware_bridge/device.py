@@ -129,7 +129,7 @@ class DeviceDriver:
             if low is None or high is None:  # the map's validation refuses this; a hand-built map might not
                 raise ValueError(f"{device_map.name}: {point.name} has no plausible range")
             ct = self._ct(point.name)
-            low, high = sorted((low * ct * self._direction(point.name), high * ct * self._direction(point.name)))
+            low, high = sorted((low * ct * self._direction(point), high * ct * self._direction(point)))
             self._plausible[self._site_name(point.name)] = (low, high)
         self._implausible: dict[str, int] = {}
         self._episode: dict[str, int] = {}  # quantity -> rejections in the episode still going on
@@ -139,9 +139,12 @@ class DeviceDriver:
     def _ct(self, quantity: str) -> float:
         return self.ct_ratio if quantity.endswith(CT_SCALED_SUFFIXES) else 1.0
 
-    def _direction(self, quantity: str) -> float:
-        """-1 for a flow read through a CT fitted backwards (power, current, power factor), else 1."""
-        return -1.0 if self.invert_sign and quantity.startswith(DIRECTED_PREFIXES) else 1.0
+    def _direction(self, point: ModbusPoint | Dlt645Point) -> float:
+        """-1 for a flow measured through a CT fitted backwards (power, current, power factor), else 1. A
+        setpoint read back (`power_setpoint_kw`, `current_limit_a`) is what was written, never negated: read
+        negated, the step test put a battery back at -5 kW that had held +5."""
+        measured = point.access is Access.READ
+        return -1.0 if self.invert_sign and measured and point.name.startswith(DIRECTED_PREFIXES) else 1.0
 
     def _site_name(self, quantity: str) -> str:
         """The map's quantity as the site sees it: behind a backwards CT, import is export."""
@@ -236,7 +239,7 @@ class DeviceDriver:
         # this exchange runs every second for the life of the controller.
         layout = [
             (self._site_name(p.name), p.address - start, p.address - start + p.type.words, p.type, p.word_order,
-             p.scale * p.sign * self._ct(p.name) * self._direction(p.name))
+             p.scale * p.sign * self._ct(p.name) * self._direction(p))
             for p in block
         ]  # fmt: skip
 
@@ -302,7 +305,7 @@ class DeviceDriver:
             if result.di != di:
                 raise FrameError(10, f"reply carries DI {result.di:08X}, asked for {di:08X}")
             raw = result.values[0]
-            value = raw * point.scale * point.sign * self._ct(point.name) * self._direction(point.name)
+            value = raw * point.scale * point.sign * self._ct(point.name) * self._direction(point)
             return {name: value} if self._accept(name, value, raw) else {}
 
         return Exchange(

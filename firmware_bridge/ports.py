@@ -36,7 +36,8 @@ def missing_ports(site: SiteConfig) -> list[str]:
     problems: list[str] = []
     present = serial_ports()
     for index, bus in enumerate(site.buses):
-        if bus.simulated or os.path.exists(bus.port):
+        # A pyserial URL (socket://, rfc2217:// to a serial server) is no path to look for.
+        if bus.simulated or "://" in bus.port or os.path.exists(bus.port):
             continue
         have = ", ".join(present) if present else "none (is the USB adapter plugged in? see `dmesg | tail`)"
         scan_port = present[0] if present else "PORT"

@@ -64,8 +64,10 @@ async def _open_serial(
 ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
     if "://" in port:  # a pyserial URL (rfc2217://, socket://, ...): its own class, as pyserial picks it
         return await serial_asyncio_fast.create_serial_connection(loop, lambda: pipe, port, **settings)
-    # Opening a tty can block (a USB adapter's driver, modem lines): not on the event loop.
-    device = await loop.run_in_executor(None, functools.partial(_EventLoopSerial, port, **settings))
+    # Opening a tty can block (a USB adapter's driver, modem lines): not on the event loop. Exclusively: a
+    # second master on the bus (`greensite check` while the service runs) would interleave its frames
+    # with ours and overwrite the other's setpoints.
+    device = await loop.run_in_executor(None, functools.partial(_EventLoopSerial, port, exclusive=True, **settings))
     return await serial_asyncio_fast.connection_for_serial(loop, lambda: pipe, device)
 
 
@@ -131,7 +133,8 @@ class SerialLink:
                 bytesize=8,
             )
         except (serial.SerialException, OSError, ValueError, termios.error) as err:
-            raise PortError(f"cannot open {self._port}: {err}") from err
+            held = " (is greensite run, the service, or another program using it?)" if "lock" in str(err) else ""
+            raise PortError(f"cannot open {self._port}: {err}{held}") from err
         self._transport, self._pipe = transport, pipe
         _log.info("serial port open", extra={"port": self._port, "baud": self._config.baud_rate})
 

@@ -10,10 +10,11 @@ import pytest
 from config import BusProtocol, DeviceKind
 from firmware_bridge.bus import Bus, Health
 from firmware_bridge.errors import DeviceException, DeviceLost, DeviceTimeout, PortError
+from firmware_bridge.maps import load_map
 from firmware_bridge.scheduler import Measurement, Poller, WriteResult
-from firmware_bridge.simulator import Fault, FaultMode
+from firmware_bridge.simulator import Fault, FaultMode, SimulatedBus, SimulatedDevice
 from firmware_bridge.transport import SerialLink
-from tests.bridge_fixtures import bus_config, device, rig
+from tests.bridge_fixtures import METER_VALUES, bus_config, device, rig
 
 FIVE_METERS = [device(f"m{i}", "eastron_sdm630", i) for i in range(1, 6)]
 
@@ -72,8 +73,10 @@ async def test_cancelled_transaction_raises_cancelled_and_the_bus_still_works() 
 
 async def test_silent_link_wait_ends_at_its_timeout() -> None:
     config = bus_config(BusProtocol.MODBUS_RTU, FIVE_METERS[:1])
-    async with rig(config) as r:
-        link = SerialLink(config, r.sim.port, virtual=True)
+    # The simulated device alone: the rig's own bus holds the port, and a port opens for one master only.
+    sims = [SimulatedDevice(d.name, load_map(d.model), d.address, source=lambda: METER_VALUES) for d in config.devices]
+    async with SimulatedBus(config, sims) as sim:
+        link = SerialLink(config, sim.port, virtual=True)
         await link.open()
         try:
             loop = asyncio.get_running_loop()

@@ -151,12 +151,6 @@ def _peer_site_file(tmp_path: Path, port: str, device: str) -> Path:
     return path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: invert_sign negates every quantity named power_*/current_* (DIRECTED_PREFIXES), so the"
-    " setpoints power_setpoint_kw, power_limit_pct and current_limit_a read back negated; the step test puts"
-    " the negated value back (battery +5 kW left at -5 kW; a charger's -16 A is refused and it stays stepped)",
-)
 @pytest.mark.parametrize(
     ("device", "plant", "held"),
     [
@@ -243,12 +237,6 @@ async def test_a_step_whose_reply_was_lost_is_put_back_before_the_next_step() ->
 # --- 4. several battery inverters --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: Runtime._apply sets _battery_refused from each inverter's write in turn, so the last"
-    " inverter's success hides the first one's refusal (or loss): the safety layer then counts on a battery"
-    " share that never landed (battery_accepts=True)",
-)
 async def test_one_battery_inverter_refusing_is_not_hidden_by_the_next_one_accepting() -> None:
     site = _load(_two_inverters(18.0, 12.0))
     start = datetime(2026, 7, 6, 11, 0, tzinfo=SHANGHAI)
@@ -304,11 +292,6 @@ async def test_a_load_switching_on_during_the_battery_step_does_not_call_a_corre
 # --- 6. --observe and a setpoint the register cannot take ------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: observing, Runtime._write_now calls write_exchange outside the try that a real write has,"
-    " so a setpoint the register cannot take (ValueError) ends the tick instead of counting a write failure",
-)
 async def test_observing_a_setpoint_the_register_cannot_take_is_counted_not_raised() -> None:
     site = _load(_centre_text(**{"max_charge_kw = 30.0": "max_charge_kw = 4000.0",
                                  "max_discharge_kw = 30.0": "max_discharge_kw = 4000.0"}))  # fmt: skip
@@ -326,12 +309,6 @@ async def test_observing_a_setpoint_the_register_cannot_take_is_counted_not_rais
 # --- 7. check --step-test while the service still holds the port ------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: SerialLink opens its port without exclusive access, so `check --step-test` (or scan) starts"
-    " while `greensite run` still polls and writes the same bus: two masters collide and the controller"
-    " overwrites the step (README only asks the engineer to stop the service first)",
-)
 async def test_a_port_already_open_for_another_master_is_refused() -> None:
     site = _load(CENTRE.read_text())
     async with NullModem() as cable:
@@ -371,12 +348,6 @@ async def test_a_battery_that_ramps_as_its_site_file_says_is_not_called_deaf() -
 # --- 9. a bus behind a serial server (a pyserial URL) ---------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: missing_ports checks os.path.exists(bus.port), so a bus on a pyserial URL (an RS-485 to"
-    " Ethernet serial server: socket://, rfc2217://, which SerialLink opens) is named missing and"
-    " `greensite run` exits 2 (under systemd it waits for it for ever)",
-)
 @pytest.mark.parametrize("port", ["socket://192.0.2.10:4001", "rfc2217://192.0.2.10:4002"])
 def test_a_bus_on_a_serial_server_url_is_not_called_missing(port: str) -> None:
     site = _load(_centre_text(**{'port = "/dev/ttyUSB0"': f'port = "{port}"', "simulated = true": "simulated = false"}))
@@ -386,12 +357,6 @@ def test_a_bus_on_a_serial_server_url_is_not_called_missing(port: str) -> None:
 # --- 10. inverter ratings that do not add up to the battery's ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: nothing compares the inverters' rated_kw with [battery] max_charge_kw/max_discharge_kw;"
-    " inverters of 8 + 4 kW under a 30 kW battery are each asked 2.5 x their rating at full power (the"
-    " safety layer counts on 30 kW that cannot come), and validate neither refuses nor asks",
-)
 def test_inverter_ratings_that_cannot_carry_the_battery_rating_are_refused_or_questioned() -> None:
     refused: list[str] = []
     questions: list[str] = []
