@@ -1,11 +1,12 @@
 """The web pages in a real headless browser (Debian's chromium driven by playwright) against a real simulated
 run in this process: the numbers the controller holds, live updates, the stale banner, no console errors,
-login and tuning end to end."""
+login and tuning end to end, and both pages' layout on the screens they are made for."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -166,3 +167,110 @@ async def test_login_and_tuning_end_to_end(run: WebRun, browser: Any) -> None:
     assert status == 403
     assert run.tuning.version == 1
     _refused(errors, 403)
+
+
+def _min_font_px(distance_m: float, mm_per_px: float, arcmin: float) -> float:
+    """The font size (CSS px) whose digits subtend `arcmin` at `distance_m`: a digit is ~0.7 of the font size."""
+    return distance_m * 1000 * math.tan(math.radians(arcmin / 60)) / mm_per_px / 0.7
+
+
+# Legibility (ISO 9241-303, ANSI/HFES 100): characters of at least 16 arcminutes, 20-22 preferred. Key figures at
+# 20', their labels at 16'. The hall screens: a 55-inch 1080p panel (0.63 mm a pixel) read from 3 m, where 20' is
+# 17.5 mm of digit: 40 px. The tablet: 0.19 mm a CSS px (9.7 inch, 768 px wide) held at 0.5 m: 22 px.
+HALL = {"figure": _min_font_px(3.0, 0.63, 20), "label": _min_font_px(3.0, 0.63, 16)}
+TABLET = {"figure": _min_font_px(0.5, 0.19, 20), "label": _min_font_px(0.5, 0.19, 16)}
+# (name, width, height, minimum font sizes): the viewports of controller.web.bench's screenshots.
+LAYOUTS = [("landscape", 1920, 1080, HALL), ("portrait", 1080, 1920, HALL), ("tablet", 768, 1024, TABLET)]
+
+# What a visitor would notice, measured in the page: every problem as a line of text.
+_DISPLAY_LAYOUT_JS = """([minFigure, minLabel]) => {
+  const problems = [];
+  const W = innerWidth, H = innerHeight, view = { left: 0, top: 0, right: W, bottom: H };
+  const box = (el) => el.getBoundingClientRect();
+  const inside = (r, o) => r.left >= o.left - 0.5 && r.top >= o.top - 0.5 && r.right <= o.right + 0.5
+    && r.bottom <= o.bottom + 0.5;
+  const meet = (a, b) => a.left < b.right - 0.5 && b.left < a.right - 0.5 && a.top < b.bottom - 0.5
+    && b.top < a.bottom - 0.5;
+  // An SVG text's font size is in the drawing's units: times the drawing's scale, it is what the eye gets.
+  const px = (el) => parseFloat(getComputedStyle(el).fontSize) * (el instanceof SVGElement ? el.getScreenCTM().a : 1);
+  const name = (el) => (el.id ? `#${el.id}` : `${el.tagName.toLowerCase()}.${el.getAttribute("class") || ""}`)
+    + (el.closest(".node, .fig") && !el.id ? ` in ${el.closest(".node, .fig").getAttribute("class")}` : "");
+  const shown = (el) => el.getClientRects().length > 0 && getComputedStyle(el).visibility !== "hidden";
+  const wide = document.documentElement.scrollWidth;
+  if (wide > W) problems.push(`scrollWidth ${wide} > ${W}`);
+  if (scrollX || scrollY) problems.push(`scrolled to ${scrollX}, ${scrollY}`);
+  const flow = document.getElementById("flow"), flowBox = box(flow);
+  const check = (el, container, min) => {
+    const r = box(el);
+    if (!inside(r, view)) problems.push(`${name(el)} outside the viewport: ${JSON.stringify(r)}`);
+    if (!inside(r, box(container))) problems.push(`${name(el)} cut off by ${name(container)}`);
+    if (min && px(el) < min) problems.push(`${name(el)} ${px(el).toFixed(1)} px < ${min.toFixed(1)} px`);
+  };
+  for (const el of document.querySelectorAll(".fig .n > span")) check(el, el.closest(".fig"), minFigure);
+  for (const el of document.querySelectorAll(".fig .n > small")) check(el, el.closest(".fig"), 0);
+  for (const el of document.querySelectorAll(".fig .k")) check(el, el.closest(".fig"), minLabel);
+  for (const el of flow.querySelectorAll("text.value")) check(el, flow, minFigure);
+  for (const el of flow.querySelectorAll("text.label")) check(el, flow, minLabel);
+  if (document.querySelectorAll(".fig .n > span").length !== 6 || flow.querySelectorAll("text.value").length !== 5)
+    problems.push("key figures missing");
+  // Nothing on the page over the diagram, and in the diagram no text over another node's text or a flow line.
+  for (const el of document.body.querySelectorAll("*")) {
+    if (flow.contains(el) || el.contains(flow) || !shown(el)) continue;
+    if (meet(box(el), flowBox)) problems.push(`${name(el)} overlaps the energy flow`);
+  }
+  const texts = [...flow.querySelectorAll("text")];
+  for (const [i, a] of texts.entries()) {
+    for (const b of texts.slice(i + 1)) {
+      if (a.closest(".node") !== b.closest(".node") && meet(box(a), box(b))) problems.push(`${name(a)} on ${name(b)}`);
+    }
+    for (const line of flow.querySelectorAll(".line")) {
+      if (meet(box(a), box(line))) problems.push(`${name(a)} on ${name(line)}`);
+    }
+  }
+  return problems;
+}"""
+
+_DASHBOARD_LAYOUT_JS = """() => {
+  const problems = [], W = innerWidth;
+  const wide = document.documentElement.scrollWidth;
+  if (wide > W) problems.push(`scrollWidth ${wide} > ${W}`);
+  // A card whose content is wider than the card (a table that does not fit) spills over its neighbour or the edge.
+  for (const card of document.querySelectorAll("header, .card")) {
+    const title = card.querySelector("h1, h2").firstChild.textContent.trim();
+    if (card.scrollWidth > card.clientWidth + 1) problems.push(`${title}: content wider than the card`);
+    if (card.getBoundingClientRect().right > W + 0.5) problems.push(`${title}: past the right edge`);
+  }
+  return problems;
+}"""
+
+
+async def _after_layout(page: Any) -> None:
+    """Two animation frames: the resized page has been laid out and painted."""
+    await page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+
+async def test_both_pages_fit_landscape_portrait_and_tablet(run: WebRun, browser: Any) -> None:
+    problems: list[str] = []
+    errors: list[str] = []
+    for lang in ("zh", "en"):
+        page = await _page(browser, errors)
+        await page.goto(f"{run.url}/display?lang={lang}")
+        await page.wait_for_selector("#v-battery:has-text('%')")
+        for name, width, height, sizes in LAYOUTS:
+            await page.set_viewport_size({"width": width, "height": height})
+            await _after_layout(page)
+            found = await page.evaluate(_DISPLAY_LAYOUT_JS, [sizes["figure"], sizes["label"]])
+            problems += [f"display {lang} {name} {width}x{height}: {p}" for p in found]
+        await page.close()
+    page = await _page(browser, errors)
+    await page.request.post(f"{run.url}/api/login", data={"user": "engineer", "password": PASSWORD})
+    await page.goto(f"{run.url}/")
+    await page.wait_for_selector("#now tbody tr:nth-child(5)")
+    await page.wait_for_selector("#devices tbody tr")
+    for name, width, height, _ in LAYOUTS:
+        await page.set_viewport_size({"width": width, "height": height})
+        await _after_layout(page)
+        found = await page.evaluate(_DASHBOARD_LAYOUT_JS)
+        problems += [f"dashboard {name} {width}x{height}: {p}" for p in found]
+    assert not problems, "\n".join(problems)
+    assert errors == []

@@ -112,28 +112,35 @@ async def _screenshot_run(folder: Path, screenshots: Path) -> None:
                 await browser.close()
 
 
+# The screens the pages are made for: the hall's landscape and portrait 1080p screens and a 768 px tablet.
+VIEWPORTS = {"": (1920, 1080), "-portrait": (1080, 1920), "-tablet": (768, 1024)}
+SHOT_NAMES = [f"{page}{suffix}.png" for page in ("display", "dashboard") for suffix in VIEWPORTS] + ["display-en.png"]
+
+
 async def _screenshots(browser: Any, run: WebRun, folder: Path) -> None:
+    """SHOT_NAMES into `folder`: the display in each viewport (and in English on the landscape screen) and the
+    dashboard in each viewport, the whole page."""
     await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-    page = await browser.new_page(viewport={"width": 1920, "height": 1080})
-    await page.goto(f"{run.url}/display")
-    await page.wait_for_function("document.getElementById('f-today').textContent !== '—'")
-    await asyncio.sleep(1.0)
-    await page.screenshot(path=str(folder / "display.png"))
-    await page.goto(f"{run.url}/display?lang=en")
-    await page.wait_for_function("document.getElementById('f-today').textContent !== '—'")
-    await asyncio.sleep(1.0)
-    await page.screenshot(path=str(folder / "display-en.png"))
-    context = await browser.new_context(viewport={"width": 1440, "height": 900})
-    await context.request.post(f"{run.url}/api/login", data={"user": "engineer", "password": PASSWORD})
-    dash = await context.new_page()
-    await dash.goto(f"{run.url}/")
-    await dash.wait_for_function("document.querySelector('#now tbody').rows.length > 4")
-    await dash.wait_for_selector("#plan-power polyline", timeout=20_000)
-    await asyncio.sleep(2.0)
-    await dash.screenshot(path=str(folder / "dashboard.png"), full_page=True)
-    for name in ("display.png", "display-en.png", "dashboard.png"):
+    displays = [(suffix, size, "") for suffix, size in VIEWPORTS.items()] + [("-en", VIEWPORTS[""], "?lang=en")]
+    for suffix, (width, height), query in displays:
+        page = await browser.new_page(viewport={"width": width, "height": height})
+        await page.goto(f"{run.url}/display{query}")
+        await page.wait_for_selector("#v-pv:has-text('kW')")  # the first numbers are in
+        await asyncio.sleep(1.0)
+        await page.screenshot(path=str(folder / f"display{suffix}.png"))
+        await page.close()
+    for suffix, (width, height) in VIEWPORTS.items():
+        context = await browser.new_context(viewport={"width": width, "height": height})
+        await context.request.post(f"{run.url}/api/login", data={"user": "engineer", "password": PASSWORD})
+        dash = await context.new_page()
+        await dash.goto(f"{run.url}/")
+        await dash.wait_for_selector("#now tbody tr:nth-child(5)")  # a selector: the CSP refuses a JS predicate's eval
+        await dash.wait_for_selector("#plan-power polyline", timeout=20_000)
+        await asyncio.sleep(2.0)
+        await dash.screenshot(path=str(folder / f"dashboard{suffix}.png"), full_page=True)
+        await context.close()
+    for name in SHOT_NAMES:
         await asyncio.to_thread(_palette, folder / name)
-    await context.close()
 
 
 def _palette(path: Path) -> None:
@@ -211,7 +218,7 @@ async def main(seconds: float, repeats: int, screenshots: Path | None) -> None:
               f" max {max(lat) * 1000:.0f} ms over {len(lat)} changes (goal < 2000 ms)")
         if screenshots is not None:
             await _screenshot_run(Path(tmp) / "shots", screenshots)
-            print(f"screenshots: {screenshots}/display.png, display-en.png, dashboard.png")
+            print(f"screenshots in {screenshots}: {', '.join(SHOT_NAMES)}")
         without = await _loop_phase(Path(tmp) / "without", seconds, 0)
         with_clients = await _loop_phase(Path(tmp) / "with", seconds, 100)
     print(f"control loop at --speed 1 for {seconds:.0f} s each:   without clients | with 100 stream clients")
@@ -224,7 +231,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each control-loop phase (wall s)")
     parser.add_argument("--repeats", type=int, default=5, help="page loads and changes measured per figure")
-    parser.add_argument("--screenshots", type=Path, help="write display.png, display-en.png, dashboard.png here")
+    parser.add_argument("--screenshots", type=Path, help="write the pages' screenshots here (display.png,"
+                        " display-portrait.png, display-tablet.png, dashboard*.png ...)")
     parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)  # the client process of the loop phase
     parser.add_argument("--clients", type=int, default=100, help=argparse.SUPPRESS)
     args = parser.parse_args()
