@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,18 @@ from controller.commissioning.readings import (
     judge_battery_trend,
     judge_site,
 )
+from controller.commissioning.report import CommissioningReport
 from controller.commissioning.solar import sun_day, sun_elevation_deg
-from controller.commissioning.step_test import Observation, StepKind, StepTest, diagnose_wiring
+from controller.commissioning.step_test import (
+    Observation,
+    Outcome,
+    StepKind,
+    StepResult,
+    StepTest,
+    diagnose_wiring,
+    judge_edges,
+)
+from firmware_bridge.device import Readings
 from firmware_bridge.transport import SerialLink
 from tests.plant_peer import BATTERY_UNIT, CHARGER_UNIT, GRID_UNIT, SPACES, Plant, PlantPeer, Wiring
 
@@ -242,6 +252,45 @@ def test_ctrl_c_during_the_step_test_puts_the_setpoint_back_writes_the_report_an
     assert [(r["device"], r["value"], r["ok"]) for r in test["restores"]] == [("battery", 0.0, True)]
 
 
+class _DeadOnTheWayBack:
+    """The peer's devices, except that the battery's restore write never finishes (a bus gone dead)."""
+
+    def __init__(self, devices: SiteDevices) -> None:
+        self.devices = devices
+
+    async def read(self, device: str, quantities: Sequence[str]) -> Readings:
+        return await self.devices.read(device, quantities)
+
+    async def write(self, device: str, quantity: str, value: float) -> None:
+        if quantity == "power_setpoint_kw" and value == 0.0:
+            await asyncio.Event().wait()
+        await self.devices.write(device, quantity, value)
+
+
+@pytest.mark.parametrize("peer", [(Plant(), tuple(SPACES))], indirect=True)
+async def test_a_restore_that_never_finishes_is_bounded_reported_first_and_the_cancellation_goes_on(
+    peer: PlantPeer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(step_test, "RESTORE_ON_EXIT_TIMEOUT_S", 0.5)
+    site = load_site(_site_file(tmp_path, peer.port, hold_s=30.0))
+    links = {bus.name: SerialLink(bus) for bus in site.buses}
+    async with SiteDevices(site, links) as devices:
+        test = StepTest(site, _DeadOnTheWayBack(devices), poll_s=0.2)
+        task = asyncio.create_task(test.run())
+        assert await asyncio.to_thread(peer.plant.battery_stepped.wait, 10.0)
+        task.cancel()
+        await asyncio.sleep(0.1)
+        task.cancel()  # a second Ctrl-C while the restore hangs
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5.0)
+    (restore,) = test.report.restores
+    assert (restore.device, restore.ok) == ("battery", False)
+    assert "not put back within 0.5 s" in restore.error
+    report = CommissioningReport(site.site.id, site.site.name, "site.toml", NOON, step_test=test.report)
+    first = report.problems()[0]
+    assert (first.subject, first.fix) == ("battery", "set battery's power_setpoint_kw back to 0 by hand")
+
+
 def test_the_step_test_is_not_started_without_a_terminal_or_yes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -340,6 +389,38 @@ def test_a_grid_meter_reading_half_of_every_step_has_the_wrong_ct_ratio() -> Non
     (finding,) = diagnose_wiring(observations, ["grid-meter"], ["pv-meter"])
     assert finding.verdict is Verdict.IMPLAUSIBLE
     assert "0.50 x the flow" in finding.fix
+
+
+def _edge(kind: StepKind, outcome: Outcome, observation: Observation) -> StepResult:
+    return StepResult(kind, outcome, "seen", "battery", observation=observation)
+
+
+def test_a_step_is_evidence_when_its_way_back_tells_the_same_story_and_inconclusive_when_not() -> None:
+    reversed_ct = judge_edges(
+        _edge(StepKind.BATTERY, Outcome.FAILED, _observation(StepKind.BATTERY, 10.0, 0.0, -10.0, 0.0)),
+        _edge(StepKind.BATTERY, Outcome.FAILED, _observation(StepKind.BATTERY, -10.0, 0.0, 10.0, 0.0)),
+        has_pv_meter=True,
+    )
+    assert reversed_ct.outcome is Outcome.FAILED
+    assert reversed_ct.restore_observation is not None
+    # A meter reading half the flow both ways is a story no simple wiring tells, but told twice: evidence.
+    half = judge_edges(
+        _edge(StepKind.BATTERY, Outcome.FAILED, _observation(StepKind.BATTERY, 10.0, 0.0, 5.0, 0.0)),
+        _edge(StepKind.BATTERY, Outcome.FAILED, _observation(StepKind.BATTERY, -10.0, 0.0, -5.0, 0.0)),
+        has_pv_meter=True,
+    )
+    assert half.outcome is Outcome.FAILED
+    # A 4 kW load switching on with the step and staying on: the way back says the wiring is right.
+    load = judge_edges(
+        _edge(StepKind.BATTERY, Outcome.FAILED, _observation(StepKind.BATTERY, 10.0, 0.0, 14.0, 0.0)),
+        _edge(StepKind.BATTERY, Outcome.PASSED, _observation(StepKind.BATTERY, -10.0, 0.0, -10.0, 0.0)),
+        has_pv_meter=True,
+    )
+    assert load.outcome is Outcome.INCONCLUSIVE
+    assert load.findings[0].what.startswith("inconclusive: the building's load moved during the battery step")
+    assert "run the step test again" in load.findings[0].fix
+    (finding,) = diagnose_wiring([], ["grid-meter"], ["pv-meter"], inconclusive=[StepKind.BATTERY])
+    assert (finding.verdict, finding.what.split(":")[0]) == (Verdict.SUSPICIOUS, "inconclusive")
 
 
 def test_the_battery_steps_towards_the_middle_of_its_window_and_never_past_a_limit() -> None:

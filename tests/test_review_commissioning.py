@@ -175,12 +175,6 @@ async def test_step_test_puts_back_what_a_device_with_invert_sign_held(
 # --- 2. a second Ctrl-C / SIGTERM during the restore ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: the restore in StepTest.run's finally is itself cancellable: a second Ctrl-C (asyncio.run"
-    " raises KeyboardInterrupt on it) or a second SIGTERM/SIGHUP (task.cancel again) while the restore write"
-    " is on the line leaves the battery stepped, with nothing in the report",
-)
 async def test_a_second_cancellation_during_the_restore_still_puts_the_battery_back() -> None:
     fake = _FakeSite(_load(CENTRE.read_text()))
     stepped = asyncio.Event()
@@ -208,12 +202,6 @@ async def test_a_second_cancellation_during_the_restore_still_puts_the_battery_b
 # --- 3. a step whose write timed out is left standing through the next steps ------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: when a step's write raises (a DeviceTimeout: the frame landed, its reply was lost),"
-    " StepTest._step returns FAILED without _restore(): the device stays stepped through the charger and PV"
-    " steps (their baselines and judgement taken with the battery 10 kW off) until the very end",
-)
 async def test_a_step_whose_reply_was_lost_is_put_back_before_the_next_step() -> None:
     fake = _FakeSite(_load(CENTRE.read_text()))
     lost = [False]
@@ -253,11 +241,6 @@ async def test_one_battery_inverter_refusing_is_not_hidden_by_the_next_one_accep
     assert runtime._battery_refused
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: with several battery inverters the step test steps the first one by a step planned"
-    " against the whole battery's rating (site.battery_max_charge_kw), not that inverter's rated_kw",
-)
 async def test_the_battery_step_stays_within_the_stepped_inverters_own_rating() -> None:
     site = _load(_two_inverters(6.0, 24.0))  # 30 kW in all: a 10 kW step by default, the first has 6 kW
     fake = _FakeSite(site)
@@ -270,12 +253,6 @@ async def test_the_battery_step_stays_within_the_stepped_inverters_own_rating() 
 # --- 5. a building load that moves during a step --------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: each step is judged on one before/after pair; a 4 kW load (a compressor, which the"
-    " tolerance's own comment expects: 2-5 kW) switching on during the battery step makes a correctly wired"
-    " site IMPLAUSIBLE ('no simple miswiring explains'); the restore edge, or a repeat, would tell",
-)
 async def test_a_load_switching_on_during_the_battery_step_does_not_call_a_correct_wiring_wrong() -> None:
     fake = _FakeSite(_load(CENTRE.read_text()))
 
@@ -328,13 +305,6 @@ async def test_a_port_already_open_for_another_master_is_refused() -> None:
 # --- 8. a slow battery, as the site file says it is -----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: the settle rule (moved >= 1 kW, three reads within 1 kW, MIN_SETTLE_S) ignores the site's"
-    " [battery] ramp_kw_per_s: a battery ramping 0.3 kW/s is judged after ~4 s at ~1 kW of a 10 kW step and"
-    " reported IMPLAUSIBLE 'did not follow its setpoint (remote mode, wrong address?)' though step_hold_s"
-    " (20 s) had time left",
-)
 async def test_a_battery_that_ramps_as_its_site_file_says_is_not_called_deaf() -> None:
     site = _load(_centre_text(**{"ramp_kw_per_s = 30.0": "ramp_kw_per_s = 0.3"}))
     fake = _FakeSite(site)

@@ -28,7 +28,7 @@ from controller.commissioning.report import (
     summary_text,
     write_report,
 )
-from controller.commissioning.step_test import StepTest, StepTestReport, step_sizes
+from controller.commissioning.step_test import StepTest, StepTestReport, battery_step, step_sizes
 from firmware_bridge.maps import check_site_devices
 from firmware_bridge.ports import missing_ports
 from firmware_bridge.transport import Link, SerialLink
@@ -126,9 +126,11 @@ def _confirmed(site: SiteConfig) -> bool:
         sys.stderr.write("--step-test moves real setpoints: confirm on a terminal, or pass --yes\n")
         return False
     sizes = step_sizes(site)
+    battery = battery_step(site, sizes)
+    stepped = "" if battery is None else f"the battery ({battery.inverter}) by {battery.step_kw:g} kW, "
     sys.stdout.write(
         "\nThe step test moves real setpoints, one at a time, everything else held:\n"
-        f"  the battery by {sizes.battery_kw:g} kW, a charger with a car by {sizes.charger_a:g} A,"
+        f"  {stepped}a charger with a car by {sizes.charger_a:g} A,"
         f" the PV limit to {sizes.pv_kw:g} kW below PV's output;\n"
         f"  each for up to {sizes.hold_s:g} s, then put back (also on Ctrl-C). Stop `greensite run` first.\n"
         "Type yes to start: "
@@ -157,9 +159,11 @@ async def _step_test_async(site: SiteConfig, holder: list[StepTestReport], links
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     if task is not None:
-        # SIGINT cancels this task already (asyncio.run); a terminal closed or a service stop must too, so
-        # that the step test's `finally` puts the setpoints back instead of the process dying where it is.
-        for sig in (signal.SIGTERM, signal.SIGHUP):
+        # Every Ctrl-C, a terminal closed and a service stop cancel this task, so that the step test's
+        # `finally` puts the setpoints back instead of the process dying where it is. SIGINT too, although
+        # asyncio.run cancels on the first one: on the second it raises KeyboardInterrupt out of the loop
+        # and then cancels every task, the step test's shielded restore with them.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, task.cancel)
     _say("\nstep test: running")
     async with SiteDevices(site, links or _links(site)) as devices:

@@ -50,9 +50,16 @@ class CommissioningReport:
     step_test_note: str = ""  # why there is no step test ("" when one ran or none was asked for)
 
     def problems(self) -> list[Problem]:
-        """What is wrong: a device that is silent or erring, an implausible value or finding, a failed step,
-        a setpoint that could not be put back, an interrupted step test."""
+        """What is wrong: a setpoint that could not be put back (first: it is left stepped on site), a device
+        that is silent or erring, an implausible value or finding, a failed step, an interrupted step test."""
+        test = self.step_test
         found: list[Problem] = []
+        if test is not None:
+            found += [
+                Problem(r.device, f"{r.quantity} could not be put back to {r.value:g}: {r.error}",
+                        f"set {r.device}'s {r.quantity} back to {r.value:g} by hand")
+                for r in test.restores if not r.ok
+            ]  # fmt: skip
         for device in self.devices:
             if device.status is not DeviceStatus.ANSWERED:
                 detail = "; ".join(device.errors) or device.status.value
@@ -62,18 +69,12 @@ class CommissioningReport:
                     where = "" if point.where in point.why else f" ({point.where})"
                     found.append(Problem(device.name, f"{point.quantity}{where}: {point.why}"))
         found += [Problem(f.subject, f.what, f.fix) for f in self.findings if f.verdict is Verdict.IMPLAUSIBLE]
-        test = self.step_test
         if test is not None:
             for step in test.steps:
                 if step.outcome is Outcome.FAILED:
                     fixes = [f for f in step.findings if f.verdict is Verdict.IMPLAUSIBLE]
                     fix = "; ".join(f.fix for f in fixes) or "see the wiring diagnosis"
                     found.append(Problem(f"{step.kind.value} step", step.summary, fix))
-            found += [
-                Problem(r.device, f"{r.quantity} could not be put back to {r.value:g}: {r.error}",
-                        f"set {r.device}'s {r.quantity} back to {r.value:g} by hand")
-                for r in test.restores if not r.ok
-            ]  # fmt: skip
             found += [Problem(f.subject, f.what, f.fix) for f in test.wiring if f.verdict is Verdict.IMPLAUSIBLE]
             if test.interrupted:
                 found.append(Problem("step test", test.interrupted, "run it again to the end"))
@@ -159,8 +160,9 @@ def _finding_line(finding: Finding) -> str:
 
 
 def render_step_text(test: StepTestReport) -> str:
-    """The step test's part of the terminal text."""
+    """The step test's part of the terminal text (a setpoint left stepped first)."""
     out = ["\nstep test\n"]
+    out += [f"  NOT PUT BACK: {r.device} {r.quantity} = {r.value:g}: {r.error}\n" for r in test.restores if not r.ok]
     for step in test.steps:
         out.append(f"  {step.kind.value}: {step.outcome.value}: {step.summary}\n")
         if step.setpoint:
@@ -245,12 +247,15 @@ def render_markdown(report: CommissioningReport) -> str:
             settle = "settled" if step.settled else "had not settled"
             out.append(f"Setpoint: {step.setpoint}; the meters {settle} after {step.waited_s:.0f} s.\n\n")
         if step.moves:
-            out.append("| device | role | before | after | moved | expected |\n|---|---|---:|---:|---:|---:|\n")
+            out.append(
+                "| device | role | before | after | moved | expected | back |\n|---|---|---:|---:|---:|---:|---:|\n"
+            )
             for move in step.moves:
                 expected = "-" if move.expected_kw is None else fmt_kw(move.expected_kw)
                 out.append(
                     f"| {move.device} | {move.role} | {_value(move.before_kw, 'kW')} | {_value(move.after_kw, 'kW')}"
-                    f" | {'-' if move.delta_kw is None else fmt_kw(move.delta_kw)} | {expected} |\n"
+                    f" | {'-' if move.delta_kw is None else fmt_kw(move.delta_kw)} | {expected}"
+                    f" | {_value(move.back_kw, 'kW')} |\n"
                 )
             out.append("\n")
         out += [f"- {f.verdict.value}: {_cell(f.what)}" + (f" — *{_cell(f.fix)}*" if f.fix else "") + "\n"

@@ -1,10 +1,12 @@
 """The step test: with everything else held, one setpoint is moved by a small step (the battery, then a
 charger with a car, then the PV limit), the meters are given time to settle, and each meter must move by
 what the stepped device did, the way its role says. Every setpoint moved is put back at the end of its
-step, and again on the way out, also when the test is interrupted (Ctrl-C) or fails.
+step, and again on the way out, also when the test is interrupted (Ctrl-C, twice) or fails.
 
-Which meter moved how, over all steps, is then explained by the simplest wiring that predicts it: as
-configured, a CT reversed, the grid and PV meters swapped, or a meter that sees none of it.
+Each step is judged on both its edges, the step and the way back: a building load that switches during
+one of them shows as edges that disagree, and the step is then inconclusive rather than evidence. Which
+meter moved how, over the steps whose edges agree, is explained by the simplest wiring that predicts it:
+as configured, a CT reversed, the grid and PV meters swapped, or a meter that sees none of it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,6 +26,7 @@ from controller.commissioning.readings import Finding, Verdict, fmt_kw
 from firmware_bridge.errors import BridgeError
 
 __all__ = [
+    "BatteryStep",
     "MeterMove",
     "Observation",
     "Outcome",
@@ -32,7 +36,9 @@ __all__ = [
     "StepSizes",
     "StepTest",
     "StepTestReport",
+    "battery_step",
     "diagnose_wiring",
+    "judge_edges",
     "step_sizes",
     "step_tolerance_kw",
 ]
@@ -46,15 +52,27 @@ STEP_TOLERANCE_FLOOR_KW = 1.0
 # Meters update their power register every 0.2-1 s (averaged over as long), inverters ramp and a car takes
 # up to 5 s to follow a new current (IEC 61851-1). A step has settled when the stepped device has moved and
 # this many reads a second apart agree within the tolerance floor on every meter, after MIN_SETTLE_S at
-# least (a meter that has not started to move yet must not look settled); at step_hold_s it is judged as
-# it is.
+# least (a meter that has not started to move yet must not look settled), and for a battery after the time
+# its [battery] ramp_kw_per_s needs for the step on top; at step_hold_s it is judged as it is.
 SETTLE_POLL_S = 1.0
 SETTLE_STABLE_READS = 3
 MIN_SETTLE_S = 3.0
+# The stepped device itself must have stopped moving too: its reads over the same window within this share
+# of the step (at least the floor). A device still moving 2.5 % of its step a second is ramping, not there
+# (a battery slower than its site file says); a steady inverter's or car's own reading wanders by 0.1-0.3 kW
+# (0.1 kW register steps, the mains voltage), which the floor absorbs.
+ACTUATOR_STILL_SHARE = 0.05
+ACTUATOR_STILL_FLOOR_KW = 0.5
 # The baseline is the mean of this many reads a poll apart (one read may catch a load switching).
 BASELINE_READS = 2
 # A restore that fails is tried once more (a glitch on the bus must not leave the battery stepped).
 RESTORE_ATTEMPTS = 2
+# On the way out the restore runs in a task of its own that a second Ctrl-C or SIGTERM does not cancel, for
+# this long at most. A restore is a few writes (the battery, a charger, each PV inverter), each at most
+# RESTORE_ATTEMPTS x (frame + response_timeout_s, 0.5 s by default): seconds on a live bus. The bound is for
+# a dead one: an engineer pressing Ctrl-C again gets the prompt back, and it stays well inside systemd's
+# TimeoutStopSec (90 s) before SIGKILL, which would not even say what was left stepped.
+RESTORE_ON_EXIT_TIMEOUT_S = 30.0
 # Default step sizes: small enough for any building to absorb, large enough to see above a building's noise.
 DEFAULT_STEP_KW = 10.0
 DEFAULT_PV_STEP_SHARE = 0.1
@@ -78,6 +96,7 @@ class Outcome(StrEnum):
     PASSED = "passed"
     FAILED = "failed"
     SKIPPED = "skipped"
+    INCONCLUSIVE = "inconclusive"  # the step's two edges disagree: the building's load moved
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +128,7 @@ class MeterMove:
     before_kw: float | None
     after_kw: float | None
     expected_kw: float | None  # None: not judged (the stepped device itself, or nothing to expect)
+    back_kw: float | None = None  # after the setpoint was put back (None: the way back was not judged)
 
     @property
     def delta_kw(self) -> float | None:
@@ -128,6 +148,12 @@ class Observation:
     grid_meters_kw: float
     pv_meters_kw: float | None  # None: the site has no PV meter
     tolerance_kw: float
+    back: bool = False  # the edge where the setpoint was put back (else the step itself)
+
+    @property
+    def device_kw(self) -> float:
+        """What the stepped device did on this edge."""
+        return self.pv_kw if self.step is StepKind.PV else self.grid_kw
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +166,7 @@ class StepResult:
     moves: tuple[MeterMove, ...] = ()
     findings: tuple[Finding, ...] = ()
     observation: Observation | None = None
+    restore_observation: Observation | None = None  # the way back, when it was judged
     settled: bool = False
     waited_s: float = 0.0
 
@@ -164,7 +191,7 @@ class StepTestReport:
     def passed(self) -> bool:
         return (
             not self.interrupted
-            and all(s.outcome is not Outcome.FAILED for s in self.steps)
+            and all(s.outcome not in (Outcome.FAILED, Outcome.INCONCLUSIVE) for s in self.steps)
             and all(r.ok for r in self.restores)
             and all(f.verdict is Verdict.OK for f in self.wiring)
         )
@@ -216,12 +243,21 @@ def _wirings(has_pv_meter: bool) -> list[_Wiring]:
 
 
 def diagnose_wiring(
-    observations: Sequence[Observation], grid_meters: Sequence[str], pv_meters: Sequence[str]
+    observations: Sequence[Observation],
+    grid_meters: Sequence[str],
+    pv_meters: Sequence[str],
+    *,
+    inconclusive: Sequence[StepKind] = (),
 ) -> list[Finding]:
     """The simplest wiring of the grid and PV meters that explains every step's moves, as findings with
-    what to fix. Ambiguous evidence is said to be so; evidence nothing simple explains is shown as it is."""
+    what to fix. Ambiguous evidence is said to be so; evidence nothing simple explains is shown as it is.
+    `inconclusive` names the steps left out because their edges disagreed."""
     grids = ", ".join(grid_meters)
     pvs = ", ".join(pv_meters)
+    if not observations and inconclusive:
+        kinds = ", ".join(dict.fromkeys(k.value for k in inconclusive))
+        return [Finding(Verdict.SUSPICIOUS, grids, f"inconclusive: the building's load moved during the {kinds}"
+                        " step, so the meters were not verified", RERUN_ADVICE)]  # fmt: skip
     if not observations:
         return [Finding(Verdict.SUSPICIOUS, grids, "the meters were not verified: no step moved anything",
                         "run the step test again when a device can be stepped (see the skipped steps)")]  # fmt: skip
@@ -240,7 +276,7 @@ def diagnose_wiring(
     wiring = simplest[0]
     if wiring.faults == 0:
         seen = "the grid meter" + (" and the PV meter" if pv_meters else "")
-        kinds = ", ".join(o.step.value for o in observations)
+        kinds = ", ".join(dict.fromkeys(o.step.value for o in observations))
         return [Finding(Verdict.OK, grids, f"{seen} moved as configured in every step ({kinds})")]
     return [Finding(Verdict.IMPLAUSIBLE, grids if "grid" in fault else pvs, fault, fix)
             for fault, fix in _fixes(wiring, grids, pvs)]  # fmt: skip
@@ -283,7 +319,8 @@ def _fixes(wiring: _Wiring, grids: str, pvs: str) -> list[tuple[str, str]]:
 
 def _unexplained(observations: Sequence[Observation], grids: str, pvs: str) -> Finding:
     seen = "; ".join(
-        f"{o.step.value} step: {grids} {fmt_kw(o.grid_meters_kw)} (expected {fmt_kw(o.grid_kw)})"
+        f"{o.step.value} step{' (back)' if o.back else ''}: {grids} {fmt_kw(o.grid_meters_kw)}"
+        f" (expected {fmt_kw(o.grid_kw)})"
         + (f", {pvs} {fmt_kw(o.pv_meters_kw)} (expected {fmt_kw(o.pv_kw)})" if o.pv_meters_kw is not None else "")
         for o in observations
     )
@@ -298,16 +335,111 @@ def _unexplained(observations: Sequence[Observation], grids: str, pvs: str) -> F
     return Finding(Verdict.IMPLAUSIBLE, grids, f"the meters moved in a way no simple miswiring explains: {seen}", fix)
 
 
+# --- one step, both edges -----------------------------------------------------------------------------------
+
+RERUN_ADVICE = (
+    "run the step test again at a quieter moment: a load switching (a compressor, a lift, a kitchen) moved the"
+    " grid meter between the reads"
+)
+
+
+def _explaining(observation: Observation, has_pv_meter: bool) -> frozenset[_Wiring]:
+    return frozenset(w for w in _wirings(has_pv_meter) if w.explains(observation))
+
+
+def _edges_agree(step: Observation, back: Observation, has_pv_meter: bool) -> bool:
+    """Do the step and the way back tell the same story? Some simple wiring explains both; or none explains
+    either, and each meter moved back by what it moved on the step, scaled as the device moved back (a
+    wrong ct_ratio is a story too, told twice). A load that switched during one edge breaks both."""
+    on_step, on_back = _explaining(step, has_pv_meter), _explaining(back, has_pv_meter)
+    if on_step or on_back:
+        return bool(on_step & on_back)
+    scale = back.device_kw / step.device_kw  # about -1: the device went back where it was
+    if abs(step.grid_meters_kw * scale - back.grid_meters_kw) > back.tolerance_kw:
+        return False
+    if step.pv_meters_kw is None or back.pv_meters_kw is None:
+        return True
+    return abs(step.pv_meters_kw * scale - back.pv_meters_kw) <= back.tolerance_kw
+
+
+def judge_edges(stepped: StepResult, back: StepResult, *, has_pv_meter: bool) -> StepResult:
+    """A step judged on its two edges (`stepped`: the step, `back`: the setpoint put back, each from
+    judge_step). Edges that agree are evidence (passed only when both passed); edges that disagree make the
+    step inconclusive: the building's load moved, and no wiring is concluded from it. Without evidence
+    from the way back (the device did not return, or it was not judged) the step edge stands alone."""
+    step_seen, back_seen = stepped.observation, back.observation
+    if step_seen is None or back_seen is None or step_seen.device_kw == 0.0:
+        return stepped
+    back_seen = replace(back_seen, back=True)
+    after_back = {m.device: m.after_kw for m in back.moves}
+    moves = tuple(replace(m, back_kw=after_back.get(m.device)) for m in stepped.moves)
+    findings = tuple(dict.fromkeys((*stepped.findings, *back.findings)))
+    summary = f"{stepped.summary}; back: {back.summary}"
+    if _edges_agree(step_seen, back_seen, has_pv_meter):
+        both = stepped.outcome is Outcome.PASSED and back.outcome is Outcome.PASSED
+        return replace(stepped, outcome=Outcome.PASSED if both else Outcome.FAILED, summary=summary, moves=moves,
+                       findings=findings, restore_observation=back_seen)  # fmt: skip
+    what = (
+        f"inconclusive: the building's load moved during the {stepped.kind.value} step: the grid meters moved"
+        f" {fmt_kw(step_seen.grid_meters_kw)} on the step and {fmt_kw(back_seen.grid_meters_kw)} on the way back,"
+        f" for {fmt_kw(step_seen.grid_kw)} and {fmt_kw(back_seen.grid_kw)}"
+    )
+    finding = Finding(Verdict.SUSPICIOUS, stepped.device, what, RERUN_ADVICE)
+    return replace(stepped, outcome=Outcome.INCONCLUSIVE, moves=moves, findings=(finding, *findings),
+                   summary=f"the building's load moved (the step and the way back disagree): {summary}",
+                   restore_observation=back_seen)  # fmt: skip
+
+
 # --- what each step asks for --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class BatteryStep:
+    """The battery inverter the step test moves (the first; the others are held) and how: its share of the
+    site's step and of the battery's ratings, as the controller shares the site's setpoint among them."""
+
+    inverter: str
+    share: float  # of the site's battery setpoint (1.0 with one inverter)
+    step_kw: float
+    max_charge_kw: float
+    max_discharge_kw: float
+    ramp_kw_per_s: float  # this inverter's part of the battery's ramp
+
+    def ramp_s(self, step_kw: float) -> float:
+        """How long the inverter takes to make a step of step_kw at the battery's ramp."""
+        return abs(step_kw) / self.ramp_kw_per_s
+
+
+def battery_step(site: SiteConfig, sizes: StepSizes) -> BatteryStep | None:
+    """The first battery inverter's step: its share of step_battery_kw, never below what can be told from
+    noise (2 kW), within its share of the battery's ratings and its own rated_kw. None without a battery."""
+    inverters = [d for _, d in site.devices() if d.kind is DeviceKind.BATTERY_INVERTER]
+    if site.battery is None or not inverters:
+        return None
+    first = inverters[0]
+    share = site.battery_shares()[first.name]
+    charge_kw, discharge_kw = share * site.battery_max_charge_kw, share * site.battery_max_discharge_kw
+    if first.rated_kw is not None:
+        charge_kw, discharge_kw = min(charge_kw, first.rated_kw), min(discharge_kw, first.rated_kw)
+    step_kw = min(charge_kw, discharge_kw, max(2 * STEP_TOLERANCE_FLOOR_KW, share * sizes.battery_kw))
+    return BatteryStep(first.name, share, step_kw, charge_kw, discharge_kw, share * site.battery.ramp_kw_per_s)
+
+
 def plan_battery_step(
-    site: SiteConfig, step_kw: float, soc_pct: float | None, grid_kw: float, setpoint_kw: float
+    site: SiteConfig,
+    step_kw: float,
+    soc_pct: float | None,
+    grid_kw: float,
+    setpoint_kw: float,
+    *,
+    rating_kw: tuple[float, float] | None = None,
 ) -> tuple[float | None, str]:
     """The battery setpoint to step to (None and why when no step fits): towards the middle of the SoC
-    window, within the ratings, and with the grid inside its limits after the step."""
+    window, within the ratings (`rating_kw`: the stepped inverter's charge and discharge rating, else the
+    battery's), and with the grid inside its limits after the step."""
     if site.battery is None:
         return None, "the site has no battery"
+    max_charge_kw, max_discharge_kw = rating_kw or (site.battery_max_charge_kw, site.battery_max_discharge_kw)
     window = site.tuning.battery  # the SoC window the site is run in (within the BMS's)
     prefer_charge = soc_pct is None or soc_pct < 50 * (window.soc_min + window.soc_max)
     reasons: list[str] = []
@@ -315,7 +447,7 @@ def plan_battery_step(
         target = setpoint_kw + direction * step_kw
         word = "charge" if direction > 0 else "discharge"
         grid_after = grid_kw + direction * step_kw
-        if target > site.battery_max_charge_kw or -target > site.battery_max_discharge_kw:
+        if target > max_charge_kw or -target > max_discharge_kw:
             reasons.append(f"to {word}: {fmt_kw(target)} is beyond the battery's rating")
         elif soc_pct is not None and direction > 0 and soc_pct >= 100 * window.soc_max - SOC_MARGIN_PTS:
             reasons.append(f"to {word}: SoC {soc_pct:g} % is at the top of its window")
@@ -417,19 +549,30 @@ class StepTest:
         self._watched = self.grid_meters + self.pv_meters + self.pv_inverters + self.batteries + self.chargers
 
     async def run(self) -> StepTestReport:
+        failure: BaseException | None = None
         try:
             for step in (self._battery_step, self._charger_step, self._pv_step):
                 self.report.steps.append(await step())
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as err:
+            failure = err
             self.report.interrupted = "interrupted (Ctrl-C or a signal)"
             raise
         except BaseException as err:
+            failure = err
             self.report.interrupted = f"stopped by an error: {type(err).__name__}: {err}"
             raise
         finally:
-            await self._restore()  # whatever the interruption left stepped
-            observations = [s.observation for s in self.report.steps if s.observation is not None]
-            self.report.wiring = diagnose_wiring(observations, self.grid_meters, self.pv_meters)
+            cancelled = await self._restore_on_exit()  # whatever the interruption left stepped
+            evidence = [s for s in self.report.steps if s.outcome is not Outcome.INCONCLUSIVE]
+            observations = [o for s in evidence for o in (s.observation, s.restore_observation) if o is not None]
+            inconclusive = [s.kind for s in self.report.steps if s.outcome is Outcome.INCONCLUSIVE]
+            self.report.wiring = diagnose_wiring(observations, self.grid_meters, self.pv_meters,
+                                                 inconclusive=inconclusive)  # fmt: skip
+            if cancelled and not isinstance(failure, asyncio.CancelledError):
+                # Cancelled while putting back: the cancellation goes on now (an error on its way out is in
+                # the report, and chained to it).
+                self.report.interrupted = self.report.interrupted or "interrupted (Ctrl-C or a signal)"
+                raise asyncio.CancelledError
         return self.report
 
     # --- I/O ------------------------------------------------------------------------------------------
@@ -455,6 +598,38 @@ class StepTest:
         self._changed.setdefault((device, quantity), previous)
         await self.devices.write(device, quantity, value)
 
+    async def _restore_on_exit(self) -> bool:
+        """Put back whatever is still stepped, in a task of its own that further cancellations of this one
+        (a second Ctrl-C, SIGTERM after SIGHUP) do not reach, for RESTORE_ON_EXIT_TIMEOUT_S at most; what it
+        could not put back by then is recorded as not restored. True when this task was cancelled meanwhile:
+        the caller lets that cancellation go on."""
+        if not self._changed:
+            return False
+        loop = asyncio.get_running_loop()
+        restore = asyncio.create_task(self._restore(), name="step-test-restore")
+        deadline = loop.time() + RESTORE_ON_EXIT_TIMEOUT_S
+        cancelled = False
+        while not restore.done():
+            left_s = deadline - loop.time()
+            if left_s <= 0 and not restore.cancelling():
+                restore.cancel()  # the bus is dead: say what is left stepped rather than wait for ever
+            try:
+                # asyncio.wait, unlike wait_for, never cancels what it waits for: on a timeout, or when
+                # this task is cancelled, the restore goes on.
+                await asyncio.wait((restore,), timeout=max(left_s, 0.0) or None)
+            except asyncio.CancelledError:
+                cancelled = True
+                self._progress(f"still putting the setpoints back (at most {max(left_s, 0.0):.0f} s more)")
+        error = (
+            f"not put back within {RESTORE_ON_EXIT_TIMEOUT_S:g} s (the write did not finish)" if restore.cancelled()
+            else f"not put back: {type(restore.exception()).__name__}: {restore.exception()}"
+        )  # fmt: skip
+        for (device, quantity), value in self._changed.items():
+            self.report.restores.append(Restore(device, quantity, value, ok=False, error=error))
+            self._progress(f"COULD NOT RESTORE {device} {quantity} = {value:g}: {error}")
+        self._changed.clear()
+        return cancelled
+
     async def _restore(self) -> None:
         while self._changed:
             (device, quantity), value = next(iter(self._changed.items()))
@@ -473,12 +648,21 @@ class StepTest:
                            f"COULD NOT RESTORE {device} {quantity} = {value:g}: {error}")  # fmt: skip
 
     async def _hold(
-        self, writes: Sequence[_Write], actuator: Sequence[str], before: dict[str, float | None]
+        self,
+        writes: Sequence[_Write],
+        actuator: Sequence[str],
+        before: dict[str, float | None],
+        step_kw: float,
+        ramp_s: float,
     ) -> tuple[dict[str, float | None], bool, float]:
-        """Keep writing the step (a device watchdog armed by the controller must not undo it) and read until
-        the meters settle or step_hold_s runs out. Returns the settled readings, whether they settled, and
-        how long it took."""
+        """Keep writing `writes` (a device watchdog armed by the controller must not undo a step) and read
+        until the meters and the stepped device settle or step_hold_s runs out, never calling it settled
+        before MIN_SETTLE_S + ramp_s (the device's own ramp over the step). Returns the settled readings,
+        whether they settled, and how long it took."""
         hold_s = self.sizes.hold_s
+        earliest_s = min(MIN_SETTLE_S + ramp_s, hold_s)
+        still_kw = max(ACTUATOR_STILL_FLOOR_KW, ACTUATOR_STILL_SHARE * abs(step_kw))
+        start = _sum(before, actuator)
         started = self._clock()
         history: list[dict[str, float | None]] = []
         settled = False
@@ -491,12 +675,12 @@ class StepTest:
             waited = self._clock() - started
             recent = history[-SETTLE_STABLE_READS:]
             moved = _sum(recent[-1], actuator)
-            start = _sum(before, actuator)
             has_moved = moved is not None and start is not None and abs(moved - start) >= STEP_TOLERANCE_FLOOR_KW
             stable = len(recent) == SETTLE_STABLE_READS and all(
                 _spread([r[name] for r in recent]) <= STEP_TOLERANCE_FLOOR_KW for name in self._watched
             )
-            if has_moved and stable and waited >= min(MIN_SETTLE_S, hold_s):
+            still = _spread([_sum(r, actuator) for r in recent]) <= still_kw
+            if has_moved and stable and still and waited >= earliest_s:
                 settled = True
                 break
             if waited >= hold_s:
@@ -507,9 +691,10 @@ class StepTest:
     # --- the steps ------------------------------------------------------------------------------------
 
     async def _battery_step(self) -> StepResult:
-        if not self.batteries:
+        plan = battery_step(self.site, self.sizes)
+        if plan is None:
             return StepResult(StepKind.BATTERY, Outcome.SKIPPED, "no battery")
-        name = self.batteries[0]  # the others are held with everything else
+        name = plan.inverter  # the others are held with everything else
         setpoint = await self._read(name, "power_setpoint_kw")
         if setpoint is None:
             return StepResult(StepKind.BATTERY, Outcome.SKIPPED, f"{name}'s setpoint cannot be read, so it could"
@@ -519,11 +704,23 @@ class StepTest:
         if grid is None:
             return StepResult(StepKind.BATTERY, Outcome.FAILED, "the grid meter cannot be read", name)
         soc = await self._read(name, "soc_pct")
-        target, why = plan_battery_step(self.site, self.sizes.battery_kw, soc, grid, setpoint)
+        target, why = plan_battery_step(self.site, plan.step_kw, soc, grid, setpoint,
+                                        rating_kw=(plan.max_charge_kw, plan.max_discharge_kw))  # fmt: skip
         if target is None:
             return StepResult(StepKind.BATTERY, Outcome.SKIPPED, why, name)
         write = _Write(name, "power_setpoint_kw", setpoint, target)
-        return await self._step(StepKind.BATTERY, [write], target - setpoint, before, [name])
+        ramp_s = plan.ramp_s(target - setpoint)
+        result = await self._step(StepKind.BATTERY, [write], target - setpoint, before, [name], ramp_s=ramp_s)
+        if MIN_SETTLE_S + ramp_s <= self.sizes.hold_s:
+            return result
+        assert self.site.battery is not None  # a battery_step plan has one
+        enough_s = min(600.0, 5 * math.ceil((MIN_SETTLE_S + ramp_s + SETTLE_STABLE_READS * self._poll_s) / 5))
+        slow = Finding(Verdict.SUSPICIOUS, name,
+                       f"the battery ramps at {self.site.battery.ramp_kw_per_s:g} kW/s ([battery] ramp_kw_per_s):"
+                       f" its step of {fmt_kw(target - setpoint)} takes {ramp_s:.0f} s, more than step_hold_s"
+                       f" ({self.sizes.hold_s:g} s) leaves it",
+                       f"set step_hold_s = {enough_s:g} in [commissioning] (or a smaller step_battery_kw)")  # fmt: skip
+        return replace(result, findings=(*result.findings, slow))
 
     async def _charger_step(self) -> StepResult:
         reasons: list[str] = []
@@ -581,7 +778,11 @@ class StepTest:
         expected_kw: float,
         before: dict[str, float | None],
         actuator: Sequence[str],
+        *,
+        ramp_s: float = 0.0,
     ) -> StepResult:
+        """Make a step, judge it, put it back and judge the way back (judge_edges). `ramp_s`: how long the
+        stepped device's own ramp takes over the step."""
         device = writes[0].device
         setpoint = ", ".join(f"{w.device} {w.quantity} {w.previous:g} -> {w.target:g}" for w in writes)
         self._progress(f"{kind.value}: {setpoint} (expect {fmt_kw(expected_kw)}), waiting up to"
@@ -590,14 +791,31 @@ class StepTest:
             for write in writes:
                 await self._set(write.device, write.quantity, write.target, write.previous)
         except (BridgeError, ValueError) as err:
-            return StepResult(kind, Outcome.FAILED, f"the step could not be written: {err}", device, setpoint)
-        after, settled, waited = await self._hold(writes, actuator, before)
+            # A write that raised may still have landed (a DeviceTimeout: only its reply was lost), so it is
+            # put back before the next step's baseline. Not in a `finally`: on a cancellation run() puts it
+            # back at once, shielded, without waiting here for the device to come back.
+            await self._restore()
+            await self._settle_back(actuator, before)
+            return StepResult(kind, Outcome.FAILED, f"the step could not be written: {err} (put back in case"
+                              f" {device} took it)", device, setpoint)  # fmt: skip
+        after, settled, waited = await self._hold(writes, actuator, before, expected_kw, ramp_s)
         base = StepResult(kind, Outcome.FAILED, "", device, setpoint, settled=settled, waited_s=waited)
-        result = judge_step(base, expected_kw, before=before, after=after, actuator=actuator,
-                            grid_meters=self.grid_meters, pv_meters=self.pv_meters)  # fmt: skip
+        stepped = judge_step(base, expected_kw, before=before, after=after, actuator=actuator,
+                             grid_meters=self.grid_meters, pv_meters=self.pv_meters)  # fmt: skip
+        restored_from = len(self.report.restores)
         await self._restore()
+        put_back = all(r.ok for r in self.report.restores[restored_from:])
+        if stepped.observation is None or not put_back:
+            # Nothing to compare the way back with (the device did not follow), or no way back to judge.
+            await self._settle_back(actuator, before)
+            return stepped
+        back_kw = -stepped.observation.device_kw  # the device goes back by what it did
+        after_back, settled_back, waited_back = await self._hold((), actuator, after, back_kw, ramp_s)
         await self._settle_back(actuator, before)
-        return result
+        back = judge_step(replace(base, settled=settled_back, waited_s=waited_back), back_kw, before=after,
+                          after=after_back, actuator=actuator, grid_meters=self.grid_meters,
+                          pv_meters=self.pv_meters)  # fmt: skip
+        return judge_edges(stepped, back, has_pv_meter=bool(self.pv_meters))
 
     async def _settle_back(self, actuator: Sequence[str], before: dict[str, float | None]) -> None:
         """After a restore, wait (step_hold_s at most) for the stepped device to be back where it was: the next
