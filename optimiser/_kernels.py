@@ -808,6 +808,133 @@ def _best_move_any(
 
 
 @njit(cache=True, nogil=True)
+def _battery_pwl_convex(
+    step_delta: np.ndarray,
+    step_value: np.ndarray,
+    step_count: np.ndarray,
+    e_min: float,
+    e_max: float,
+    e_start: float,
+    d_max: float,
+    c_max: float,
+    final_min_kwh: float,
+    out_energy: np.ndarray,
+    out_marginal: np.ndarray,
+) -> float:
+    """battery_pwl_tables where every step cost is convex (so is every value function): one slope
+    merge per step. Kept apart from the general DP so that its loop compiles as tight as it did."""
+    steps = step_count.shape[0]
+    capacity = 64 * (steps + 1)
+    xs = np.empty(capacity)
+    ys = np.empty(capacity)
+    # V_T on [e_min, e_max]: the penalty for ending below final_min_kwh.
+    target = min(max(final_min_kwh, e_min), e_max)
+    n = 0
+    xs[n] = e_min
+    ys[n] = PENALTY_CNY_PER_KWH * max(0.0, final_min_kwh - e_min)
+    n += 1
+    if target > e_min + 1e-12:
+        xs[n] = target
+        ys[n] = PENALTY_CNY_PER_KWH * max(0.0, final_min_kwh - target)
+        n += 1
+    if e_max > xs[n - 1] + 1e-12:
+        xs[n] = e_max
+        ys[n] = ys[n - 1]
+        n += 1
+    # V_t is stored at [offsets[t], offsets[t + 1]); fill from T down to 0 in reverse order.
+    starts = np.zeros(steps + 1, dtype=np.int64)
+    stops = np.zeros(steps + 1, dtype=np.int64)
+    starts[steps], stops[steps] = 0, n
+    for t in range(steps - 1, -1, -1):
+        fd, fv, m = step_delta[t], step_value[t], step_count[t]
+        # Slopes of f~(u) = f(-u): f's segments reversed, slopes negated; check convexity on the way.
+        prev = -np.inf
+        for i in range(m - 1, 0, -1):
+            slope = -(fv[i - 1] - fv[i]) / (fd[i - 1] - fd[i])
+            if slope < prev - 1e-7 * max(1.0, abs(prev)):
+                return np.nan
+            prev = slope
+        a0, a1 = starts[t + 1], stops[t + 1]
+        need = stops[t + 1] + (a1 - a0) + m + 4
+        if need > capacity:
+            capacity = 2 * need
+            grown_x = np.empty(capacity)
+            grown_y = np.empty(capacity)
+            grown_x[:n] = xs[:n]
+            grown_y[:n] = ys[:n]
+            xs, ys = grown_x, grown_y
+        # Merge: h starts at u_min + e_min = -c_max + e_min with value f(c_max) + V(e_min).
+        out = n
+        x = e_min - c_max
+        y = fv[m - 1] + ys[a0]
+        i_v = a0  # next segment of V: (xs[i_v], xs[i_v + 1])
+        i_f = m - 1  # next segment of f~: from fd[i_f] down to fd[i_f - 1]
+        wrote = False
+        while True:
+            has_v = i_v + 1 < a1
+            has_f = i_f > 0
+            if not has_v and not has_f:
+                break
+            take_v = False
+            if has_v and has_f:
+                sv = (ys[i_v + 1] - ys[i_v]) / (xs[i_v + 1] - xs[i_v])
+                sf = -(fv[i_f - 1] - fv[i_f]) / (fd[i_f - 1] - fd[i_f])
+                take_v = sv <= sf
+            else:
+                take_v = has_v
+            if take_v:
+                length = xs[i_v + 1] - xs[i_v]
+                rise = ys[i_v + 1] - ys[i_v]
+                i_v += 1
+            else:
+                length = fd[i_f] - fd[i_f - 1]
+                rise = fv[i_f - 1] - fv[i_f]
+                i_f -= 1
+            x_next = x + length
+            y_next = y + rise
+            # Keep only [e_min, e_max], cutting the segments that cross its ends.
+            if x_next > e_min and x < e_max:
+                lo = max(x, e_min)
+                hi = min(x_next, e_max)
+                y_lo = y + rise * (lo - x) / length
+                y_hi = y + rise * (hi - x) / length
+                if not wrote:
+                    xs[out] = lo
+                    ys[out] = y_lo
+                    out += 1
+                    wrote = True
+                if hi - xs[out - 1] > 1e-12:
+                    # Merge collinear segments so the function stays short.
+                    if out - n >= 2:
+                        s_prev = (ys[out - 1] - ys[out - 2]) / (xs[out - 1] - xs[out - 2])
+                        s_new = (y_hi - ys[out - 1]) / (hi - xs[out - 1])
+                        if abs(s_new - s_prev) <= _SLOPE_EPS * max(1.0, abs(s_prev)):
+                            out -= 1
+                    xs[out] = hi
+                    ys[out] = y_hi
+                    out += 1
+            x, y = x_next, y_next
+            if x >= e_max:
+                break
+        if not wrote:  # e_min == e_max: a single point
+            xs[out] = e_min
+            ys[out] = y
+            out += 1
+        starts[t], stops[t] = n, out
+        n = out
+    # Forward: from e_start follow the minimiser of f_t(d) + V_{t+1}(e + d).
+    energy = min(max(e_start, e_min), e_max)
+    out_energy[0] = energy
+    for t in range(steps):
+        energy = _best_move(step_delta[t], step_value[t], step_count[t], xs, ys, starts[t + 1], stops[t + 1],
+                            energy, max(-d_max, e_min - energy), min(c_max, e_max - energy))  # fmt: skip
+        energy = min(max(energy, e_min), e_max)
+        out_energy[t + 1] = energy
+        out_marginal[t] = _left_slope_cost(xs, ys, starts[t + 1], stops[t + 1], energy)
+    return _pwl_value(xs, ys, starts[0], stops[0], min(max(e_start, e_min), e_max))
+
+
+@njit(cache=True, nogil=True)
 def battery_pwl_tables(
     step_delta: np.ndarray,
     step_value: np.ndarray,
@@ -822,7 +949,40 @@ def battery_pwl_tables(
     out_marginal: np.ndarray,
 ) -> float:
     """The exact DP on step costs given as tables (step_tables, step_tables_cars): the optimal
-    stored-energy path into out_energy and its cost (NaN if a value function has too many convex runs)."""
+    stored-energy path into out_energy and its cost (NaN only past _MAX_RUNS, see the general DP).
+
+    All step costs convex (the usual case: export worth no more than import): the plain slope merge.
+    Otherwise the general DP with lower envelopes."""
+    for t in range(step_count.shape[0]):
+        fd, fv, m = step_delta[t], step_value[t], step_count[t]
+        prev = -np.inf
+        for i in range(m - 1, 0, -1):
+            slope = -(fv[i - 1] - fv[i]) / (fd[i - 1] - fd[i])
+            if slope < prev - 1e-7 * max(1.0, abs(prev)):
+                return _battery_pwl_general(step_delta, step_value, step_count, e_min, e_max, e_start, d_max,
+                                            c_max, final_min_kwh, out_energy, out_marginal)  # fmt: skip
+            prev = slope
+    return _battery_pwl_convex(step_delta, step_value, step_count, e_min, e_max, e_start, d_max, c_max,
+                               final_min_kwh, out_energy, out_marginal)  # fmt: skip
+
+
+@njit(cache=True, nogil=True)
+def _battery_pwl_general(
+    step_delta: np.ndarray,
+    step_value: np.ndarray,
+    step_count: np.ndarray,
+    e_min: float,
+    e_max: float,
+    e_start: float,
+    d_max: float,
+    c_max: float,
+    final_min_kwh: float,
+    out_energy: np.ndarray,
+    out_marginal: np.ndarray,
+) -> float:
+    """battery_pwl_tables for any step costs: where a step cost or a value function is not convex,
+    the step is the lower envelope of the merges of their convex runs (NaN if a value function has
+    more than _MAX_RUNS of them)."""
     steps = step_count.shape[0]
     capacity = 64 * (steps + 1)
     xs = np.empty(capacity)
@@ -846,16 +1006,22 @@ def battery_pwl_tables(
     stops = np.zeros(steps + 1, dtype=np.int64)
     starts[steps], stops[steps] = 0, n
     plain = np.ones(steps, dtype=np.bool_)  # f_t and V_{t+1} convex: the plain merge and forward walk
+    v_convex = True  # V_{t+1} is known to be convex
     f_cuts = np.empty(_KINKS + 64, dtype=np.int64)
-    v_cuts = np.empty(capacity + 1, dtype=np.int64)
+    v_cuts = np.empty(64, dtype=np.int64)  # grown when a value function has more breakpoints
     for t in range(steps - 1, -1, -1):
         fd, fv, m = step_delta[t], step_value[t], step_count[t]
         a0, a1 = starts[t + 1], stops[t + 1]
         f_runs = _convex_runs(fd, fv, 0, m, f_cuts)
         if a1 - a0 + 1 > v_cuts.shape[0]:
             v_cuts = np.empty(2 * (a1 - a0 + 1), dtype=np.int64)
-        v_runs = _convex_runs(xs, ys, a0, a1, v_cuts)
-        if f_runs > 1 or v_runs > 1:
+        if v_convex:
+            v_runs = 1  # V_T is convex, and so is every merge of convex functions: no need to look
+            v_cuts[0], v_cuts[1] = a0, a1 - 1
+        else:
+            v_runs = _convex_runs(xs, ys, a0, a1, v_cuts)
+        v_convex = f_runs == 1 and v_runs == 1
+        if not v_convex:
             plain[t] = False
             if v_runs > _MAX_RUNS:
                 return np.nan  # the caller plans on the energy grid instead (never seen; memory stays bounded)
@@ -1470,7 +1636,7 @@ def column_generation(
     steps, cars, capacity = base_kw.shape[0], arrival.shape[0], plan_energy.shape[0]
     kwh = np.empty((capacity, cars))
     cost = np.empty(capacity)
-    width = 4 * (_KINKS + cars)
+    width = 2 * (_KINKS + cars)  # room for the envelope of the grid cost's runs with the cars
     delta = np.empty((steps, width))
     value = np.empty((steps, width))
     count = np.empty(steps, dtype=np.int64)

@@ -151,6 +151,9 @@ class _Arrays:
     k_discharge: int = 0
     k_charge: int = 0
     final_min_kwh: float = 0.0
+    # Export pays more than import at some step where export is allowed: the step cost has a concave
+    # kink at zero (the plan imports or exports; the LP's relaxation would do both).
+    direction_matters: bool = False
 
 
 def _arrays(s: Scenario, notes: list[str]) -> _Arrays:
@@ -169,6 +172,7 @@ def _arrays(s: Scenario, notes: list[str]) -> _Arrays:
         need_kwh=np.array([x.energy_kwh for x in s.ev_sessions], dtype=np.float64),
         base=load - pv,
     )
+    a.direction_matters = s.grid.export_limit_kw > 0 and bool((a.price_export > a.price_import).any())
     b = s.battery
     if b is None or (b.max_charge_kw == 0 and b.max_discharge_kw == 0):
         return a
@@ -298,6 +302,7 @@ class _Candidate:
     ev: FloatArray
     objective: float
     net_kw: FloatArray  # grid power before curtailment
+    peak_kw: float  # the largest grid power (>= 0)
     # A proven lower bound on the cost under the import cap this plan was made for (what the DP
     # minimises there: penalty above the cap, no demand charge); -inf when none was computed.
     lower_bound: float = -math.inf
@@ -312,11 +317,8 @@ class _Candidate:
             a.base, battery.kw, ev, a.need_kwh, a.price_import, a.price_export, a.import_limit, a.export_cap,
             a.curtail_max, a.dt_h, s.grid.demand_charge_cny_per_kw, s.grid.peak_import_so_far_kw, wear, net,
         )  # fmt: skip
-        return cls(battery, ev, objective + k.PENALTY_CNY_PER_KWH * _final_shortfall(s, a, battery), net)
-
-    @property
-    def peak_kw(self) -> float:
-        return float(self.net_kw.max(initial=0.0))
+        penalised = objective + k.PENALTY_CNY_PER_KWH * _final_shortfall(s, a, battery)
+        return cls(battery, ev, penalised, net, float(net.max(initial=0.0)))
 
 
 def _final_shortfall(s: Scenario, a: _Arrays, battery: _Battery) -> float:
@@ -336,47 +338,42 @@ def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | N
     relaxed = _exact_cars(s, a, base, import_cap, None if warm is None else warm.ev, pool=pool)
     if relaxed is None:
         return _alternate(s, a, base, import_cap, warm)
-    proven = _bounded(s, a, relaxed, import_cap, relaxed.lower_bound).gap_bound
-    if _direction_matters(a) and (proven is None or proven > PROVEN_OPTIMAL):
+    proven = _bounded(s, relaxed, cap_kw, relaxed.lower_bound).gap_bound
+    if a.direction_matters and (proven is None or proven > PROVEN_OPTIMAL):
         # Where export pays more than import the combination of plans column generation returns is
         # not always a plan as cheap as the combination (the cost is not convex); unless the bound
         # proves it optimal, it is improved by alternating the exact battery DP and the car placement.
         improved = _alternate(s, a, base, import_cap, None, ev=relaxed.ev.copy())
         fresh = _alternate(s, a, base, import_cap, None)
-        best = min((relaxed, improved, fresh), key=lambda c: _capped_cost(s, a, c, import_cap))
+        best = min((relaxed, improved, fresh), key=lambda c: _capped_cost(s, c, cap_kw))
         if _respects_minimum(s, best.ev):
-            return _bounded(s, a, best, import_cap, relaxed.lower_bound)
+            return _bounded(s, best, cap_kw, relaxed.lower_bound)
         best.lower_bound = relaxed.lower_bound
         relaxed = best
     if _respects_minimum(s, relaxed.ev):
-        return _bounded(s, a, relaxed, import_cap, relaxed.lower_bound)
+        return relaxed  # bounded above
     ev = relaxed.ev.copy()
     _fill_evs(s, a, base, ev, import_cap, battery=relaxed.battery)
     repaired = _alternate(s, a, base, import_cap, None, ev=ev)
     fresh = _alternate(s, a, base, import_cap, None)
-    return _bounded(s, a, repaired if repaired.objective <= fresh.objective else fresh, import_cap, relaxed.lower_bound)
+    return _bounded(s, repaired if repaired.objective <= fresh.objective else fresh, cap_kw, relaxed.lower_bound)
 
 
-def _bounded(s: Scenario, a: _Arrays, c: _Candidate, import_cap: FloatArray, lower_bound: float) -> _Candidate:
+def _bounded(s: Scenario, c: _Candidate, cap_kw: float, lower_bound: float) -> _Candidate:
     """The plan with column generation's lower bound and the gap to it proven under this import cap."""
     c.lower_bound = lower_bound
     if math.isfinite(lower_bound):
-        c.gap_bound = max(0.0, _capped_cost(s, a, c, import_cap) - lower_bound) / max(abs(lower_bound), 1e-9)
+        c.gap_bound = max(0.0, _capped_cost(s, c, cap_kw) - lower_bound) / max(abs(lower_bound), 1e-9)
     return c
 
 
-def _capped_cost(s: Scenario, a: _Arrays, c: _Candidate, import_cap: FloatArray) -> float:
+def _capped_cost(s: Scenario, c: _Candidate, cap_kw: float) -> float:
     """What the DP minimises under an import cap: the plan's cost with the planner's penalty on import
     above the cap instead of the demand charge (the cap search adds the charge on the cap itself)."""
     charged = s.grid.demand_charge_cny_per_kw * max(0.0, c.peak_kw - s.grid.peak_import_so_far_kw)
-    over_kwh = float(np.maximum(c.net_kw - import_cap, 0.0).sum()) * a.dt_h
+    cap = min(cap_kw, s.grid.import_limit_kw)
+    over_kwh = 0.0 if c.peak_kw <= cap else float(np.maximum(c.net_kw - cap, 0.0).sum()) * s.dt_h
     return c.objective - charged + k.PENALTY_CNY_PER_KWH * over_kwh
-
-
-def _direction_matters(a: _Arrays) -> bool:
-    """Whether export pays more than import at some step where export is allowed (the step cost has a
-    concave kink at zero: the plan imports or exports, and the LP's relaxation would do both)."""
-    return bool(((a.price_export > a.price_import) & (a.export_cap > 0.0)).any())
 
 
 def _respects_minimum(s: Scenario, ev: FloatArray) -> bool:
@@ -539,7 +536,7 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
 
     def g(cap: float) -> float:
         """G(cap): the plan's cost with the penalty above the cap and the demand charge on the cap."""
-        capped = _capped_cost(s, a, evaluate(cap), np.minimum(a.import_limit, cap))
+        capped = _capped_cost(s, evaluate(cap), cap)
         return capped + demand * max(0.0, cap - floor_kw)
 
     def slope(cap: float) -> float:
