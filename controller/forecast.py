@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from config import SiteConfig
@@ -24,6 +24,11 @@ __all__ = ["Forecaster", "clear_sky_kw"]
 PROFILE_WEIGHT = 0.3
 # The yield ratio (measured / clear sky) is taken over this many recent observations in sun.
 YIELD_WINDOW = 900
+# Day-ahead, the last quarter hour's yield says little of tomorrow's sky: the ratio leans, with the lead
+# time, from the recent one to the mean of the last few whole days (a day-ahead forecast from the days
+# before). At a lead of LEAD_DECAY_H the recent ratio still has 1/e of the weight.
+DAILY_YIELD_DAYS = 3
+LEAD_DECAY_H = 3.0
 # A kind of day is known once the profile holds this share of its slots; before that, plans built
 # on the fallback (the recent mean load) are not trusted with the battery.
 KNOWN_DAY_SHARE = 0.9
@@ -46,6 +51,7 @@ class Forecaster:
         self._slot_sum: dict[tuple[DayKind, int], tuple[float, int]] = {}
         self._recent_load: deque[float] = deque(maxlen=3600)
         self._yield: deque[tuple[float, float]] = deque(maxlen=YIELD_WINDOW)
+        self._day_yield: dict[date, tuple[float, float]] = {}  # day -> (measured, clear sky) sums of its yield
         # The latest external forecast taken (file or MQTT), and how old it may be to be used.
         self.external: ExternalForecast | None = None
         self.external_max_age_h = site.forecast.external_max_age_h
@@ -73,6 +79,11 @@ class Forecaster:
         sky = self.sky_kw(local)
         if sky > 0.1 * self._peak_kw and not pv_limited:  # a curtailed inverter says nothing of the sun
             self._yield.append((pv_kw, sky))
+            day = local.date()
+            measured, clear = self._day_yield.get(day, (0.0, 0.0))
+            self._day_yield[day] = (measured + pv_kw, clear + sky)
+            if len(self._day_yield) > DAILY_YIELD_DAYS + 1:
+                del self._day_yield[min(self._day_yield)]
 
     def to_json(self) -> dict[str, Any]:
         """What was learned, for the state file: a restart must not begin from a cold forecast."""
@@ -80,6 +91,7 @@ class Forecaster:
             "slot_minutes": self._slot_minutes,
             "profile": {f"{kind}:{slot}": kw for (kind, slot), kw in self._profile.items()},
             "yield": [list(pair) for pair in self._yield],
+            "day_yield": {day.isoformat(): list(sums) for day, sums in self._day_yield.items()},
         }
 
     def restore(self, body: dict[str, Any]) -> None:
@@ -98,8 +110,12 @@ class Forecaster:
         pairs = [(float(p), float(s)) for p, s in body["yield"]]
         self._profile = profile
         self._known_slots = {kind: sum(1 for day, _ in profile if day == kind) for kind in DayKind}
+        days = {date.fromisoformat(str(d)): (float(m), float(c)) for d, (m, c) in body.get("day_yield", {}).items()}
+        if any(not (math.isfinite(m) and math.isfinite(c)) or m < 0 or c < 0 for m, c in days.values()):
+            raise ValueError("day_yield: negative or not finite")
         self._yield.clear()
         self._yield.extend(pairs[-YIELD_WINDOW:])
+        self._day_yield = dict(sorted(days.items())[-(DAILY_YIELD_DAYS + 1):])
 
     def _learned_kind(self, kind: DayKind, share: float) -> DayKind | None:
         """This kind if its profile is known, else its fallback's if that is."""
@@ -139,9 +155,25 @@ class Forecaster:
             out.append(max(0.0, fallback if value is None else value))
         return out
 
-    def own_pv_kw(self, start: datetime, steps: int, step_minutes: int) -> list[float]:
-        ratio = self.yield_ratio()
-        return [self.sky_kw(start + timedelta(minutes=(step + 0.5) * step_minutes)) * ratio for step in range(steps)]
+    def days_yield_ratio(self, before: date) -> float | None:
+        """Measured over clear sky across the last DAILY_YIELD_DAYS whole days before `before` (None: none yet)."""
+        days = [sums for day, sums in self._day_yield.items() if day < before][-DAILY_YIELD_DAYS:]
+        clear = sum(c for _, c in days)
+        return min(1.2, sum(m for m, _ in days) / clear) if clear > 0 else None
+
+    def own_pv_kw(self, start: datetime, steps: int, step_minutes: int, now: datetime | None = None) -> list[float]:
+        recent = self.yield_ratio()
+        at = now or start
+        days = self.days_yield_ratio(at.date())
+        out = []
+        for step in range(steps):
+            middle = start + timedelta(minutes=(step + 0.5) * step_minutes)
+            ratio = recent
+            if days is not None:
+                weight = math.exp(-max(0.0, (middle - at).total_seconds() / 3600) / LEAD_DECAY_H)
+                ratio = weight * recent + (1 - weight) * days
+            out.append(self.sky_kw(middle) * ratio)
+        return out
 
     def load_kw(self, start: datetime, steps: int, step_minutes: int, now: datetime | None = None) -> list[float]:
         """The plan's load: an external forecast's where it is fresh and covers the step, the own otherwise."""
@@ -149,7 +181,7 @@ class Forecaster:
         return self._merge("load_kw", own, start, step_minutes, now)
 
     def pv_kw(self, start: datetime, steps: int, step_minutes: int, now: datetime | None = None) -> list[float]:
-        own = self.own_pv_kw(start, steps, step_minutes)
+        own = self.own_pv_kw(start, steps, step_minutes, now)
         return self._merge("pv_kw", own, start, step_minutes, now)
 
     def _merge(self, quantity: str, own: list[float], start: datetime, step_minutes: int,

@@ -5,8 +5,7 @@ would), and at each local midnight its forecast for the day, its own and with th
 provider (if it has one), is set against the true 15-minute means.
 
 The feed is kinder than a run's: a run's forecaster sees the load its meters imply and no PV while the
-inverter is curtailed; here it sees both always. Its yield ratio also spans more: the window counts
-observations (900: a quarter of an hour of 1 s ticks in a run, 15 hours of sun here).
+inverter is curtailed; here it sees both always.
 """
 
 from __future__ import annotations
@@ -14,12 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from controller.external_forecast import parse_forecast
-from controller.forecast import Forecaster
+from controller.forecast import YIELD_WINDOW, Forecaster
 from controller.logs import configure_logging
 from controller.plant import Plant
 from hil_tests.harness import DAY_AHEAD_STEP_MINUTES, ScenarioResult, _replay, _Run, _site
@@ -53,6 +53,10 @@ def day_ahead_errors(scenario: HilScenario, days: int | None = None) -> list[Day
                   replay=_replay(scenario, site), skies=tuple(scenario.skies))  # fmt: skip
     provider = _Run(scenario, site, plant, ScenarioResult(scenario.name, "", short=False))
     forecaster = Forecaster(site, site.control.step_minutes)
+    # The yield window counts observations: a run's are its ticks. Fed once a minute, the window is cut to
+    # span the time it spans in a run of the site's ticks.
+    window = max(1, int(YIELD_WINDOW * site.control.tick_period_s // SAMPLE_S))
+    forecaster._yield = deque(maxlen=window)  # a test tool mimicking the tick rate
     run_days = days if days is not None else int(scenario.duration // 86400)
     issue_hours = scenario.external_forecast.issue_hours if scenario.external_forecast else []
     out: list[DayError] = []
