@@ -2,8 +2,13 @@
 
 The bus on this side and the simulated firmware on the other exchange exactly the bytes they would over
 a pty; only the pseudo-terminal's system calls (a write, a select, a read on each side per transaction)
-are skipped. A reply the far end sends at once is in the buffer when `write` returns, so the bus decodes
-it without a loop turn; one it sends later (a late device) arrives by the event loop's timer as on a pty.
+are skipped. The far end answers inside `write`; the wait for the reply still yields to the event loop
+once, so transactions on different buses interleave as they do over ptys. (Without that yield each bus
+ran all of a tick's transactions before the next bus began: after a controller restart the grid meter
+was first read after a PV inverter's communication watchdog had cut PV, and the tick discharged into an
+88 kW export. Handing the bytes over on the next loop turn instead, as a pty does, cost as much as the
+pty's system calls saved.) A reply the far end sends later (a late device) arrives by the event loop's
+timer, as on a pty.
 The port's own faults are the far end's to make: it vanishes (`vanish`, as an unplugged USB adapter: the
 open link is lost, opening fails) and comes back (`reappear`).
 """
@@ -81,7 +86,10 @@ class MemoryLink:
     async def wait_for_data(self, timeout_s: float) -> bool:
         self._live()
         if self._buffer:
-            return True
+            # One loop turn, as a reply over a pty takes: the other buses' transactions go on meanwhile.
+            await asyncio.sleep(0)
+            self._live()
+            return bool(self._buffer)
         # As SerialLink: a bare future resolved by a timer (False) or by `deliver` (True), so a
         # CancelledError here is always the caller's and propagates.
         loop = asyncio.get_running_loop()
