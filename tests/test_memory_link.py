@@ -7,6 +7,7 @@ garbage on the line, an echoing adapter, a port that vanishes and returns) must 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Mapping
 
 import pytest
 
@@ -15,8 +16,9 @@ from firmware_bridge.bus import Bus, Health
 from firmware_bridge.device import Exchange, Readings
 from firmware_bridge.errors import DeviceTimeout, PortError
 from firmware_bridge.simulator import Fault, FaultMode, Line
-from tests.bridge_fixtures import METER_VALUES, bus_config, device, rig
+from tests.bridge_fixtures import METER_VALUES, Rig, bus_config, device, rig
 
+Source = Callable[[], Mapping[str, float]]
 LINES = pytest.mark.parametrize("line", list(Line))
 METER = device("m1", "eastron_sdm630", 1)
 GRID = device("grid", "dlt645_3phase", "000000001001", DeviceKind.GRID_METER)
@@ -128,3 +130,28 @@ async def test_a_cancelled_wait_on_the_memory_link_propagates() -> None:
             await task
         r.sim.set_fault("m1", Fault())
         assert (await r.bus.transact(r.drivers["m1"].exchange_for("power_kw")))["power_kw"] == pytest.approx(12.5)
+
+
+async def test_transactions_on_two_memory_links_interleave_as_over_ptys() -> None:
+    heard: list[str] = []  # which bus each request reached, in order
+    configs = {name: bus_config(BusProtocol.MODBUS_RTU, [METER], name=name) for name in ("bus-a", "bus-b")}
+    async with rig(configs["bus-a"], line=Line.MEMORY) as a, rig(configs["bus-b"], line=Line.MEMORY) as b:
+        for name, r in (("bus-a", a), ("bus-b", b)):
+            device = r.sim.device("m1")
+
+            def source(name: str = name, values: Source = device.source) -> Mapping[str, float]:
+                heard.append(name)
+                return values()
+
+            device.source = source
+
+        async def three_reads(r: Rig) -> None:
+            # As a simulated run's buses: no silent interval (its sleep would be a loop turn of its own).
+            async with Bus(r.bus.config, r.sim.memory_link, line_timing=False) as bus:
+                for _ in range(3):
+                    await bus.transact(r.drivers["m1"].exchange_for("power_kw"))
+
+        await asyncio.gather(three_reads(a), three_reads(b))
+    # A bus that ran all its transactions before the other began would read the world in another order
+    # than a controller over ptys (or on a site) does.
+    assert heard == ["bus-a", "bus-b"] * 3
