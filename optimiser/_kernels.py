@@ -1636,7 +1636,12 @@ def column_generation(
     steps, cars, capacity = base_kw.shape[0], arrival.shape[0], plan_energy.shape[0]
     kwh = np.empty((capacity, cars))
     cost = np.empty(capacity)
-    width = 2 * (_KINKS + cars)  # room for the envelope of the grid cost's runs with the cars
+    # Where some grid cost is not convex, room for the envelope of its runs with the cars (and the
+    # runs themselves); elsewhere the tables stay as small as they were.
+    concave = False
+    for t in range(steps):
+        concave = concave or price_export[t] > price_import[t] or price_import[t] < 0.0
+    width = 2 * (_KINKS + cars) if concave else _KINKS + cars
     delta = np.empty((steps, width))
     value = np.empty((steps, width))
     count = np.empty(steps, dtype=np.int64)
@@ -1655,11 +1660,11 @@ def column_generation(
         for i in range(cars):
             kwh[j, i] = min(plan_ev[j, i].sum() * dt_h, need_kwh[i]) if j == 0 else plan_ev[j, i].sum() * dt_h
     edge = np.empty((steps, cars))
-    run_width = 2 * (cars + _KINKS)
-    run_x = np.empty((steps, _CAR_RUNS, run_width))
-    run_v = np.empty((steps, _CAR_RUNS, run_width))
+    run_steps = steps if concave else 1
+    run_x = np.empty((run_steps, _CAR_RUNS, width))
+    run_v = np.empty((run_steps, _CAR_RUNS, width))
     run_n = np.zeros((steps, _CAR_RUNS), dtype=np.int64)
-    run_edge = np.empty((steps, _CAR_RUNS, cars))
+    run_edge = np.empty((run_steps, _CAR_RUNS, cars))
     duals = np.empty(cars + 1)
     # The first master's duals are degenerate (shortfall prices): the first plan is priced at
     # `start_price` instead, later ones at the master's duals.
