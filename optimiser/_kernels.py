@@ -1148,8 +1148,8 @@ def battery_pwl(
     out_energy: np.ndarray,
     out_marginal: np.ndarray,
 ) -> float:
-    """Exact optimal stored-energy trajectory (T + 1 values into out_energy); returns its cost,
-    or NaN when some step cost is not convex (the caller then uses the grid kernel).
+    """Exact optimal stored-energy trajectory (T + 1 values into out_energy); returns its cost, or
+    NaN when a value function has more convex runs than _MAX_RUNS (the caller then uses the grid DP).
 
     out_marginal[t]: what one kWh less in store after step t would cost later (the left slope of
     the value function, a shadow price); inf at the lower SoC bound.

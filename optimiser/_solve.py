@@ -220,8 +220,9 @@ def _idle(s: Scenario, a: _Arrays) -> _Battery:
 def _battery(s: Scenario, a: _Arrays, net: FloatArray, import_cap: FloatArray) -> _Battery:
     """Battery plan that minimises cost for this net load (idle without a battery).
 
-    The exact piecewise-linear DP runs when every step cost is convex (prices with export <= import);
-    otherwise the grid DP over >= 500 energy levels (which offers no shadow prices).
+    The exact piecewise-linear DP (lower envelopes where export pays more than import); the grid DP
+    over >= 500 energy levels (which offers no shadow prices) only if a value function splits into
+    more convex runs than the exact DP allows (never seen).
     """
     b = s.battery
     if a.n_levels <= 1 or b is None:
@@ -330,7 +331,8 @@ def _final_shortfall(s: Scenario, a: _Arrays, battery: _Battery) -> float:
 def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | None, pool: _PlanPool) -> _Candidate:
     """The best plan under this import cap: exact by column generation where it applies; where a car
     has a minimum power (off or at least min_kw, not convex) the exact plan of the relaxation is
-    re-placed under that rule and improved by alternating the battery DP and the car placement."""
+    re-placed under that rule and improved by alternating the battery DP and the car placement.
+    The plan carries column generation's lower bound and its proven gap to it (gap_bound)."""
     import_cap = np.minimum(a.import_limit, cap_kw)
     base = a.base
     if not _column_generation_applies(s, a):
@@ -420,8 +422,9 @@ def _column_generation_applies(s: Scenario, a: _Arrays) -> bool:
 def _exact_cars(
     s: Scenario, a: _Arrays, base: FloatArray, import_cap: FloatArray, start_ev: FloatArray | None, *, pool: _PlanPool
 ) -> _Candidate | None:
-    """The optimal battery and car plan for this import cap by column generation (None when some
-    step cost is not convex).
+    """The optimal battery and car plan for this import cap by column generation (None when the DP
+    cannot price: see battery_pwl_tables). Where export pays more than import at a step with a car,
+    the combination is the optimum of the relaxation only; its Lagrangian bound says how close.
 
     The master problem picks the cheapest convex combination of battery-and-car plans that gives each
     car its energy; its duals value each car's kWh; the exact DP, with each car priced into the step
