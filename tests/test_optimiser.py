@@ -277,8 +277,9 @@ def test_slope_merge_equals_brute_force_on_the_grid(
     assert cost_merged == pytest.approx(cost_brute, rel=1e-9, abs=1e-9)
 
 
-def test_non_convex_prices_fall_back_and_stay_near_the_lp() -> None:
-    # A negative export price with PV that cannot be curtailed makes the step cost non-convex.
+def test_non_convex_prices_are_planned_exactly() -> None:
+    # A negative export price with PV that cannot be curtailed makes the step cost non-convex: the
+    # exact DP's lower envelopes (it used to fall back to the grid DP, within 1 % of the LP).
     data = {
         "step_minutes": 60,
         "price_import_cny_per_kwh": [0.3] * 6 + [1.0] * 6 + [0.6] * 12,
@@ -291,9 +292,10 @@ def test_non_convex_prices_fall_back_and_stay_near_the_lp() -> None:
     }
     s = load_scenario(data)
     plan = solve(s)
-    lp = solve_lp(s)
+    exact = solve_exact(s)
+    assert exact.binaries > 0  # the LP would charge and discharge at once to waste PV
     assert_plan_within_limits(s, plan)
-    assert plan.cost_cny <= lp.cost_cny + 0.01 * abs(lp.cost_cny)
+    assert plan.cost_cny == pytest.approx(exact.cost_cny, rel=1e-6)
 
 
 def test_ev_need_beyond_the_window_is_explained() -> None:
