@@ -951,19 +951,15 @@ def battery_pwl_tables(
     """The exact DP on step costs given as tables (step_tables, step_tables_cars): the optimal
     stored-energy path into out_energy and its cost (NaN only past _MAX_RUNS, see the general DP).
 
-    All step costs convex (the usual case: export worth no more than import): the plain slope merge.
-    Otherwise the general DP with lower envelopes."""
-    for t in range(step_count.shape[0]):
-        fd, fv, m = step_delta[t], step_value[t], step_count[t]
-        prev = -np.inf
-        for i in range(m - 1, 0, -1):
-            slope = -(fv[i - 1] - fv[i]) / (fd[i - 1] - fd[i])
-            if slope < prev - 1e-7 * max(1.0, abs(prev)):
-                return _battery_pwl_general(step_delta, step_value, step_count, e_min, e_max, e_start, d_max,
-                                            c_max, final_min_kwh, out_energy, out_marginal)  # fmt: skip
-            prev = slope
-    return _battery_pwl_convex(step_delta, step_value, step_count, e_min, e_max, e_start, d_max, c_max,
+    All step costs convex (the usual case: export worth no more than import): the plain slope merge,
+    which checks each step cost on its way and gives up (NaN) at the first that is not convex; then
+    the general DP with lower envelopes. (A scan first would cost the usual case 4 %.)"""
+    cost = _battery_pwl_convex(step_delta, step_value, step_count, e_min, e_max, e_start, d_max, c_max,
                                final_min_kwh, out_energy, out_marginal)  # fmt: skip
+    if np.isnan(cost):
+        return _battery_pwl_general(step_delta, step_value, step_count, e_min, e_max, e_start, d_max, c_max,
+                                    final_min_kwh, out_energy, out_marginal)  # fmt: skip
+    return cost
 
 
 @njit(cache=True, nogil=True)
