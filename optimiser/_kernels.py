@@ -1681,8 +1681,12 @@ def column_generation(
                          count, edge, tables_ready, run_x, run_v, run_n, run_edge)  # fmt: skip
         guess = not tables_ready
         tables_ready = True
-        lagrangian = battery_pwl_tables(delta, value, count, e_min, e_max, e_start, d_max, c_max, final_min_kwh,
-                                        plan_energy[n], marginal)  # fmt: skip
+        if concave:  # straight to the general DP: the convex one would only give up part way
+            lagrangian = _battery_pwl_general(delta, value, count, e_min, e_max, e_start, d_max, c_max,
+                                              final_min_kwh, plan_energy[n], marginal)  # fmt: skip
+        else:
+            lagrangian = battery_pwl_tables(delta, value, count, e_min, e_max, e_start, d_max, c_max,
+                                            final_min_kwh, plan_energy[n], marginal)  # fmt: skip
         if np.isnan(lagrangian):
             return -1
         # Lagrangian bound on the optimum (none where a price exceeds the shortfall penalty).
