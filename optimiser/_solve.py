@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from dataclasses import dataclass, field
@@ -553,28 +554,38 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     if holds and _raising_cap_cannot_pay(s, a, evaluate(low), low):
         assert best is not None
         return best  # the usual case: holding the month's peak
-    s_low = slope(low)
     high = evaluate(math.inf).peak_kw
     results.setdefault(high, results[math.inf])  # the uncapped plan is the plan for its own peak
-    if s_low >= 0.0 or high <= low + CAP_TOLERANCE_KW:
+    if high <= low + CAP_TOLERANCE_KW or slope(low) >= 0.0:
         assert best is not None
         return best
-    g_low, g_high, s_high = g(low), g(high), demand  # above the uncapped peak only the charge grows
+    # Cutting planes from one solve per probe: between probes, G lies above the chords of its
+    # neighbours extended (convexity), and above the tangents at the ends (at the month's peak its
+    # slope measured, above the uncapped peak only the charge grows). Each next probe is where the
+    # lower model is least; the search ends when the best probe meets it.
+    caps, values = [low, high], [g(low), g(high)]
+    end_slopes = (slope(low), demand)
     for _ in range(MAX_CAP_PROBES):
-        if high - low <= CAP_TOLERANCE_KW:
-            break
-        cross = (g_high - g_low + s_low * low - s_high * high) / (s_low - s_high)
-        bound = g_low + s_low * (cross - low)  # no cap in [low, high] does better (G convex)
-        if min(g_low, g_high) - bound <= CAP_SEARCH_REL_GAP * max(1.0, abs(bound)):
-            break  # G meets the lower bound: the better end is optimal
-        if not low < cross < high:
-            cross = 0.5 * (low + high)
-        cross = min(max(cross, low + CAP_TOLERANCE_KW), high - CAP_TOLERANCE_KW)
-        g_cross, s_cross = g(cross), slope(cross)
-        if s_cross < 0.0:
-            low, g_low, s_low = cross, g_cross, s_cross
-        else:
-            high, g_high, s_high = cross, g_cross, s_cross
+        lowest, probe, width = math.inf, math.nan, 0.0
+        for i in range(len(caps) - 1):
+            x0, x1 = caps[i], caps[i + 1]
+            s_left = end_slopes[0] if i == 0 else (values[i] - values[i - 1]) / (caps[i] - caps[i - 1])
+            last = i + 2 == len(caps)
+            s_right = end_slopes[1] if last else (values[i + 2] - values[i + 1]) / (caps[i + 2] - caps[i + 1])
+            # Lines through (x0, values[i]) with s_left and (x1, values[i + 1]) with s_right.
+            x = x0
+            if s_left < s_right:
+                x = (values[i + 1] - values[i] + s_left * x0 - s_right * x1) / (s_left - s_right)
+            x = min(max(x, x0), x1)
+            floor = max(values[i] + s_left * (x - x0), values[i + 1] + s_right * (x - x1))
+            if floor < lowest:
+                lowest, probe, width = floor, x, x1 - x0
+                probe = min(max(probe, x0 + CAP_TOLERANCE_KW), x1 - CAP_TOLERANCE_KW)
+        if min(values) - lowest <= CAP_SEARCH_REL_GAP * max(1.0, abs(lowest)) or width <= 2 * CAP_TOLERANCE_KW:
+            break  # the best probe is proven optimal (or the bracket is as narrow as the search goes)
+        at = bisect.bisect(caps, probe)
+        caps.insert(at, probe)
+        values.insert(at, g(probe))
     assert best is not None
     return best
 
