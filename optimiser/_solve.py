@@ -518,10 +518,11 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     + the demand charge on c above the month's peak is convex in c wherever the plan is an LP optimum
     (the cap is a right-hand side), and piecewise linear. Holding the month's peak (free, and usually
     best) is tried first; otherwise G is minimised between that and the uncapped plan's peak by
-    cutting planes: each probe solves at c and c + CAP_TOLERANCE_KW (a slope, hence a tangent below
-    G), and the next probe is where the tangents bracketing the minimum cross. On a piecewise-linear
-    G this ends in a few probes, when G at a probe meets the tangents' lower bound. The best plan
-    seen is kept (where G is not convex, the search is a heuristic and says nothing more).
+    cutting planes, one solve per probe: between probes G lies above its neighbours' chords extended,
+    at the ends above its tangents (the slope at the month's peak measured by a second solve 0.02 kW
+    above it; above the uncapped peak only the charge grows), and the next probe is where that lower
+    model is least. On a piecewise-linear G this ends in a few probes, when the best probe meets the
+    model. The best plan seen is kept (where G is not convex, the search is a heuristic).
     """
     best: _Candidate | None = None
     warm: _Candidate | None = None
