@@ -37,6 +37,9 @@ PRICED_PLANS_PER_CAR = 16
 PROVEN_OPTIMAL = 1e-7
 # Demand-charge cap search: stop when the bracket is this narrow (kW). At 32 CNY/kW, 0.02 kW is 0.64 CNY.
 CAP_TOLERANCE_KW = 0.02
+# Probes of the cap search land where the cutting planes cross, to this resolution (kW): on a
+# piecewise-linear cost that is the kink itself (0.02 kW off at 30 CNY/kW would be 0.6 CNY).
+CAP_RESOLUTION_KW = 1e-6
 # The cap search's cutting planes end in a few probes on a piecewise-linear cost; a cap on them.
 MAX_CAP_PROBES = 24
 # ... and stop once the best cap seen is proven within this fraction of the best possible (0.001 %,
@@ -581,8 +584,8 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
             floor = max(values[i] + s_left * (x - x0), values[i + 1] + s_right * (x - x1))
             if floor < lowest:
                 lowest, probe, width = floor, x, x1 - x0
-                probe = min(max(probe, x0 + CAP_TOLERANCE_KW), x1 - CAP_TOLERANCE_KW)
-        if min(values) - lowest <= CAP_SEARCH_REL_GAP * max(1.0, abs(lowest)) or width <= 2 * CAP_TOLERANCE_KW:
+                probe = min(max(probe, x0 + CAP_RESOLUTION_KW), x1 - CAP_RESOLUTION_KW)
+        if min(values) - lowest <= CAP_SEARCH_REL_GAP * max(1.0, abs(lowest)) or width <= 2 * CAP_RESOLUTION_KW:
             break  # the best probe is proven optimal (or the bracket is as narrow as the search goes)
         at = bisect.bisect(caps, probe)
         caps.insert(at, probe)
