@@ -882,5 +882,8 @@ class SiteConfig(_Model):
         inverters = [d for _, d in self.devices() if d.kind is DeviceKind.BATTERY_INVERTER]
         if len(inverters) == 1:
             return {inverters[0].name: 1.0}
-        total_kw = sum(d.rated_kw or 0.0 for d in inverters)
-        return {d.name: (d.rated_kw or 0.0) / total_kw for d in inverters}
+        rated = {d.name: d.rated_kw for d in inverters if d.rated_kw is not None}
+        if len(rated) != len(inverters):  # the validator requires them; a model_copy may not have been validated
+            raise ValueError("several battery inverters, not every one with rated_kw")
+        total_kw = sum(rated.values())
+        return {name: kw / total_kw for name, kw in rated.items()}

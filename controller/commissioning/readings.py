@@ -476,10 +476,11 @@ def _balance(reads: Sequence[DeviceRead], site: SiteConfig) -> list[Finding]:
         "battery": _total(reads, DeviceKind.BATTERY_INVERTER),
         "chargers": _total(reads, DeviceKind.EV_CHARGER),
     }
-    unknown = [name for name, value in terms.items() if value is None]
+    known = {name: value for name, value in terms.items() if value is not None}
+    unknown = [name for name in terms if name not in known]
     if unknown:
         return [Finding(Verdict.SUSPICIOUS, "site", f"load balance not checked: {', '.join(unknown)} not known")]
-    g, p, b, e = (terms[n] or 0.0 for n in ("grid", "pv", "battery", "chargers"))
+    g, p, b, e = (known[n] for n in ("grid", "pv", "battery", "chargers"))
     load = g + p - b - e
     tolerance = balance_tolerance_kw((g, p, b, e))
     sums = f"grid {fmt_kw(g)} + pv {fmt_kw(p)} - battery {fmt_kw(b)} - chargers {fmt_kw(e)} = {fmt_kw(load)}"
