@@ -402,7 +402,8 @@ async def run_scenario(
         run.sims = sims
         if scenario.history_days:
             _seed_history(scenario, site, plant, links)
-        store = TimeSeriesStore(site.storage.path, site.storage.retention_days)
+        # Simulated time may outrun the disk: the store waits for its writer rather than drop ticks.
+        store = TimeSeriesStore(site.storage.path, site.storage.retention_days, wait_when_full=True)
         stack.callback(store.close)
         tuning = TuningStore(site)
         offset, counters_before, forecast_before = 0.0, None, {}

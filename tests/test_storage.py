@@ -201,3 +201,23 @@ def test_keeping_the_previous_file_never_leaves_the_file_missing(
     assert target.read_bytes() == b"v3"
     assert (tmp_path / "tuning.json.prev").read_bytes() == b"v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tuning.json", "tuning.json.prev"]
+
+
+@pytest.mark.parametrize("wait_when_full", [True, False])
+def test_a_simulation_outrunning_the_disk_waits_instead_of_dropping(tmp_path: Path, wait_when_full: bool) -> None:
+    """A producer far faster than the writer (a small queue bound): a simulated run's store waits and keeps
+    every sample; a real loop's store drops the oldest rather than wait."""
+    store = TimeSeriesStore(tmp_path / "s.sqlite3", 400, max_queued_rows=200, batch_rows=100,
+                            wait_when_full=wait_when_full)  # fmt: skip
+    try:
+        for tick in range(5_000):
+            store.record(1_780_000_000.0 + tick, {f"series.{i}": float(i) for i in range(20)})
+        assert store.flush()
+        health = store.health_snapshot()
+    finally:
+        store.close()
+    if wait_when_full:
+        assert health.dropped_rows == 0
+        assert health.written_rows == 100_000
+    else:
+        assert health.dropped_rows > 0

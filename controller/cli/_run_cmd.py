@@ -140,7 +140,9 @@ def _web_users(site: SiteConfig) -> Path:
 
 
 def _store(site: SiteConfig, args: argparse.Namespace) -> TimeSeriesStore:
-    return TimeSeriesStore(args.store or site.storage.path, site.storage.retention_days)
+    # A simulation may outrun the disk at --speed max: its store waits for the writer instead of dropping.
+    return TimeSeriesStore(args.store or site.storage.path, site.storage.retention_days,
+                           wait_when_full=args.simulate)  # fmt: skip
 
 
 def _wants_live(args: argparse.Namespace) -> bool:

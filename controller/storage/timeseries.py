@@ -61,6 +61,9 @@ FULL_RESOLUTION_DAYS = 31
 # Queue bound, in values (rows of the long format): 50 minutes of a 20-series site at 1 Hz, about 3 MB.
 # It only fills while writing fails; at `--speed max` it rides out a stall of ~9 s of wall time.
 MAX_QUEUED_ROWS = 60_000
+# The longest a simulated run's `record()` waits for room (wait_when_full): a healthy writer frees a
+# batch in well under a second; a writer stuck this long is treated as a real loop treats it.
+FULL_WAIT_MAX_S = 5.0
 # A transaction is committed at most this often when ticks are few: a power cut loses at most this
 # much (plus the transaction in flight); each commit is one fsync of the WAL, cheap for an SD card.
 WRITE_PERIOD_S = 5.0
@@ -178,8 +181,13 @@ class TimeSeriesStore:
         retry_min_s: float = RETRY_MIN_S,
         retry_max_s: float = RETRY_MAX_S,
         connect: Callable[[Path], sqlite3.Connection] = connect_default,
+        wait_when_full: bool = False,
     ) -> None:
+        """`wait_when_full`: a full queue makes `record()` wait for the writer (up to FULL_WAIT_MAX_S) instead
+        of dropping the oldest samples, unless writing is failing. For simulated time only: a simulation
+        at `--speed max` may outrun the disk, a real loop must never wait on it."""
         self.path = Path(path)
+        self._wait_when_full = wait_when_full
         self.retention_s = retention_days * 86400.0
         self.full_resolution_s = min(full_resolution_days * 86400.0, self.retention_s)
         self._max_queued_rows = max_queued_rows
@@ -250,6 +258,8 @@ class TimeSeriesStore:
             if self._closed:
                 self._dropped_rows += len(payload) if isinstance(payload, tuple) else 1
                 return
+            if self._wait_when_full:
+                self._wait_for_room(len(payload) if isinstance(payload, tuple) else 1)
             self._seq += 1
             item: _Item = (self._seq, ts, names, payload)
             if not self._queue:
@@ -259,6 +269,16 @@ class TimeSeriesStore:
             self._drop_overflow()
             if self._queued_rows >= self._batch_rows:
                 self._cond.notify_all()
+
+    def _wait_for_room(self, rows: int) -> None:
+        """Called with _cond held: wait until `rows` more fit, the writer is failing, or FULL_WAIT_MAX_S."""
+        deadline = time.monotonic() + FULL_WAIT_MAX_S
+        while self._queued_rows + rows > self._max_queued_rows and not self._degraded and not self._stopping:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return  # a writer stuck without failing: drop as the real loop would
+            self._cond.notify_all()  # the writer takes a batch as soon as it is free
+            self._cond.wait(remaining_s)
 
     def _drop_overflow(self) -> None:
         """Called with _cond held: drop the oldest whole items until the queue fits its bound."""
