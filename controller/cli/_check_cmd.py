@@ -17,8 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from config import ConfigError, DeviceKind, SiteConfig, load_site
-from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME, Command, refusal
+from config import DeviceKind, SiteConfig
+from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME, Command, loaded_site
 from controller.commissioning.probe import SiteDevices, battery_trend, read_device
 from controller.commissioning.readings import DeviceStatus, judge_device, judge_site
 from controller.commissioning.report import (
@@ -29,7 +29,6 @@ from controller.commissioning.report import (
     write_report,
 )
 from controller.commissioning.step_test import StepTest, StepTestReport, battery_step, step_sizes
-from firmware_bridge.maps import check_site_devices
 from firmware_bridge.ports import missing_ports
 from firmware_bridge.transport import Link, SerialLink
 
@@ -54,13 +53,8 @@ def _say(line: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        site = load_site(args.config)
-        problems = check_site_devices(site)
-    except ConfigError as err:
-        problems = err.errors
-    if problems:
-        sys.stderr.write(refusal(args.config, problems))
+    site = loaded_site(args.config)
+    if site is None:
         return EXIT_BAD_INPUT
     simulated = [bus.name for bus in site.buses if bus.simulated]
     if simulated:

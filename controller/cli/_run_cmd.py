@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
-from config import ConfigError, SiteConfig, load_site
-from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, Command, refusal
+from config import SiteConfig
+from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, Command, loaded_site
 from controller.durations import parse_duration_s
 from controller.service_notify import SystemdNotifier
 from controller.state_directory import storage_in_state_directory
 from controller.storage.timeseries import TimeSeriesStore
 from controller.tuning import TuningStore
-from firmware_bridge.maps import check_site_devices, device_questions
+from firmware_bridge.maps import device_questions
 from firmware_bridge.ports import missing_ports
 
 if TYPE_CHECKING:
@@ -80,13 +80,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        site = load_site(args.config)
-        problems = check_site_devices(site)
-    except ConfigError as err:
-        problems = err.errors
-    if problems:
-        sys.stderr.write(refusal(args.config, problems))
+    site = loaded_site(args.config)
+    if site is None:
         return EXIT_BAD_INPUT
     if args.report is not None and importlib.util.find_spec("matplotlib") is None:
         sys.stderr.write("--report draws with matplotlib, which is not installed: scripts/bootstrap installs it"
