@@ -180,6 +180,44 @@ def test_slow_client_is_dropped_and_the_tick_builds_once() -> None:
     assert not any(reader.dropped.is_set() for reader in readers)
 
 
+async def test_a_reading_client_gets_every_update_and_a_dropped_one_sees_its_stream_end() -> None:
+    """Over real HTTP: a browser that reads gets each update in order; one the hub gives up on (it fell
+    behind, or the server stops) sees its stream end at once instead of hanging until a heartbeat."""
+    from aiohttp import web
+
+    hub = StreamHub(lambda runtime: {}, max_rate_hz=1e9, max_clients=10)
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        return await hub.respond(request, {"n": 0})
+
+    app = web.Application()
+    app.router.add_get("/stream", stream)
+    async with TestClient(TestServer(app)) as c:
+        reader = await c.get("/stream")
+        assert b'"n":0' in await reader.content.readuntil(b"\n\n")
+        while hub.clients < 1:
+            await asyncio.sleep(0.01)
+        for n in range(1, 4):
+            hub.publish({"n": n})
+            assert f'"n":{n}'.encode() in await asyncio.wait_for(reader.content.readuntil(b"\n\n"), 2.0)
+        (subscriber,) = hub._clients
+        for n in range(QUEUE_MESSAGES * 3):  # published faster than anyone reads: the client is dropped
+            hub.publish({"n": n})
+            if subscriber.dropped.is_set():
+                break
+        assert subscriber.dropped.is_set() and hub.dropped == 1
+        rest = await asyncio.wait_for(reader.content.read(), 2.0)  # the stream ends, nothing left half-sent
+        assert rest.count(b"\n\n") == rest.count(b"event: ") and len(rest) < 200  # at most what was in flight
+
+        second = await c.get("/stream")
+        await second.content.readuntil(b"\n\n")
+        while hub.clients < 1:
+            await asyncio.sleep(0.01)
+        hub.close()  # the server stops: every stream ends
+        await asyncio.wait_for(second.content.read(), 2.0)
+        assert hub.clients == 0
+
+
 def test_stream_throttles_to_its_rate() -> None:
     wall = FakeWall()
     hub = StreamHub(lambda runtime: {}, max_rate_hz=4.0, max_clients=10, wall=wall)

@@ -33,6 +33,11 @@ FAILURE_LOG_EVERY = 1000
 RETRY_MS = 2000
 
 
+# Put in a client's queue when the hub gives up on it (after emptying the queue): its handler stops there.
+# One queue to wait on per client keeps a message's cost to a queue hand-over (no future or task per message).
+_END = b""
+
+
 class Subscriber:
     """One connected client: its queue, and whether the hub gave up on it."""
 
@@ -41,6 +46,13 @@ class Subscriber:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_MESSAGES)
         self.dropped = asyncio.Event()
+
+    def end(self) -> None:
+        """The hub gives up on this client: what it has not read is discarded and its handler returns."""
+        self.dropped.set()
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(_END)
 
 
 class StreamHub:
@@ -101,11 +113,11 @@ class StreamHub:
         """End every stream (the server is stopping): each handler returns, the browsers reconnect later."""
         for client in list(self._clients):
             self._clients.discard(client)
-            client.dropped.set()
+            client.end()
 
     def _drop(self, client: Subscriber) -> None:
         self._clients.discard(client)
-        client.dropped.set()
+        client.end()
         self.dropped += 1
         _log.info("live-update client dropped: not reading", extra={"event": self._event, "clients": self.clients})
 
@@ -128,26 +140,16 @@ class StreamHub:
         try:
             data = json.dumps(first, separators=(",", ":"), allow_nan=False, default=str)
             await response.write(f"retry: {RETRY_MS}\nevent: {self._event}\ndata: {data}\n\n".encode())
-            dropped: asyncio.Future[Any] = asyncio.ensure_future(client.dropped.wait())
-            getting: asyncio.Future[Any] | None = None
-            try:
-                while True:
-                    if getting is None:
-                        getting = asyncio.ensure_future(client.queue.get())
-                    done, _ = await asyncio.wait({getting, dropped}, timeout=HEARTBEAT_S,
-                                                 return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-                    if getting in done:
-                        message: bytes = getting.result()
-                        getting = None
-                        await response.write(message)
-                    elif dropped in done:
-                        break
-                    else:
-                        await response.write(b": keepalive\n\n")
-            finally:
-                for pending in (getting, dropped):
-                    if pending is not None:
-                        pending.cancel()
+            while True:
+                try:
+                    async with asyncio.timeout(HEARTBEAT_S):
+                        message = await client.queue.get()
+                except TimeoutError:
+                    await response.write(b": keepalive\n\n")
+                    continue
+                if message is _END:
+                    break
+                await response.write(message)
         except (ConnectionResetError, ConnectionError):
             pass  # the browser went away: nothing to answer
         finally:
