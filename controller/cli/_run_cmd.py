@@ -13,12 +13,14 @@ import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast, get_args
 from zoneinfo import ZoneInfo
 
 from config import SiteConfig
 from controller.cli._command import EXIT_BAD_INPUT, EXIT_OK, Command, loaded_site
 from controller.durations import parse_duration_s
+from controller.interval_csv import IntervalCsvError, IntervalSeries, parse_interval_csv
+from controller.plant import Sky, Weather
 from controller.service_notify import SystemdNotifier
 from controller.state_directory import storage_in_state_directory
 from controller.storage.timeseries import TimeSeriesStore
@@ -29,6 +31,10 @@ from firmware_bridge.ports import missing_ports
 if TYPE_CHECKING:
     from controller.mqtt import MqttService
     from controller.runtime import Runtime
+
+
+# The README's main job starts here: a summer Monday in term, so the day has sun, load and cars.
+DEFAULT_SIMULATION_START = datetime(2026, 7, 6)
 
 
 def duration_s(text: str) -> float:
@@ -50,6 +56,17 @@ def speed(text: str) -> float | None:
     return value
 
 
+def _skies(text: str) -> tuple[Sky, ...]:
+    names = get_args(Sky)
+    out: list[Sky] = []
+    for index, item in enumerate(text.split(","), 1):
+        name = item.strip()
+        if name not in names:
+            raise argparse.ArgumentTypeError(f"sky {index} {name!r} is not one of {', '.join(names)}")
+        out.append(cast("Sky", name))
+    return tuple(out)
+
+
 def under_systemd() -> bool:
     """Started by systemd (its units get INVOCATION_ID): a missing port is waited for, not refused."""
     return bool(os.environ.get("INVOCATION_ID"))
@@ -60,9 +77,25 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--simulate", action="store_true", help="run against the simulated plant (no hardware)")
     parser.add_argument("--speed", type=speed, default=1.0, help="simulated seconds per second, or 'max'")
     parser.add_argument("--duration", type=duration_s, help="stop after this long (e.g. 1d); default: until Ctrl-C")
-    parser.add_argument("--start", type=datetime.fromisoformat, default=datetime(2026, 7, 6),
-                        help="simulation start, local time (default Monday 2026-07-06 00:00, summer)")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=1, help="simulation random seed (clouds)")
+    parser.add_argument("--start", type=datetime.fromisoformat,
+                        help="simulation start, local time (default Monday 2026-07-06 00:00, summer; with"
+                             " --replay, where the recording starts)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=1,
+                        help="simulation random seed (clouds, the day's skies and load with --variation)")  # fmt: skip
+    realism = parser.add_argument_group("the simulated plant (with --simulate)")
+    realism.add_argument("--weather", choices=get_args(Weather), default="passing_clouds",
+                         help="the sky: the same every day, or 'mixed': each day's drawn from the seed by"
+                              " wet-season odds (default passing_clouds)")  # fmt: skip
+    realism.add_argument("--skies", type=_skies, metavar="SKY,SKY,...",
+                         help=f"with --weather mixed, these skies day by day (cycled) instead of drawn:"
+                              f" {', '.join(get_args(Sky))}")  # fmt: skip
+    realism.add_argument("--variation", action="store_true",
+                         help="each day its own load: cooling by the day's temperature, occupancy noise, events")
+    realism.add_argument("--replay", type=Path, metavar="CSV",
+                         help="play recorded interval data (time,load_kw,pv_kw at 1-60 min; README: Replaying"
+                              " recorded data) instead of the modelled load and/or PV")  # fmt: skip
+    realism.add_argument("--replay-only", choices=("load", "pv"),
+                         help="with --replay, play only this column of the recording (default: what it has)")
     parser.add_argument("--link", choices=("memory", "pty"),
                         help="with --simulate, what carries the bus bytes to the simulated devices: ptys, or an"
                              " in-process link (the same bytes, codecs and timeouts, no pseudo-terminal);"
@@ -94,6 +127,23 @@ def _run(args: argparse.Namespace) -> int:
     if args.link is not None and not args.simulate:
         sys.stderr.write("--link chooses how simulated devices are reached: it needs --simulate\n")
         return EXIT_BAD_INPUT
+    plant_options = [name for name, given in (("--weather", args.weather != "passing_clouds"),
+                     ("--skies", args.skies), ("--variation", args.variation), ("--replay", args.replay),
+                     ("--replay-only", args.replay_only), ("--start", args.start)) if given]  # fmt: skip
+    if plant_options and not args.simulate:
+        sys.stderr.write(f"{', '.join(plant_options)} shape the simulated plant: add --simulate\n")
+        return EXIT_BAD_INPUT
+    if args.skies and args.weather != "mixed":
+        sys.stderr.write("--skies gives the skies day by day: it needs --weather mixed\n")
+        return EXIT_BAD_INPUT
+    if args.replay_only and args.replay is None:
+        sys.stderr.write("--replay-only chooses a column of --replay's recording: give --replay CSV\n")
+        return EXIT_BAD_INPUT
+    replay: IntervalSeries | None = None
+    if args.replay is not None:
+        replay = _recording(args.replay, args.replay_only, ZoneInfo(site.site.timezone))
+        if replay is None:
+            return EXIT_BAD_INPUT
     if not args.simulate and any(bus.simulated for bus in site.buses):
         names = ", ".join(bus.name for bus in site.buses if bus.simulated)
         sys.stderr.write(f"buses {names} are simulated in {args.config}: add --simulate\n")
@@ -111,7 +161,30 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write("observing: plans and setpoints are computed and published as 'would write';"
                          " nothing is written to any device\n")  # fmt: skip
         sys.stdout.flush()
-    return asyncio.run(_simulate(site, args) if args.simulate else _hardware(site, args))
+    return asyncio.run(_simulate(site, args, replay) if args.simulate else _hardware(site, args))
+
+
+def _recording(path: Path, only: str | None, zone: ZoneInfo) -> IntervalSeries | None:
+    """The recording to replay (only its `only` column if given); None after saying why it is refused."""
+    try:
+        series = parse_interval_csv(path.read_bytes(), zone)
+    except OSError as err:
+        sys.stderr.write(f"--replay {path}: {err.strerror or err}\n")
+        return None
+    except IntervalCsvError as err:
+        sys.stderr.write(f"--replay {path}: {err}\n")
+        return None
+    if only == "load":
+        if series.load_kw is None:
+            sys.stderr.write(f"--replay {path}: the recording has no load_kw column to play\n")
+            return None
+        return IntervalSeries(series.start, series.step_s, series.load_kw, None)
+    if only == "pv":
+        if series.pv_kw is None:
+            sys.stderr.write(f"--replay {path}: the recording has no pv_kw column to play\n")
+            return None
+        return IntervalSeries(series.start, series.step_s, None, series.pv_kw)
+    return series
 
 
 def _simulation_storage(site: SiteConfig, args: argparse.Namespace) -> SiteConfig:
@@ -265,15 +338,23 @@ async def _hardware(site: SiteConfig, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
+async def _simulate(site: SiteConfig, args: argparse.Namespace, replay: IntervalSeries | None) -> int:
     from controller.clock import SimClock  # noqa: PLC0415 - keeps `greensite validate` free of numba
+    from controller.plant import Plant, school_arrivals  # noqa: PLC0415
     from controller.runtime import Runtime  # noqa: PLC0415
     from controller.simulation import Recorder, simulated_site  # noqa: PLC0415
     from controller.summary import summary_text  # noqa: PLC0415
     from firmware_bridge.simulator import Line  # noqa: PLC0415
 
-    start = args.start.replace(tzinfo=ZoneInfo(site.site.timezone)) if args.start.tzinfo is None else args.start
+    zone = ZoneInfo(site.site.timezone)
+    given = args.start or (replay.start if replay is not None else DEFAULT_SIMULATION_START)
+    start = given.replace(tzinfo=zone) if given.tzinfo is None else given.astimezone(zone)
     duration = args.duration if args.duration is not None else 86400.0
+    if replay is not None and (start < replay.start or start + timedelta(seconds=duration) >
+                               replay.start + timedelta(seconds=replay.duration_s)):  # fmt: skip
+        logging.getLogger("greensite").warning("the run is not inside the recording: it is played around again",
+                                               extra={"recording_start": replay.start.isoformat(),
+                                                      "recording_s": replay.duration_s})  # fmt: skip
     stop = _stop_on_signals()
     wall = time.perf_counter()
     # The dashboard's password is the site's (`greensite web password SITE`), not the fresh simulation folder's.
@@ -284,7 +365,11 @@ async def _simulate(site: SiteConfig, args: argparse.Namespace) -> int:
     # At --speed max the ptys' system calls were most of a tick; a paced run keeps the OS's serial path.
     line = Line(args.link) if args.link is not None else Line.MEMORY if args.speed is None else Line.PTY
     days = int(duration // 86400) + 1
-    async with simulated_site(site, start, days, seed=args.seed, line=line) as (plant, links, _sims):
+    plant = Plant(site, start, seed=args.seed, arrivals=school_arrivals(site, start, days), weather=args.weather,
+                  variation=args.variation, skies=args.skies or (), replay=replay)  # fmt: skip
+    if site.battery is not None:
+        plant.soc = max(site.tuning.battery.soc_min, min(site.tuning.battery.soc_max, 0.5))
+    async with simulated_site(site, start, days, seed=args.seed, line=line, plant=plant) as (plant, links, _sims):
         recorder = Recorder(site, plant)
         store = _store(site, args)
         notifier = SystemdNotifier()  # the demo as a service: READY and the watchdog as on hardware
