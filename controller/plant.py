@@ -168,6 +168,12 @@ class Plant:
             for _ in range(40)
         ]
         self.evs = {c.name: _Ev() for c in self.site.ev_chargers}
+        # Looked up on every plant step and every request a charger answers: worked out once.
+        self._chargers = {c.name: c for c in self.site.ev_chargers}
+        self._charger_of_device: dict[str, str] = {}
+        for charger in self.site.ev_chargers:
+            self._charger_of_device.setdefault(charger.device, charger.name)
+        self._local: tuple[float, datetime] | None = None
         self._battery_shares = self.site.battery_shares()
         # Load steps: (start s, end s, kW), a few a day over two weeks.
         self._steps = [
@@ -185,7 +191,11 @@ class Plant:
     # --- the world ---------------------------------------------------------------------------------
 
     def local_time(self, at_s: float | None = None) -> datetime:
-        return self.start + timedelta(seconds=self.now_s if at_s is None else at_s)
+        at_s = self.now_s if at_s is None else at_s
+        local = self._local
+        if local is None or local[0] != at_s:  # the plant asks for the same second several times a step
+            local = self._local = (at_s, self.start + timedelta(seconds=at_s))
+        return local[1]
 
     def pv_available_at(self, at_s: float) -> float:
         """The truth, for baselines and the perfect-foresight reference (the controller never sees it)."""
@@ -303,11 +313,15 @@ class Plant:
             load += self._load_noise[int(at_s) % NOISE_PERIOD_S]
         return max(0.0, load)
 
-    def _refresh(self) -> None:
-        self.pv_available_kw = self._pv_available(self.now_s)
+    def _refresh(self, *, same_second: bool = False) -> None:
+        """The flows now. `same_second`: a setpoint changed and time did not move: the sun and the load are
+        what the last refresh found (both depend on the second alone)."""
+        if not same_second:
+            self.pv_available_kw = self._pv_available(self.now_s)
         limit_kw = (self.site.pv.peak_kw if self.site.pv else 0.0) * self.pv_limit_pct / 100
         self.pv_kw = min(self.pv_available_kw, limit_kw)
-        self.load_kw = self._load(self.now_s)
+        if not same_second:
+            self.load_kw = self._load(self.now_s)
         local = self.local_time()
         for name, ev in self.evs.items():
             if ev.arrival is not None and local >= ev.arrival.leave:
@@ -322,7 +336,7 @@ class Plant:
                         self.requested_kwh += arrival.energy_kwh
                         self.arrivals = [a for a in self.arrivals if a is not arrival]
                         break
-            charger = next(c for c in self.site.ev_chargers if c.name == name)
+            charger = self._chargers[name]
             if ev.arrival is None or ev.delivered_kwh >= ev.arrival.energy_kwh - 1e-6:
                 ev.power_kw = 0.0
             elif ev.current_limit_a < charger.min_current_a - 1e-6:
@@ -483,7 +497,7 @@ class Plant:
             ev = self.evs.get(self._charger_name(device))
             if ev is not None:
                 ev.current_limit_a = value
-        self._refresh()
+        self._refresh(same_second=True)
 
     def _noise(self) -> float:
         if not self.meter_noise_kw:
@@ -492,7 +506,7 @@ class Plant:
         return self._meter_noise[self._meter_reads % NOISE_PERIOD_S]
 
     def _charger_name(self, device: str) -> str:
-        return next((c.name for c in self.site.ev_chargers if c.device == device), device)
+        return self._charger_of_device.get(device, device)
 
 
 def _meter(power_kw: float, import_kwh: float, export_kwh: float) -> dict[str, float]:

@@ -241,7 +241,7 @@ class Bus:
         async with self._lock:
             # Checked under the lock: a caller that queued behind the attempt that found the device
             # dead is refused instead of spending another timeout on it.
-            if not even_if_lost and not self.is_due(exchange.device):
+            if not even_if_lost and health.state is Health.LOST and self._health_clock() < health.retry_at:
                 self.stats.skipped_lost += 1
                 wait_s = max(0.0, health.retry_at - self._health_clock())
                 raise DeviceLost(
@@ -284,13 +284,16 @@ class Bus:
             raise last
 
     async def _attempt(self, exchange: Exchange) -> Readings:
-        await self._ensure_open()
+        link = self._link
+        if not link.is_open:
+            await self._ensure_open()
         self.stats.transactions += 1
-        wait_s = self._quiet_until - self._clock()
-        if wait_s > 0:
-            await asyncio.sleep(wait_s)
-        self.stats.bytes_discarded += self._link.discard()
-        await self._link.write(exchange.request)
+        if self._silent_s:
+            wait_s = self._quiet_until - self._clock()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+        self.stats.bytes_discarded += link.discard()
+        await link.write(exchange.request)
         deadline = self._clock() + self.reply_budget_s(exchange)
         buffer = b""
         echo_pending = self.config.adapter_echo

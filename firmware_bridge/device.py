@@ -58,12 +58,18 @@ def words_to_raw(kind: RegisterType, words: tuple[int, ...], word_order: str) ->
     if kind is RegisterType.INT16:
         return float(words[0] - 0x10000 if words[0] & 0x8000 else words[0])
     hi, lo = (words[0], words[1]) if word_order == "big" else (words[1], words[0])
-    packed = struct.pack(">HH", hi, lo)
+    packed = _PACK_WORDS(hi, lo)
     if kind is RegisterType.UINT32:
-        return float(struct.unpack(">I", packed)[0])
+        return float(_UNPACK_UINT32(packed)[0])
     if kind is RegisterType.INT32:
-        return float(struct.unpack(">i", packed)[0])
-    return float(struct.unpack(">f", packed)[0])
+        return float(_UNPACK_INT32(packed)[0])
+    return float(_UNPACK_FLOAT32(packed)[0])
+
+
+_PACK_WORDS = struct.Struct(">HH").pack
+_UNPACK_UINT32 = struct.Struct(">I").unpack
+_UNPACK_INT32 = struct.Struct(">i").unpack
+_UNPACK_FLOAT32 = struct.Struct(">f").unpack
 
 
 _INTEGER_FORMATS = {
@@ -72,19 +78,24 @@ _INTEGER_FORMATS = {
     RegisterType.UINT32: ">I",
     RegisterType.INT32: ">i",
 }
+# Each type's packing, and the register words of 2 or 4 packed bytes (big-endian words).
+_PACKERS = {kind: struct.Struct(fmt).pack for kind, fmt in (*_INTEGER_FORMATS.items(), (RegisterType.FLOAT32, ">f"))}
+_ONE_WORD = struct.Struct(">H").unpack
+_TWO_WORDS = struct.Struct(">HH").unpack
 
 
-def _raw_to_words(kind: RegisterType, raw: float, word_order: str) -> tuple[int, ...]:
+def raw_to_words(kind: RegisterType, raw: float, word_order: str) -> tuple[int, ...]:
+    """The register words of a raw number (what a device holds before the map's scale), in word order."""
     if kind is RegisterType.FLOAT32:
-        packed = struct.pack(">f", raw)
+        packed = _PACKERS[kind](raw)
     else:
         try:
-            packed = struct.pack(_INTEGER_FORMATS[kind], round(raw))
+            packed = _PACKERS[kind](round(raw))
         except struct.error as err:
             raise ValueError(f"{raw} does not fit {kind.value}") from err
     if len(packed) == 2:
-        return ((packed[0] << 8) | packed[1],)
-    hi, lo = (packed[0] << 8) | packed[1], (packed[2] << 8) | packed[3]
+        return _ONE_WORD(packed)
+    hi, lo = _TWO_WORDS(packed)
     return (hi, lo) if word_order == "big" else (lo, hi)
 
 
@@ -99,7 +110,7 @@ def registers_from_values(
         offset = point.address - start
         if offset < 0 or offset + point.type.words > count:
             continue
-        words = _raw_to_words(point.type, values[point.name] / point.scale / point.sign, point.word_order)
+        words = raw_to_words(point.type, values[point.name] / point.scale / point.sign, point.word_order)
         image[offset : offset + len(words)] = words
     return tuple(image)
 
@@ -330,7 +341,7 @@ class DeviceDriver:
         ):
             raise ValueError(f"{self.name}: {quantity} = {value} outside {point.minimum}..{point.maximum}")
         assert isinstance(self.address, int)
-        words = _raw_to_words(point.type, value / point.scale / point.sign, point.word_order)
+        words = raw_to_words(point.type, value / point.scale / point.sign, point.word_order)
         request: modbus.Request
         if len(words) == 1:
             request = modbus.WriteSingleRequest(self.address, point.address, words[0])

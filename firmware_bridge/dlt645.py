@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from firmware_bridge.errors import FrameError
@@ -132,7 +133,9 @@ class Dlt645Frame:
         return self.control & 0x1F
 
 
+@functools.lru_cache(maxsize=256)
 def _address_bytes(address: str) -> bytes:
+    # Cached: a bus asks the same few meters every second (a refused address raises, and is not cached).
     if len(address) != 12:
         raise ValueError(f"address {address!r} is not 12 characters")
     pairs = [address[i : i + 2] for i in range(0, 12, 2)]
@@ -147,7 +150,16 @@ def _address_bytes(address: str) -> bytes:
     return bytes(out)
 
 
+# Bytes an address may hold: two BCD digits, or AA (a wildcard digit pair).
+_ADDRESS_BYTES = bytes(b for b in range(256) if b == 0xAA or (b >> 4 <= 9 and b & 0x0F <= 9))
+# The wire's +0x33 on every data byte, both ways, as translation tables.
+_PLUS_33 = bytes((b + 0x33) & 0xFF for b in range(256))
+_MINUS_33 = bytes((b - 0x33) & 0xFF for b in range(256))
+
+
 def _address_text(raw: bytes, offset: int) -> str:
+    if not raw.translate(None, _ADDRESS_BYTES):  # every byte is BCD or AA: its digits, A5 first
+        return raw[::-1].hex().upper()
     text = []
     for index, byte in enumerate(raw):
         if byte != 0xAA and (byte >> 4 > 9 or byte & 0x0F > 9):
@@ -162,7 +174,7 @@ def encode_frame(frame: Dlt645Frame, *, preamble: int = 4) -> bytes:
     if len(frame.data) > MAX_DATA_BYTES:
         raise ValueError(f"data is {len(frame.data)} bytes, more than {MAX_DATA_BYTES}")
     body = bytearray([START, *_address_bytes(frame.address), START, frame.control & 0xFF, len(frame.data)])
-    body.extend((b + 0x33) & 0xFF for b in frame.data)
+    body.extend(frame.data.translate(_PLUS_33))
     body.append(sum(body) & 0xFF)
     body.append(END)
     return bytes([PREAMBLE] * preamble) + bytes(body)
@@ -187,7 +199,7 @@ def _parse_at(buf: bytes, start: int) -> tuple[int, Dlt645Frame] | None:
     if frame[-1] != END:
         raise FrameError(start + total - 1, f"expected end 0x16, got 0x{frame[-1]:02X}")
     address = _address_text(frame[1:7], start + 1)
-    data = bytes((b - 0x33) & 0xFF for b in frame[10:-2])
+    data = bytes(frame[10:-2]).translate(_MINUS_33)
     return total, Dlt645Frame(address, frame[8], data)
 
 
@@ -262,8 +274,8 @@ def encode_bcd(value: float, length: int, decimals: int, signed: bool) -> bytes:
     limit = 10 ** (2 * length - 1) * (8 if signed else 10)
     if scaled >= limit or (value < 0 and not signed):
         raise ValueError(f"{value} does not fit {length} BCD bytes with {decimals} decimals")
-    digits = f"{scaled:0{2 * length}d}"
-    out = bytearray(int(digits[i : i + 2], 16) for i in range(2 * length - 2, -1, -2))
+    # The decimal digits read as hex are the BCD bytes, most significant first: the wire has them reversed.
+    out = bytearray(bytes.fromhex(f"{scaled:0{2 * length}d}")[::-1])
     if signed and value < 0 and scaled:
         out[-1] |= 0x80
     return bytes(out)
@@ -271,6 +283,14 @@ def encode_bcd(value: float, length: int, decimals: int, signed: bool) -> bytes:
 
 def decode_bcd(raw: bytes, decimals: int, signed: bool, offset: int = 0) -> float:
     """Inverse of encode_bcd; FrameError (with the byte offset) on a nibble above 9."""
+    ordered = bytearray(raw[::-1])  # most significant byte first
+    negative = bool(signed and ordered and ordered[0] & 0x80)
+    if negative:
+        ordered[0] &= 0x7F
+    text = ordered.hex()
+    if text.isdigit():  # every nibble 0..9 (a nibble above 9 is a letter): the digits as they stand
+        magnitude = int(text) / float(10**decimals)
+        return -magnitude if negative else magnitude
     negative = False
     digits = []
     for index in range(len(raw) - 1, -1, -1):

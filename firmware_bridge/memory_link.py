@@ -81,7 +81,10 @@ class MemoryLink:
 
     def discard(self) -> int:
         """Drop stale input (late replies of a previous transaction); returns how many bytes."""
-        return len(self.take())
+        self._live()
+        dropped = len(self._buffer)
+        self._buffer.clear()
+        return dropped
 
     async def wait_for_data(self, timeout_s: float) -> bool:
         self._live()

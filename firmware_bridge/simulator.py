@@ -22,8 +22,8 @@ from pathlib import Path
 
 from config import BusProtocol, SerialBusConfig
 from firmware_bridge import dlt645, modbus
-from firmware_bridge.device import CT_SCALED_SUFFIXES, registers_from_values, words_to_raw
-from firmware_bridge.maps import Access, DeviceMap, Dlt645Point, ModbusPoint
+from firmware_bridge.device import CT_SCALED_SUFFIXES, raw_to_words, words_to_raw
+from firmware_bridge.maps import Access, DeviceMap, Dlt645Point, ModbusPoint, RegisterType
 from firmware_bridge.memory_link import MemoryLink
 from firmware_bridge.transport import bits_per_character
 
@@ -61,6 +61,39 @@ class Fault:
     writes_only: bool = False  # a device that still answers reads but refuses its setpoints
 
 
+@dataclass(frozen=True, slots=True)
+class _Block:
+    """A register block a controller reads, worked out once: whether the map covers any of it, and where
+    each wholly covered point goes with what its value is divided by (CT ratio, scale, sign: in that order,
+    as `registers_from_values` on the secondary values does)."""
+
+    covered: bool
+    count: int
+    layout: tuple[tuple[str, float, float, float, RegisterType, str, int], ...]
+
+    @classmethod
+    def of(cls, covered: list[ModbusPoint], start: int, count: int, ct_ratio_for: Callable[[str], float]) -> _Block:
+        layout = tuple(
+            (p.name, ct_ratio_for(p.name), p.scale, p.sign, p.type, p.word_order, p.address - start)
+            for p in covered
+            if p.address >= start and p.address - start + p.type.words <= count
+        )
+        return cls(bool(covered), count, layout)
+
+    def registers(self, source: Mapping[str, float], setpoints: Mapping[str, float]) -> tuple[int, ...]:
+        """The block's image from the device's values (its source first, then setpoints); unmapped registers 0."""
+        image = [0] * self.count
+        for name, ct_ratio, scale, sign, kind, word_order, offset in self.layout:
+            value = source.get(name)
+            if value is None:
+                value = setpoints.get(name)
+                if value is None:
+                    continue
+            words = raw_to_words(kind, value / ct_ratio / scale / sign, word_order)
+            image[offset : offset + len(words)] = words
+        return tuple(image)
+
+
 @dataclass
 class SimulatedDevice:
     """One device's firmware: a register map, an address, and where its values come from."""
@@ -81,7 +114,7 @@ class SimulatedDevice:
     # The map's Modbus points, and the points each (function, address, count) block covers: a
     # controller asks for the same few blocks every second, so each is worked out once.
     _modbus_points: list[ModbusPoint] = field(init=False, repr=False)
-    _blocks: dict[tuple[int, int, int], list[ModbusPoint]] = field(init=False, repr=False, default_factory=dict)
+    _blocks: dict[tuple[int, int, int], _Block] = field(init=False, repr=False, default_factory=dict)
     _writable: dict[int, ModbusPoint] = field(init=False, repr=False, default_factory=dict)
     _by_di: dict[int, Dlt645Point] = field(init=False, repr=False, default_factory=dict)
 
@@ -105,21 +138,19 @@ class SimulatedDevice:
         unit = request.unit
         if isinstance(request, modbus.ReadRequest):
             key = (request.function, request.address, request.count)
-            covered = self._blocks.get(key)
-            if covered is None:
-                covered = self._blocks[key] = [
+            block = self._blocks.get(key)
+            if block is None:
+                covered = [
                     p
                     for p in points
                     if p.function == request.function
                     and p.address < request.address + request.count
                     and p.address + p.type.words > request.address
                 ]
-            if not covered:
+                block = self._blocks[key] = _Block.of(covered, request.address, request.count, self.ct_ratio_for)
+            if not block.covered:
                 return modbus.ExceptionReply(unit, request.function, 0x02)
-            values = self.values()
-            secondary = {p.name: values[p.name] / self.ct_ratio_for(p.name) for p in covered if p.name in values}
-            registers = registers_from_values(covered, secondary, request.function, request.address, request.count)
-            return modbus.ReadReply(unit, request.function, registers)
+            return modbus.ReadReply(unit, request.function, block.registers(self.source(), self.setpoints))
         words = (request.value,) if isinstance(request, modbus.WriteSingleRequest) else request.values
         target = self._writable.get(request.address)
         if target is None or target.type.words != len(words):
@@ -178,11 +209,12 @@ class SimulatedDevice:
             return dlt645.error_reply(address, frame.function, 0x01)
         di = int.from_bytes(frame.data[:4], "little")
         point = self._by_di.get(di)
-        values = self.values()
-        if point is None or point.name not in values:
+        source = self.source()  # once per request, as a meter samples once
+        reading = None if point is None else source.get(point.name, self.setpoints.get(point.name))
+        if point is None or reading is None:
             return dlt645.error_reply(address, dlt645.FUNCTION_READ, 0x02)
         item = dlt645.DATA_ITEMS[di]
-        value = values[point.name] / point.scale / point.sign / self.ct_ratio_for(point.name)
+        value = reading / point.scale / point.sign / self.ct_ratio_for(point.name)
         # A real meter saturates at the largest number its BCD format holds (signed: top bit is the sign).
         largest = ((8 if item.signed else 10) * 10 ** (2 * item.length - 1) - 1) / 10**item.decimals
         value = max(-largest if item.signed else 0.0, min(largest, value))
