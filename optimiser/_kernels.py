@@ -1477,6 +1477,48 @@ def car_allocation(
 
 
 @njit(cache=True, nogil=True)
+def _invert_basis(
+    basis: np.ndarray, car_kwh: np.ndarray, plans: int, cars: int, work: np.ndarray, out_inverse: np.ndarray
+) -> bool:
+    """The inverse of master_lp's basis matrix (columns: plans' kWh per car and 1, or a car's shortfall)
+    by Gauss-Jordan with partial pivoting into out_inverse; False where it is singular."""
+    rows = cars + 1
+    work[:] = 0.0
+    out_inverse[:] = 0.0
+    for i in range(rows):
+        j = basis[i]
+        if j < plans:
+            for r in range(cars):
+                work[r, i] = car_kwh[j, r]
+            work[cars, i] = 1.0
+        else:
+            work[j - plans, i] = 1.0
+        out_inverse[i, i] = 1.0
+    for col in range(rows):
+        pivot_row = col
+        for r in range(col + 1, rows):
+            if abs(work[r, col]) > abs(work[pivot_row, col]):
+                pivot_row = r
+        pivot = work[pivot_row, col]
+        if abs(pivot) < 1e-12:
+            return False
+        if pivot_row != col:
+            for c in range(rows):
+                work[col, c], work[pivot_row, c] = work[pivot_row, c], work[col, c]
+                out_inverse[col, c], out_inverse[pivot_row, c] = out_inverse[pivot_row, c], out_inverse[col, c]
+        for c in range(rows):
+            work[col, c] /= pivot
+            out_inverse[col, c] /= pivot
+        for r in range(rows):
+            factor = work[r, col]
+            if r != col and factor != 0.0:
+                for c in range(rows):
+                    work[r, c] -= factor * work[col, c]
+                    out_inverse[r, c] -= factor * out_inverse[col, c]
+    return True
+
+
+@njit(cache=True, nogil=True)
 def master_lp(
     car_kwh: np.ndarray,
     cost: np.ndarray,
@@ -1521,10 +1563,25 @@ def master_lp(
     alpha = np.empty(rows)
     c_basis = np.empty(rows)
     dual = np.empty(rows)
+    rhs = np.empty(rows)
+    rhs[:cars] = need_kwh
+    rhs[cars] = 1.0
+    work = np.empty((rows, rows))
+    fresh = np.empty((rows, rows))
     scale = 1.0
     for j in range(plans):
         scale = max(scale, abs(cost[j]))
     for _ in range(50 * (rows + columns)):
+        # The basis inverse and values afresh each iteration (Gauss-Jordan, a few rows): updated in
+        # place only, they drift on nearly equal plans until the weights no longer sum to one (a
+        # combination of plans 0.1 % above every car's and the battery's power limits).
+        if _invert_basis(basis, car_kwh, plans, cars, work, fresh):
+            inverse[:] = fresh
+            for i in range(rows):
+                total = 0.0
+                for r in range(rows):
+                    total += inverse[i, r] * rhs[r]
+                x[i] = total
         for i in range(rows):
             c_basis[i] = column(basis[i], a)
         for r in range(rows):
@@ -1576,12 +1633,18 @@ def master_lp(
                 x[i] -= factor * x[leaving]
         basis[leaving] = entering
     out_weight[:] = 0.0
+    total_weight = 0.0
+    for i in range(rows):
+        if basis[i] < plans:
+            out_weight[basis[i]] = max(x[i], 0.0)
+            total_weight += out_weight[basis[i]]
     objective = 0.0
     for i in range(rows):
-        value = max(x[i], 0.0)
-        objective += column(basis[i], a) * value
         if basis[i] < plans:
-            out_weight[basis[i]] = value
+            out_weight[basis[i]] /= total_weight  # a convex combination, whatever rounding is left
+            objective += column(basis[i], a) * out_weight[basis[i]]
+        else:
+            objective += column(basis[i], a) * max(x[i], 0.0)
     for r in range(rows):
         out_dual[r] = dual[r]
     return objective
@@ -1776,17 +1839,24 @@ def combine_plans(
     return False
 
 
-@njit("f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8)", cache=True, nogil=True)
+@njit("f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8)", cache=True, nogil=True)
 def cap_saving_bound(
     net_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray, import_limit_kw: np.ndarray,
-    export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float, cap_kw: float,
+    export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float, cap_kw: float, eta_c: float,
+    eta_d: float, wear: float,
 ) -> float:  # fmt: skip
     """An upper bound on what one more kW of import cap could save (CNY): dt * sum over the steps
-    importing at the cap of (dearest price of the horizon - price there); inf while a limit is broken."""
+    importing at the cap of (most a kWh there is worth - price there); inf while a limit is broken.
+
+    A kWh imported there displaces an import or feeds an export elsewhere (at most the dearest price),
+    or spares the battery a discharge: 1 / eta_d stored kWh, each worth at most what charging one
+    costs (the dearest price and wear over eta_c), and the discharge's wear. Pass 1, 1, 0 without
+    a battery."""
     tolerance_kw = 1e-6
     dearest = -np.inf
     for t in range(net_kw.shape[0]):
         dearest = max(dearest, price_import[t], price_export[t])
+    dearest = max(dearest, (dearest + wear) / (eta_c * eta_d) + wear)
     saving = 0.0
     for t in range(net_kw.shape[0]):
         cap = min(cap_kw, import_limit_kw[t])
@@ -1795,6 +1865,61 @@ def cap_saving_bound(
         if net_kw[t] >= cap - tolerance_kw:
             saving += max(dearest - price_import[t], 0.0) * dt_h
     return saving
+
+
+@njit(cache=True, nogil=True)
+def _battery_holds_cap(
+    base_kw: np.ndarray, cap_kw: float, dt_h: float, e_min_kwh: float, e_max_kwh: float, e_start_kwh: float,
+    max_charge_kw: float, max_discharge_kw: float, eta_c: float, eta_d: float, final_min_kwh: float,
+    tolerance_kwh: float,
+) -> bool:  # fmt: skip
+    """Whether some battery path keeps base + battery <= cap at every step and ends with at least
+    final_min_kwh (no cars, no export limit): the reachable stored energy is an interval, carried
+    forward step by step."""
+    low, high = e_start_kwh, e_start_kwh
+    down_kwh = max_discharge_kw * dt_h / eta_d
+    for t in range(base_kw.shape[0]):
+        most_kw = min(max_charge_kw, cap_kw - base_kw[t])  # the most the battery may charge (< 0: must discharge)
+        if most_kw < -max_discharge_kw:
+            return False
+        up_kwh = most_kw * dt_h * eta_c if most_kw >= 0.0 else most_kw * dt_h / eta_d
+        low = max(e_min_kwh, low - down_kwh)
+        high = min(e_max_kwh, high + up_kwh)
+        if low > high + tolerance_kwh:
+            return False
+    return high >= final_min_kwh - tolerance_kwh
+
+
+@njit("f8(f8[:], f8, f8, f8, f8, f8, f8, f8, f8, f8)", cache=True, nogil=True)
+def least_holdable_cap_kw(
+    base_kw: np.ndarray, dt_h: float, e_min_kwh: float, e_max_kwh: float, e_start_kwh: float,
+    max_charge_kw: float, max_discharge_kw: float, eta_c: float, eta_d: float, final_min_kwh: float,
+) -> float:  # fmt: skip
+    """The least import cap (kW, to 1e-9 kW) that the battery alone can hold at every step ending with
+    at least final_min_kwh, without cars or export limit (a relaxation: no plan of the full problem
+    holds a lower cap so); inf where no cap lets the battery end with final_min_kwh."""
+    peak = -np.inf
+    for t in range(base_kw.shape[0]):
+        peak = max(peak, base_kw[t])
+    tolerance_kwh = 1e-12 * max(1.0, e_max_kwh)
+    # Infeasible below (the battery discharges at most its rate); charging at its rate all along is
+    # the most any cap above the peak by that rate allows.
+    low, high = peak - max_discharge_kw, peak + max_charge_kw
+    if not _battery_holds_cap(
+        base_kw, high, dt_h, e_min_kwh, e_max_kwh, e_start_kwh, max_charge_kw, max_discharge_kw, eta_c, eta_d,
+        final_min_kwh, tolerance_kwh,
+    ):  # fmt: skip
+        return np.inf
+    while high - low > 1e-9 * max(1.0, abs(high)):
+        middle = 0.5 * (low + high)
+        if _battery_holds_cap(
+            base_kw, middle, dt_h, e_min_kwh, e_max_kwh, e_start_kwh, max_charge_kw, max_discharge_kw, eta_c,
+            eta_d, final_min_kwh, tolerance_kwh,
+        ):  # fmt: skip
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 @njit("void(f8[:], f8[:], f8, f8, f8, f8, f8, f8[:], f8[:], f8[:])", cache=True, nogil=True)

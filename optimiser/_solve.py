@@ -40,6 +40,9 @@ CAP_TOLERANCE_KW = 0.02
 # Probes of the cap search land where the cutting planes cross, to this resolution (kW): on a
 # piecewise-linear cost that is the kink itself (0.02 kW off at 30 CNY/kW would be 0.6 CNY).
 CAP_RESOLUTION_KW = 1e-6
+# The cap search starts where the battery alone holds the cap and the final SoC if the cost falls up to
+# there: checked against a probe this far below it (at 32 CNY/kW, 0.001 kW is 0.03 CNY).
+CAP_LEFT_CHECK_KW = 1e-3
 # The cap search's cutting planes end in a few probes on a piecewise-linear cost; a cap on them.
 MAX_CAP_PROBES = 24
 # ... and stop once the best cap seen is proven within this fraction of the best possible (0.001 %,
@@ -550,7 +553,14 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     def slope(cap: float) -> float:
         return (g(cap + CAP_TOLERANCE_KW) - g(cap)) / CAP_TOLERANCE_KW
 
-    low = floor_kw
+    safe_kw, start_kw = _least_holdable_caps_kw(s, a)
+    low = max(floor_kw, safe_kw)
+    if math.isfinite(start_kw) and start_kw > low + CAP_LEFT_CHECK_KW:
+        # Where holding the cap stops costing the final SoC: the search starts there if the cost falls
+        # up to it (convexity: then it falls all the way from the safe start).
+        at_start = g(start_kw)
+        if g(start_kw - CAP_LEFT_CHECK_KW) >= at_start:
+            low = start_kw
     if evaluate(low).peak_kw < low - CAP_TOLERANCE_KW:
         assert best is not None
         return best  # the cap does not bind: the plan is the uncapped optimum and adds no demand charge
@@ -558,9 +568,12 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     if holds and _raising_cap_cannot_pay(s, a, evaluate(low), low):
         assert best is not None
         return best  # the usual case: holding the month's peak
+    if slope(low) >= 0.0:
+        assert best is not None
+        return best
     high = evaluate(math.inf).peak_kw
     results.setdefault(high, results[math.inf])  # the uncapped plan is the plan for its own peak
-    if high <= low + CAP_TOLERANCE_KW or slope(low) >= 0.0:
+    if high <= low + CAP_TOLERANCE_KW:
         assert best is not None
         return best
     # Cutting planes from one solve per probe: between probes, G lies above the chords of its
@@ -594,19 +607,45 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     return best
 
 
+def _least_holdable_caps_kw(s: Scenario, a: _Arrays) -> tuple[float, float]:
+    """The least import caps the battery alone holds at every step, without cars or export limit:
+    without and with the final SoC (-inf, -inf: none that the search may start from).
+
+    No plan holds a cap below the first (a relaxation). Below it, lowering the cap by x kW adds at
+    least penalty x dt to any plan's cost (some step imports above it) while the demand charge saves x
+    times the charge: with the charge below penalty x dt, the best cap is not lower. The second is
+    where holding the cap stops costing the final SoC; the search checks that the cost falls up to it.
+    """
+    if s.grid.demand_charge_cny_per_kw >= k.PENALTY_CNY_PER_KWH * a.dt_h:
+        return -math.inf, -math.inf
+    b = s.battery
+    if b is None or a.n_levels <= 1:
+        peak = float(a.base.max())
+        return peak, peak
+    e_min, e_max = b.soc_min * b.capacity_kwh, b.soc_max * b.capacity_kwh
+    e_start = a.e_low_kwh + a.start_level * a.level_kwh
+    battery = (e_min, e_max, e_start, b.max_charge_kw, b.max_discharge_kw, b.charge_efficiency, b.discharge_efficiency)
+    safe = k.least_holdable_cap_kw(a.base, a.dt_h, *battery, e_min)
+    start = k.least_holdable_cap_kw(a.base, a.dt_h, *battery, a.final_min_kwh)
+    return float(safe), float(start)
+
+
 def _raising_cap_cannot_pay(s: Scenario, a: _Arrays, c: _Candidate, cap_kw: float) -> bool:
     """Whether a bound proves that raising the import cap above cap_kw saves less than its demand charge.
 
     Raising the cap helps only at steps importing at the cap, by the dual of that limit: what one more
     kWh there is worth minus its price. While the plan pays no penalty, a kWh is worth at most the
-    dearest price of the horizon (it can only displace an import or be exported), so the saving per kW
-    is at most dt * sum over those steps of (dearest price - price). The LP's cost is convex in the cap,
+    dearest price of the horizon (it displaces an import or is exported), or what it spares the
+    battery (a discharge that costs its losses to recharge: see cap_saving_bound), so the saving per kW
+    is at most dt * sum over those steps of (that worth - price). The LP's cost is convex in the cap,
     so if that is below the demand charge per kW, no higher cap pays.
     """
     if _final_shortfall(s, a, c.battery) > 1e-9 or (c.ev.sum(axis=1) * a.dt_h < a.need_kwh - 1e-6).any():
         return False
+    b = s.battery
+    losses = (1.0, 1.0, 0.0) if b is None else (b.charge_efficiency, b.discharge_efficiency, b.wear_cost_cny_per_kwh)
     saving = k.cap_saving_bound(
-        c.net_kw, a.price_import, a.price_export, a.import_limit, a.export_cap, a.curtail_max, a.dt_h, cap_kw
+        c.net_kw, a.price_import, a.price_export, a.import_limit, a.export_cap, a.curtail_max, a.dt_h, cap_kw, *losses
     )
     return saving < s.grid.demand_charge_cny_per_kw
 
