@@ -1890,21 +1890,30 @@ def _battery_holds_cap(
     return high >= final_min_kwh - tolerance_kwh
 
 
-@njit("f8(f8[:], f8, f8, f8, f8, f8, f8, f8, f8, f8)", cache=True, nogil=True)
+@njit("f8(f8[:], f8, f8, f8, f8, f8, f8, f8, f8, f8, f8)", cache=True, nogil=True)
 def least_holdable_cap_kw(
     base_kw: np.ndarray, dt_h: float, e_min_kwh: float, e_max_kwh: float, e_start_kwh: float,
     max_charge_kw: float, max_discharge_kw: float, eta_c: float, eta_d: float, final_min_kwh: float,
+    at_least_kw: float,
 ) -> float:  # fmt: skip
-    """The least import cap (kW, to 1e-9 kW) that the battery alone can hold at every step ending with
-    at least final_min_kwh, without cars or export limit (a relaxation: no plan of the full problem
-    holds a lower cap so); inf where no cap lets the battery end with final_min_kwh."""
+    """The least import cap (kW, to 1e-9 kW) not below at_least_kw that the battery alone can hold at
+    every step ending with at least final_min_kwh, without cars or export limit (a relaxation: no plan
+    of the full problem holds a lower cap so); inf where no cap lets the battery end with
+    final_min_kwh. One pass where at_least_kw holds (the month's peak, usually)."""
+    tolerance_kwh = 1e-12 * max(1.0, e_max_kwh)
+    if _battery_holds_cap(
+        base_kw, at_least_kw, dt_h, e_min_kwh, e_max_kwh, e_start_kwh, max_charge_kw, max_discharge_kw, eta_c,
+        eta_d, final_min_kwh, tolerance_kwh,
+    ):  # fmt: skip
+        return at_least_kw
     peak = -np.inf
     for t in range(base_kw.shape[0]):
         peak = max(peak, base_kw[t])
-    tolerance_kwh = 1e-12 * max(1.0, e_max_kwh)
     # Infeasible below (the battery discharges at most its rate); charging at its rate all along is
     # the most any cap above the peak by that rate allows.
-    low, high = peak - max_discharge_kw, peak + max_charge_kw
+    low, high = max(peak - max_discharge_kw, at_least_kw), peak + max_charge_kw
+    if high <= low:
+        return np.inf
     if not _battery_holds_cap(
         base_kw, high, dt_h, e_min_kwh, e_max_kwh, e_start_kwh, max_charge_kw, max_discharge_kw, eta_c, eta_d,
         final_min_kwh, tolerance_kwh,

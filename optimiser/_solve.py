@@ -553,8 +553,7 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     def slope(cap: float) -> float:
         return (g(cap + CAP_TOLERANCE_KW) - g(cap)) / CAP_TOLERANCE_KW
 
-    safe_kw, start_kw = _least_holdable_caps_kw(s, a)
-    low = max(floor_kw, safe_kw)
+    low, start_kw = _least_holdable_caps_kw(s, a, floor_kw)
     if math.isfinite(start_kw) and start_kw > low + CAP_LEFT_CHECK_KW:
         # Where holding the cap stops costing the final SoC: the search starts there if the cost falls
         # up to it (convexity: then it falls all the way from the safe start).
@@ -607,9 +606,9 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     return best
 
 
-def _least_holdable_caps_kw(s: Scenario, a: _Arrays) -> tuple[float, float]:
-    """The least import caps the battery alone holds at every step, without cars or export limit:
-    without and with the final SoC (-inf, -inf: none that the search may start from).
+def _least_holdable_caps_kw(s: Scenario, a: _Arrays, floor_kw: float) -> tuple[float, float]:
+    """The least import caps from floor_kw up that the battery alone holds at every step, without cars
+    or export limit: without and with the final SoC (floor_kw where the search may not start higher).
 
     No plan holds a cap below the first (a relaxation). Below it, lowering the cap by x kW adds at
     least penalty x dt to any plan's cost (some step imports above it) while the demand charge saves x
@@ -617,17 +616,18 @@ def _least_holdable_caps_kw(s: Scenario, a: _Arrays) -> tuple[float, float]:
     where holding the cap stops costing the final SoC; the search checks that the cost falls up to it.
     """
     if s.grid.demand_charge_cny_per_kw >= k.PENALTY_CNY_PER_KWH * a.dt_h:
-        return -math.inf, -math.inf
+        return floor_kw, floor_kw
     b = s.battery
     if b is None or a.n_levels <= 1:
-        peak = float(a.base.max())
+        peak = max(float(a.base.max()), floor_kw)
         return peak, peak
     e_min, e_max = b.soc_min * b.capacity_kwh, b.soc_max * b.capacity_kwh
     e_start = a.e_low_kwh + a.start_level * a.level_kwh
     battery = (e_min, e_max, e_start, b.max_charge_kw, b.max_discharge_kw, b.charge_efficiency, b.discharge_efficiency)
-    safe = k.least_holdable_cap_kw(a.base, a.dt_h, *battery, e_min)
-    start = k.least_holdable_cap_kw(a.base, a.dt_h, *battery, a.final_min_kwh)
-    return float(safe), float(start)
+    start = float(k.least_holdable_cap_kw(a.base, a.dt_h, *battery, a.final_min_kwh, floor_kw))
+    if start <= floor_kw:
+        return floor_kw, floor_kw  # the usual case: the battery holds the month's peak (one pass)
+    return float(k.least_holdable_cap_kw(a.base, a.dt_h, *battery, e_min, floor_kw)), start
 
 
 def _raising_cap_cannot_pay(s: Scenario, a: _Arrays, c: _Candidate, cap_kw: float) -> bool:

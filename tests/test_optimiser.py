@@ -236,8 +236,12 @@ def test_least_holdable_cap_is_the_least_peak_of_the_lp(data: dict[str, Any], fi
         base, s.dt_h, e_min, e_max, battery.soc_initial * battery.capacity_kwh, battery.max_charge_kw,
         battery.max_discharge_kw, battery.charge_efficiency, battery.discharge_efficiency,
     )  # fmt: skip
-    cap = k.least_holdable_cap_kw(*args, battery.soc_final_min * battery.capacity_kwh)
-    assert k.least_holdable_cap_kw(*args, e_min) <= cap
+    final_min = battery.soc_final_min * battery.capacity_kwh
+    cap = k.least_holdable_cap_kw(*args, final_min, -np.inf)
+    assert k.least_holdable_cap_kw(*args, e_min, -np.inf) <= cap
+    if np.isfinite(cap):  # from a floor: the floor where it holds, else the same cap
+        assert k.least_holdable_cap_kw(*args, final_min, cap + 5.0) == cap + 5.0
+        assert k.least_holdable_cap_kw(*args, final_min, cap - 5.0) == pytest.approx(cap, abs=1e-6)
     lp = solve_lp(s)
     if not np.isfinite(cap):
         assert lp.objective - lp.cost_cny > 1e-6  # the final SoC is out of reach: the LP pays its penalty
