@@ -1776,6 +1776,55 @@ def column_generation(
     return n
 
 
+@njit(
+    "f8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, i8[:], i8[:], f8[:], f8[:],"
+    " f8[:])",
+    cache=True,
+    nogil=True,
+)
+def priced_lower_bound(
+    base_kw: np.ndarray, price_import: np.ndarray, price_export: np.ndarray, import_cap_kw: np.ndarray,
+    export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float, eta_c: float, eta_d: float, wear: float,
+    d_max: float, c_max: float, e_min: float, e_max: float, e_start: float, final_min_kwh: float,
+    arrival: np.ndarray, departure: np.ndarray, car_max_kw: np.ndarray, need_kwh: np.ndarray,
+    car_cny_per_kwh: np.ndarray,
+) -> float:  # fmt: skip
+    """Column generation's Lagrangian bound at fixed car values under this import cap: the exact DP
+    of battery and cars with each car's kWh worth car_cny_per_kwh, plus the needs at that worth. A
+    lower bound on the cost of any plan under this cap (whatever cap the values were found for);
+    -inf where a value exceeds the shortfall penalty, nan where the DP cannot price."""
+    steps, cars = base_kw.shape[0], arrival.shape[0]
+    concave = False
+    for t in range(steps):
+        concave = concave or price_export[t] > price_import[t] or price_import[t] < 0.0
+    width = 2 * (_KINKS + cars) if concave else _KINKS + cars
+    delta = np.empty((steps, width))
+    value = np.empty((steps, width))
+    count = np.empty(steps, dtype=np.int64)
+    edge = np.empty((steps, cars))
+    run_steps = steps if concave else 1
+    run_x = np.empty((run_steps, _CAR_RUNS, width))
+    run_v = np.empty((run_steps, _CAR_RUNS, width))
+    run_n = np.zeros((steps, _CAR_RUNS), dtype=np.int64)
+    run_edge = np.empty((run_steps, _CAR_RUNS, cars))
+    step_tables_cars(base_kw, price_import, price_export, import_cap_kw, export_cap_kw, curtail_max_kw, dt_h,
+                     eta_c, eta_d, wear, d_max, c_max, arrival, departure, car_max_kw, car_cny_per_kwh, delta,
+                     value, count, edge, False, run_x, run_v, run_n, run_edge)  # fmt: skip
+    energy = np.empty(steps + 1)
+    marginal = np.empty(steps)
+    if concave:
+        bound = _battery_pwl_general(delta, value, count, e_min, e_max, e_start, d_max, c_max, final_min_kwh,
+                                     energy, marginal)  # fmt: skip
+    else:
+        bound = battery_pwl_tables(delta, value, count, e_min, e_max, e_start, d_max, c_max, final_min_kwh,
+                                   energy, marginal)  # fmt: skip
+    for i in range(cars):
+        if car_cny_per_kwh[i] > PENALTY_CNY_PER_KWH:
+            return -np.inf
+        bound += car_cny_per_kwh[i] * need_kwh[i]
+    return bound
+
+
 # out_totals of grid_flows: import kWh, export kWh, curtailed kWh, peak import kW, and the largest
 # import above the limit and export above the cap (kW; <= 0 when every limit holds).
 FLOW_TOTALS = 6

@@ -43,6 +43,8 @@ CAP_RESOLUTION_KW = 1e-6
 # The cap search starts where the battery alone holds the cap and the final SoC if the cost falls up to
 # there: checked against a probe this far below it (at 32 CNY/kW, 0.001 kW is 0.03 CNY).
 CAP_LEFT_CHECK_KW = 1e-3
+# The cap search's tangents: chords of column generation's bound this wide each side of a probe.
+CAP_TANGENT_KW = 1e-4
 # The cap search's cutting planes end in a few probes on a piecewise-linear cost; a cap on them.
 MAX_CAP_PROBES = 24
 # ... and stop once the best cap seen is proven within this fraction of the best possible (0.001 %,
@@ -386,8 +388,9 @@ def _capped_cost(s: Scenario, c: _Candidate, cap_kw: float) -> float:
 
 
 def _respects_minimum(s: Scenario, ev: FloatArray) -> bool:
-    """Whether every car is off or at least at its minimum power at every step."""
-    tolerance_kw = 1e-6
+    """Whether every car is off or at least at its minimum power at every step (to 1e-9 kW: a
+    combination of plans can land a few 1e-9 kW below it, which the repair then places exactly)."""
+    tolerance_kw = 1e-9
     return all(
         bool(((ev[i] <= tolerance_kw) | (ev[i] >= x.min_kw - tolerance_kw)).all())
         for i, x in enumerate(s.ev_sessions)
@@ -522,17 +525,21 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
 
     With the cap c as a soft limit (the planner's penalty above it), G(c) = the optimal cost under c
     + the demand charge on c above the month's peak is convex in c wherever the plan is an LP optimum
-    (the cap is a right-hand side), and piecewise linear. Holding the month's peak (free, and usually
-    best) is tried first; otherwise G is minimised between that and the uncapped plan's peak by
-    cutting planes, one solve per probe: between probes G lies above its neighbours' chords extended,
-    at the ends above its tangents (the slope at the month's peak measured by a second solve 0.02 kW
-    above it; above the uncapped peak only the charge grows), and the next probe is where that lower
-    model is least. On a piecewise-linear G this ends in a few probes, when the best probe meets the
-    model. The best plan seen is kept (where G is not convex, the search is a heuristic).
+    (the cap is a right-hand side), and piecewise linear. The search starts at the month's peak, or
+    higher where the battery alone cannot hold that (below there every plan pays the penalty), and
+    stops there when a bound proves that raising the cap cannot pay. Otherwise cutting planes, one
+    solve per probe: at a probe where column generation's Lagrangian bound meets the plan, the
+    bound's slopes each side (three DPs at the car values found for that cap, no column generation)
+    are G's tangents; elsewhere G lies above its neighbours' chords extended, and above the uncapped
+    peak only the charge grows. The next probe is where that lower model is least; the search ends
+    when the best probe meets it. The best plan seen is kept (where G is not convex, the search is a
+    heuristic).
     """
     best: _Candidate | None = None
     warm: _Candidate | None = None
     results: dict[float, _Candidate] = {}
+    # G's slopes left and right of each probe where they are known (nan: not known).
+    slopes: dict[float, tuple[float, float]] = {}
     pool = _PlanPool.of(s, a)
     demand = s.grid.demand_charge_cny_per_kw
 
@@ -543,6 +550,8 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
             warm = results[cap] = candidate
             if best is None or candidate.objective < best.objective:
                 best = candidate
+            # Now, while the pool holds the car values column generation found for this cap.
+            slopes[cap] = _tangent_slopes(s, a, pool, candidate, cap, floor_kw=floor_kw)
         return results[cap]
 
     def g(cap: float) -> float:
@@ -550,16 +559,22 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
         capped = _capped_cost(s, evaluate(cap), cap)
         return capped + demand * max(0.0, cap - floor_kw)
 
-    def slope(cap: float) -> float:
-        return (g(cap + CAP_TOLERANCE_KW) - g(cap)) / CAP_TOLERANCE_KW
+    def right_slope(cap: float) -> float:
+        """G's slope right of cap: the lower bound's tangent, else measured by a second solve."""
+        evaluate(cap)
+        tangent = slopes[cap][1]
+        return tangent if math.isfinite(tangent) else (g(cap + CAP_TOLERANCE_KW) - g(cap)) / CAP_TOLERANCE_KW
+
+    def left_slope(cap: float) -> float:
+        evaluate(cap)
+        tangent = slopes[cap][0]
+        return tangent if math.isfinite(tangent) else (g(cap) - g(cap - CAP_LEFT_CHECK_KW)) / CAP_LEFT_CHECK_KW
 
     low, start_kw = _least_holdable_caps_kw(s, a, floor_kw)
-    if math.isfinite(start_kw) and start_kw > low + CAP_LEFT_CHECK_KW:
+    if math.isfinite(start_kw) and start_kw > low + CAP_LEFT_CHECK_KW and left_slope(start_kw) <= 0.0:
         # Where holding the cap stops costing the final SoC: the search starts there if the cost falls
         # up to it (convexity: then it falls all the way from the safe start).
-        at_start = g(start_kw)
-        if g(start_kw - CAP_LEFT_CHECK_KW) >= at_start:
-            low = start_kw
+        low = start_kw
     if evaluate(low).peak_kw < low - CAP_TOLERANCE_KW:
         assert best is not None
         return best  # the cap does not bind: the plan is the uncapped optimum and adds no demand charge
@@ -567,7 +582,7 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     if holds and _raising_cap_cannot_pay(s, a, evaluate(low), low):
         assert best is not None
         return best  # the usual case: holding the month's peak
-    if slope(low) >= 0.0:
+    if right_slope(low) >= 0.0:
         assert best is not None
         return best
     high = evaluate(math.inf).peak_kw
@@ -575,19 +590,26 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     if high <= low + CAP_TOLERANCE_KW:
         assert best is not None
         return best
-    # Cutting planes from one solve per probe: between probes, G lies above the chords of its
-    # neighbours extended (convexity), and above the tangents at the ends (at the month's peak its
-    # slope measured, above the uncapped peak only the charge grows). Each next probe is where the
-    # lower model is least; the search ends when the best probe meets it.
+    if high not in slopes or high == math.inf:
+        slopes[high] = (math.nan, math.nan)
+    # Cutting planes from one solve per probe: G lies above its tangents at each probe where column
+    # generation's bound meets the plan there (the bound's slopes at the car values found for it),
+    # elsewhere above the chords of the probe's neighbours extended (convexity); at the month's peak
+    # and above the uncapped peak (where only the charge grows) above its end slopes. Each next probe
+    # is where the lower model is least; the search ends when the best probe meets it.
     caps, values = [low, high], [g(low), g(high)]
-    end_slopes = (slope(low), demand)
+    end_slopes = (right_slope(low), demand)
     for _ in range(MAX_CAP_PROBES):
         lowest, probe, width = math.inf, math.nan, 0.0
         for i in range(len(caps) - 1):
             x0, x1 = caps[i], caps[i + 1]
-            s_left = end_slopes[0] if i == 0 else (values[i] - values[i - 1]) / (caps[i] - caps[i - 1])
+            s_left = slopes[x0][1]
+            if not math.isfinite(s_left):
+                s_left = end_slopes[0] if i == 0 else (values[i] - values[i - 1]) / (caps[i] - caps[i - 1])
             last = i + 2 == len(caps)
-            s_right = end_slopes[1] if last else (values[i + 2] - values[i + 1]) / (caps[i + 2] - caps[i + 1])
+            s_right = end_slopes[1] if last else slopes[x1][0]
+            if not math.isfinite(s_right):
+                s_right = (values[i + 2] - values[i + 1]) / (caps[i + 2] - caps[i + 1])
             # Lines through (x0, values[i]) with s_left and (x1, values[i + 1]) with s_right.
             x = x0
             if s_left < s_right:
@@ -604,6 +626,53 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
         values.insert(at, g(probe))
     assert best is not None
     return best
+
+
+def _tangent_slopes(
+    s: Scenario, a: _Arrays, pool: _PlanPool, c: _Candidate, cap_kw: float, *, floor_kw: float
+) -> tuple[float, float]:
+    """G's slopes left and right of cap_kw from a lower bound on it that meets the plan there (nan
+    where none does): column generation's Lagrangian bound at the car values it found for this cap
+    (the exact DP without cars), a convex function of the cap that lies below G, measured over
+    CAP_TANGENT_KW each side. Its chords there are G's tangents up to that width."""
+    nothing = (math.nan, math.nan)
+    if not math.isfinite(cap_kw) or cap_kw - CAP_TANGENT_KW < floor_kw:
+        return nothing
+    at = _lower_bound_at(s, a, pool, cap_kw)
+    if not abs(_capped_cost(s, c, cap_kw) - at) <= CAP_SEARCH_REL_GAP * 1e-2 * max(1.0, abs(at)):
+        return nothing  # the bound does not meet the plan (a car's minimum power, a cost that is not convex)
+    below = _lower_bound_at(s, a, pool, cap_kw - CAP_TANGENT_KW)
+    above = _lower_bound_at(s, a, pool, cap_kw + CAP_TANGENT_KW)
+    demand = s.grid.demand_charge_cny_per_kw
+    return (at - below) / CAP_TANGENT_KW + demand, (above - at) / CAP_TANGENT_KW + demand
+
+
+def _lower_bound_at(s: Scenario, a: _Arrays, pool: _PlanPool, cap_kw: float) -> float:
+    """A lower bound on the cost under an import cap as the DP counts it (penalty above the cap, no
+    demand charge): column generation's Lagrangian bound at the pool's car values, or without cars
+    the exact DP; nan without a battery or where the DP cannot price."""
+    b = s.battery
+    if b is None or a.n_levels <= 1:
+        return math.nan
+    import_cap = np.minimum(a.import_limit, cap_kw)
+    d_max = b.max_discharge_kw * a.dt_h / b.discharge_efficiency
+    c_max = b.max_charge_kw * a.dt_h * b.charge_efficiency
+    e_min, e_max = b.soc_min * b.capacity_kwh, b.soc_max * b.capacity_kwh
+    e_start = a.e_low_kwh + a.start_level * a.level_kwh
+    if s.ev_sessions:
+        bound = k.priced_lower_bound(
+            a.base, a.price_import, a.price_export, import_cap, a.export_cap, a.curtail_max, a.dt_h,
+            b.charge_efficiency, b.discharge_efficiency, b.wear_cost_cny_per_kwh, d_max, c_max, e_min, e_max, e_start,
+            a.final_min_kwh, pool.arrival, pool.departure, pool.max_kw, pool.need_kwh, pool.price,
+        )  # fmt: skip
+        return float(bound)
+    energy, marginal = np.empty(s.steps + 1), np.empty(s.steps)
+    cost = k.battery_pwl(
+        a.base, a.price_import, a.price_export, import_cap, a.export_cap, a.curtail_max, a.dt_h, e_min, e_max,
+        e_start, d_max, c_max, b.charge_efficiency, b.discharge_efficiency, b.wear_cost_cny_per_kwh,
+        a.final_min_kwh, energy, marginal,
+    )  # fmt: skip
+    return float(cost)
 
 
 def _least_holdable_caps_kw(s: Scenario, a: _Arrays, floor_kw: float) -> tuple[float, float]:
