@@ -84,12 +84,16 @@ class SimClock:
         self._now = 0.0
         self._loop = asyncio.get_running_loop()
         self._wall_lateness = 0.0
+        self._local = (self._now, start_local)
 
     def now(self) -> float:
         return self._now
 
     def local(self) -> datetime:
-        return self._start + timedelta(seconds=self._now)
+        local = self._local
+        if local[0] != self._now:  # asked several times a tick: one datetime per simulated second
+            local = self._local = (self._now, self._start + timedelta(seconds=self._now))
+        return local[1]
 
     async def sleep_until(self, at_s: float) -> None:
         if self._speed is None:

@@ -174,6 +174,7 @@ class Plant:
         for charger in self.site.ev_chargers:
             self._charger_of_device.setdefault(charger.device, charger.name)
         self._local: tuple[float, datetime] | None = None
+        self._price: tuple[SiteConfig, tuple[int, int, int, int, int], float] | None = None
         self._battery_shares = self.site.battery_shares()
         # Load steps: (start s, end s, kW), a few a day over two weeks.
         self._steps = [
@@ -388,7 +389,7 @@ class Plant:
                 self.battery_kw = mean_kw  # the interval's mean, for the energy below
             self._judge_interval(dt_s, self._battery_at_tick_kw)
             grid = self.grid_kw
-            price = self.site.tariff.band_at(self.local_time())[1]
+            price = self._price_now()
             export_price = self.site.tariff.export_price_cny_per_kwh
             self.cost_cny += (price * max(grid, 0.0) - export_price * max(-grid, 0.0)) * dt_h
             baseline_grid = self._advance_baseline(dt_h, price, export_price)
@@ -409,6 +410,15 @@ class Plant:
         self.now_s = to_s
         self._refresh()
         self._battery_at_tick_kw = self.battery_kw  # what the controller reads before it writes
+
+    def _price_now(self) -> float:
+        """The import price now: it goes by the local minute, so it is looked up once a minute."""
+        local = self.local_time()
+        minute = (local.year, local.month, local.day, local.hour, local.minute)
+        cached = self._price
+        if cached is None or cached[0] is not self.site or cached[1] != minute:
+            cached = self._price = (self.site, minute, self.site.tariff.band_at(local)[1])
+        return cached[2]
 
     def _judge_interval(self, dt_s: float, battery_start_kw: float) -> None:
         """The interval's mean grid flow, and whether the levers could have kept it inside each limit:

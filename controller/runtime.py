@@ -301,6 +301,13 @@ class Runtime:
         self._ev_declining_since: dict[str, float] = {}
         self._ev_full: dict[str, float] = {}  # charger -> when its car was last found full (monotonic s)
         self._next_plan_s = 0.0
+        # Each charger's series names in the store, made once rather than formatted every tick.
+        self._series_names = {("measured", c.name): f"measured.{c.name}_kw" for c in site.ev_chargers}
+        for written in ("setpoint", "would_write"):
+            self._series_names |= {(written, c.name): f"{written}.{c.name}_a" for c in site.ev_chargers}
+        # The tariff's answers for a local minute: (site, minute, answer); see _price_now.
+        self._price_cache: tuple[SiteConfig, tuple[int, int, int, int, int], float] | None = None
+        self._valley_cache: tuple[SiteConfig, tuple[int, int, int, int, int], bool] | None = None
         self.restored = self._restore_state()
 
     # --- helpers ------------------------------------------------------------------------------------
@@ -817,9 +824,29 @@ class Runtime:
                 supply_kw = max(pv_kw, 0.0) + max(grid_kw, 0.0) + max(-battery_kw, 0.0)
                 if supply_kw > 0:
                     c.ev_pv_kwh += max(ev_kw, 0.0) * h * max(pv_kw, 0.0) / supply_kw
-        price = self.site.tariff.band_at(self.clock.local())[1]
+        price = self._price_now()
         c.energy_cost_cny += imported * price - exported * self.site.tariff.export_price_cny_per_kwh
         c.carbon_kg += imported * self.site.carbon_kg_per_kwh
+
+    def _minute(self) -> tuple[int, int, int, int, int]:
+        local = self.clock.local()
+        return local.year, local.month, local.day, local.hour, local.minute
+
+    def _price_now(self) -> float:
+        """The import price in force. It goes by the local minute (and the site, which tuning may replace):
+        looked up once a minute, not every tick."""
+        minute, cached = self._minute(), self._price_cache
+        if cached is None or cached[0] is not self.site or cached[1] != minute:
+            cached = self._price_cache = (self.site, minute, self.site.tariff.band_at(self.clock.local())[1])
+        return cached[2]
+
+    def _valley_now(self) -> bool:
+        """`Tariff.cheapest_with_dearer_ahead` now, looked up once a minute as the price is."""
+        minute, cached = self._minute(), self._valley_cache
+        if cached is None or cached[0] is not self.site or cached[1] != minute:
+            cached = self._valley_cache = (self.site, minute,
+                                           self.site.tariff.cheapest_with_dearer_ahead(self.clock.local()))  # fmt: skip
+        return cached[2]
 
     def _count_breaches(self, grid_kw: float | None, dt_s: float) -> None:
         """The grid measured now shows the last tick's correction: count it against the limits."""
@@ -855,15 +882,16 @@ class Runtime:
             values["measured.grid_kw"] = measured.grid_kw
         if measured.soc is not None:
             values["measured.soc"] = measured.soc
+        names = self._series_names
         for name, kw in measured.ev_kw.items():
             if kw is not None:
-                values[f"measured.{name}_kw"] = kw
+                values[names.get(("measured", name)) or f"measured.{name}_kw"] = kw
         # Observing, the setpoints were never written: they are kept apart from those that were.
         kind = "would_write" if self.observe else "setpoint"
         values[f"{kind}.battery_kw"] = setpoints.battery_kw
         values[f"{kind}.pv_limit_kw"] = -1.0 if setpoints.pv_limit_kw is None else setpoints.pv_limit_kw
         for name, amps in setpoints.ev_current_a.items():
-            values[f"{kind}.{name}_a"] = amps
+            values[names.get((kind, name)) or f"{kind}.{name}_a"] = amps
         values["state.safe"] = float(setpoints.safe_state)
         self.store.record(self.clock.local().timestamp(), values)  # a queue put: its own thread writes and prunes
 
@@ -884,7 +912,7 @@ class Runtime:
         # one on a guess may not: the peak would be paid for sure, the saving is a guess.
         peak_cap: float | None = max(self.month_peak_kw, plan.peak_import_kw)
         charge_cap = peak_cap if trusted else self.month_peak_kw
-        valley = self.site.tariff.cheapest_with_dearer_ahead(self.clock.local())
+        valley = self._valley_now()
         if not trusted:
             # On a guessed day the plan's own peak is a guess too: shaving the night's load down to it
             # emptied the battery in the valley before the dear evening that set the peak anyway. Only a

@@ -405,18 +405,28 @@ def apply_safety(
     # The rest of the site as the grid meter sees it: the load, PV, and every device that is no lever.
     rest = grid_now - (bat.now_kw if bat.known else 0.0) - cars_now
 
+    # Asked dozens of times a tick (the relief searches): each car's phases x volts, and whether it follows
+    # its offer (the measurements do not change within the tick), worked out once.
+    volts = {name: c.phases * c.voltage_v for name, c in chargers.items()}
+    following = {name: _following(measured, chargers[name]) for name in known_cars}
+
     def car_kw(name: str, amps: float, *, high: bool = False) -> float:
         """What a car will draw at this limit: the limit if it follows. Otherwise, conservatively for
         the check at hand: at most what it draws now (export) or at most the limit (import, high)."""
         if name not in known_cars:
             return 0.0  # in `rest`
-        offered = _ev_kw(chargers[name], amps)
-        if high or _following(measured, chargers[name]):
+        offered = volts[name] * amps / 1000  # _ev_kw
+        if high or following[name]:
             return offered
         return min(offered, drawn_kw[name])
 
     def cars(*, high: bool = False) -> float:
-        return sum(car_kw(n, a, high=high) for n, a in ev_amps.items())
+        total = 0.0
+        for name, amps in ev_amps.items():
+            if name in known_cars:  # the others are in `rest` (0 kW here)
+                offered = volts[name] * amps / 1000
+                total += offered if high or following[name] else min(offered, drawn_kw[name])
+        return total
 
     # The battery holds the grid at an import: none under the self-consumption rule (cover import,
     # store surplus); the plan's under a plan, so the battery takes up what a 15-minute forecast cannot

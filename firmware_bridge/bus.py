@@ -169,8 +169,7 @@ class Bus:
         health = self.health(device)
         return health.state is not Health.LOST or self._health_clock() >= health.retry_at
 
-    def _succeeded(self, device: str) -> None:
-        health = self.health(device)
+    def _succeeded(self, device: str, health: DeviceHealth) -> None:
         if health.state is not Health.OK:
             health.recoveries += 1
             _log.info("device recovered", extra={"bus": self.name, "device": device})
@@ -251,7 +250,7 @@ class Bus:
             if attempts is None:
                 attempts = 1 if health.state is not Health.OK else 1 + self.config.retries
             started_at = self._health_clock()
-            last: BridgeError = DeviceTimeout(f"{exchange.device}: no attempt made")
+            last: BridgeError | None = None  # made when needed: an exception and its text every transaction cost
             for attempt in range(attempts):
                 if attempt:
                     self.stats.retries += 1
@@ -259,7 +258,7 @@ class Bus:
                     readings = await self._attempt(exchange)
                 except DeviceException:
                     self.stats.refused += 1
-                    self._succeeded(exchange.device)  # it answered: the link and device are alive
+                    self._succeeded(exchange.device, health)  # it answered: the link and device are alive
                     raise
                 except _PortDown:
                     raise  # still backing off: nothing new happened, so the back-off stays as it is
@@ -274,8 +273,10 @@ class Bus:
                     self._bus_failures += 1
                     continue
                 self.stats.ok += 1
-                self._succeeded(exchange.device)
+                self._succeeded(exchange.device, health)
                 return readings
+            if last is None:
+                last = DeviceTimeout(f"{exchange.device}: no attempt made")
             self._failed(exchange.device, last, started_at)
             if self._reopen_after_failures is not None and self._bus_failures >= self._reopen_after_failures:
                 _log.warning("no device answers: reopening port", extra={"bus": self.name})

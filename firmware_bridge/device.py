@@ -34,6 +34,9 @@ SWAPPED_WHEN_INVERTED = {"import_energy_kwh": "export_energy_kwh", "export_energ
 # a busy device) never lets it run out while the controller is alive.
 KEEPALIVES_PER_TIMEOUT = 3
 
+# Write exchanges kept for reuse per device (cleared when full): setpoints repeat, heartbeats do not.
+WRITE_EXCHANGES_KEPT = 256
+
 # Unused registers read to join two blocks cost 2 bytes each; a new transaction costs ~12 bytes
 # of framing plus the device's turnaround, so bridging small gaps is cheaper than splitting.
 MAX_BRIDGED_GAP_REGISTERS = 16
@@ -146,6 +149,7 @@ class DeviceDriver:
         self._episode: dict[str, int] = {}  # quantity -> rejections in the episode still going on
         self._heartbeat = 0
         self._reads = self._plan_reads()
+        self._writes: dict[tuple[str, float, type, float], Exchange] = {}
 
     def _ct(self, quantity: str) -> float:
         return self.ct_ratio if quantity.endswith(CT_SCALED_SUFFIXES) else 1.0
@@ -331,6 +335,17 @@ class DeviceDriver:
 
     def write_exchange(self, quantity: str, value: float) -> Exchange:
         """An exchange that writes one setpoint; ValueError if the map has no such writable point or range."""
+        # -0.0 equals 0.0 but is other bytes in a float register, and 50 equals 50.0: both tell apart.
+        key = (quantity, value, type(value), math.copysign(1.0, value))
+        exchange = self._writes.get(key)
+        if exchange is None:
+            # An exchange is immutable: the same setpoint again (a keepalive, a limit held) reuses its bytes.
+            if len(self._writes) >= WRITE_EXCHANGES_KEPT:
+                self._writes.clear()
+            exchange = self._writes[key] = self._write_exchange(quantity, value)
+        return exchange
+
+    def _write_exchange(self, quantity: str, value: float) -> Exchange:
         point = self.map.point(quantity)
         if point.access is Access.READ or not isinstance(point, ModbusPoint):
             raise ValueError(f"{self.name}: {quantity} is not writable")

@@ -16,12 +16,19 @@ open link is lost, opening fails) and comes back (`reappear`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Generator
 
 from firmware_bridge.errors import PortError
 from firmware_bridge.transport import MAX_BUFFERED_BYTES
 
 __all__ = ["MemoryLink"]
+
+
+@types.coroutine
+def _one_loop_turn() -> Generator[None, None, None]:
+    """What `asyncio.sleep(0)` does (the task is run again on the next loop turn), without its two frames."""
+    yield
 
 
 def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:
@@ -90,7 +97,7 @@ class MemoryLink:
         self._live()
         if self._buffer:
             # One loop turn, as a reply over a pty takes: the other buses' transactions go on meanwhile.
-            await asyncio.sleep(0)
+            await _one_loop_turn()
             self._live()
             return bool(self._buffer)
         # As SerialLink: a bare future resolved by a timer (False) or by `deliver` (True), so a

@@ -192,8 +192,22 @@ def encode_request(request: Request) -> bytes:
     raise TypeError(f"not a Modbus request: {request!r}")
 
 
+def _words(count: int) -> Callable[..., bytes]:
+    packer = _WORDS.get(count)
+    if packer is None:
+        packer = _WORDS[count] = struct.Struct(f">{count}H").pack
+    return packer
+
+
+_WORDS: dict[int, Callable[..., bytes]] = {}
+_HEAD = struct.Struct(">BBB").pack
+
+
 def encode_reply(reply: Reply) -> bytes:
     """Bytes of a reply ADU (used by the simulated devices)."""
+    if type(reply) is ReadReply:  # the reply of nearly every exchange: no pattern matching
+        data = _words(len(reply.registers))(*reply.registers)
+        return _with_crc(_HEAD(reply.unit, reply.function, len(data)) + data)
     match reply:
         case ReadReply(unit, function, registers):
             data = struct.pack(f">{len(registers)}H", *registers)
@@ -297,12 +311,37 @@ def decode_reply(buf: bytes, unit: int | None = None) -> tuple[int, Reply | None
     before a frame, a frame split across reads and a frame with a bad CRC all end well.
     Only frames from `unit` are accepted when it is given.
     """
+    # The usual case first: a whole frame from `unit` at the start (what the loop below finds first too).
+    if buf and (unit is None or buf[0] == unit) and buf[0] <= 247:
+        try:
+            length = _reply_length(buf, 0)
+            if length is not None and len(buf) >= length:
+                return length, _parse_reply_at(buf, 0, length), []
+        except FrameError:
+            pass  # not a frame here after all: the loop below slides past it and says why
     return _decode(buf, unit, _reply_length, _parse_reply_at)
 
 
 def decode_request(buf: bytes, unit: int | None = None) -> tuple[int, Request | None, list[FrameError]]:
     """Stream decoder for the server side (simulated devices); same contract as decode_reply."""
-    return _decode(buf, unit, _request_length, _parse_request_at)
+    # A master asks the same few requests over and over: a buffer that was exactly one request is that
+    # request again (requests are immutable).
+    cacheable = unit is None and isinstance(buf, bytes)
+    if cacheable:
+        known = _REQUESTS.get(buf)
+        if known is not None:
+            return len(buf), known, []
+    consumed, request, errors = _decode(buf, unit, _request_length, _parse_request_at)
+    if cacheable and request is not None and consumed == len(buf) and not errors:
+        if len(_REQUESTS) >= _REQUESTS_MAX:
+            _REQUESTS.clear()
+        _REQUESTS[buf] = request
+    return consumed, request, errors
+
+
+# Buffers that held exactly one request, and the request (bounded: cleared when full).
+_REQUESTS: dict[bytes, Request] = {}
+_REQUESTS_MAX = 1024
 
 
 def _decode(
