@@ -167,6 +167,12 @@ class Plant:
             (self._random.uniform(0, 14 * 86400), self._random.uniform(300, 2400), self._random.uniform(0.3, 0.8))
             for _ in range(40)
         ]
+        # The clouds that may cover some second of each hour, in their order: a step looks at those only.
+        self._clouds_by_hour: dict[int, list[tuple[float, float, float]]] = {}
+        for cloud in self._clouds:
+            centre, width, _ = cloud
+            for hour in range(int((centre - width) // 3600), int((centre + width) // 3600) + 1):
+                self._clouds_by_hour.setdefault(hour, []).append(cloud)
         self.evs = {c.name: _Ev() for c in self.site.ev_chargers}
         # Looked up on every plant step and every request a charger answers: worked out once.
         self._chargers = {c.name: c for c in self.site.ev_chargers}
@@ -261,7 +267,7 @@ class Plant:
         elif self.weather == "overcast":
             shade = OVERCAST_FACTOR * (1 + 0.3 * math.sin(at_s / 1800.0))
         elif self.weather == "passing_clouds":
-            for centre, width, depth in self._clouds:
+            for centre, width, depth in self._clouds_by_hour.get(int(at_s // 3600), ()):
                 distance = abs(at_s - centre)
                 if distance < width:
                     shade *= 1 - depth * (1 - distance / width)

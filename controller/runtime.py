@@ -253,6 +253,7 @@ class Runtime:
                 if all(exchange is not e for e in ticked):
                     self._slow_reads[self.bus_of[name]].append((name, exchange, every * periods[name]))
         self._slow_due: dict[int, float] = {}
+        self._slow_next_due: dict[str, float] = {}  # per bus: the earliest of its slow reads' due times
         self.latest: dict[str, _Latest] = {}
         self.forecaster = Forecaster(site, site.control.step_minutes)
         self._forecast_file_seen: tuple[int, int] | None = None  # (mtime ns, size) of the file last read
@@ -671,6 +672,8 @@ class Runtime:
     async def _read_one_slow(self, bus_name: str) -> None:
         """The most overdue of the bus's slow exchanges, if one is due (see _slow_reads)."""
         bus, now = self.buses[bus_name], self.clock.now()
+        if now < self._slow_next_due.get(bus_name, 0.0):
+            return  # none of the bus's slow reads is due yet (most ticks on a bus of few slow reads)
         due = [(self._slow_due.get(id(e), 0.0), name, e, period) for name, e, period in self._slow_reads[bus_name]
                if self._slow_due.get(id(e), 0.0) <= now and bus.is_due(name)
                and not (self.kinds[name] is DeviceKind.EV_CHARGER and self._charger_idle(name))]  # fmt: skip
@@ -678,6 +681,7 @@ class Runtime:
             return
         _, name, exchange, period = min(due, key=lambda item: item[0])
         self._slow_due[id(exchange)] = now + period
+        self._slow_next_due[bus_name] = min(self._slow_due.get(id(e), 0.0) for _, e, _ in self._slow_reads[bus_name])
         try:
             values = await bus.transact(exchange)
         except BridgeError as err:

@@ -420,12 +420,19 @@ def apply_safety(
             return offered
         return min(offered, drawn_kw[name])
 
+    # The cars' draw for each set of offers asked about (the searches below ask for the same one often).
+    cars_seen: dict[tuple[bool, tuple[float, ...]], float] = {}
+
     def cars(*, high: bool = False) -> float:
-        total = 0.0
-        for name, amps in ev_amps.items():
-            if name in known_cars:  # the others are in `rest` (0 kW here)
-                offered = volts[name] * amps / 1000
-                total += offered if high or following[name] else min(offered, drawn_kw[name])
+        key = (high, tuple(ev_amps.values()))
+        total = cars_seen.get(key)
+        if total is None:
+            total = 0.0
+            for name, amps in ev_amps.items():
+                if name in known_cars:  # the others are in `rest` (0 kW here)
+                    offered = volts[name] * amps / 1000
+                    total += offered if high or following[name] else min(offered, drawn_kw[name])
+            cars_seen[key] = total
         return total
 
     # The battery holds the grid at an import: none under the self-consumption rule (cover import,
@@ -461,10 +468,13 @@ def apply_safety(
     # PV's part of `rest` is what it gives now; a new limit below that takes the difference off.
     pv_cut = 0.0
 
+    battery_now = bat.now_kw if bat.known else 0.0
+    rest_and_battery_now = rest + battery_now
+
     def grid(*, export_side: bool) -> float:
         """Predicted mean grid flow over the coming tick, bounded for the limit at hand."""
-        battery_delta = bat.effect(charging_helps=export_side) - (bat.now_kw if bat.known else 0.0)
-        return rest + (bat.now_kw if bat.known else 0.0) + battery_delta + cars(high=not export_side) + pv_cut
+        battery_delta = bat.effect(charging_helps=export_side) - battery_now
+        return rest_and_battery_now + battery_delta + cars(high=not export_side) + pv_cut
 
     # Import limit: discharge, then slow the cars (to their minimum, then off), in the configured order.
     # First, though, a car offered more than it draws gives up what it does not take: the import side

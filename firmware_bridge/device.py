@@ -150,6 +150,7 @@ class DeviceDriver:
         self._heartbeat = 0
         self._reads = self._plan_reads()
         self._writes: dict[tuple[str, float, type, float], Exchange] = {}
+        self._points = {p.name: p for p in reversed(device_map.points)}  # as map.point: the first of a name
 
     def _ct(self, quantity: str) -> float:
         return self.ct_ratio if quantity.endswith(CT_SCALED_SUFFIXES) else 1.0
@@ -346,7 +347,7 @@ class DeviceDriver:
         return exchange
 
     def _write_exchange(self, quantity: str, value: float) -> Exchange:
-        point = self.map.point(quantity)
+        point = self._points.get(quantity) or self.map.point(quantity)  # the map's KeyError for an unknown one
         if point.access is Access.READ or not isinstance(point, ModbusPoint):
             raise ValueError(f"{self.name}: {quantity} is not writable")
         if not math.isfinite(value):

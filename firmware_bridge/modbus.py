@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,10 +83,36 @@ def crc16(data: bytes | bytearray | memoryview) -> int:
 
 
 def _crc16(data: bytes | bytearray | memoryview) -> int:
+    # Two bytes a step: the register is 16 bits wide, so after both bytes are XORed in (low byte first)
+    # the next 16 shifts depend on the XOR alone (_CRC_PAIRS). An odd last byte goes the classic way.
+    pairs = _crc_pairs()
     crc = 0xFFFF
-    for byte in data:
-        crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ byte) & 0xFF]
+    even = len(data) & ~1
+    for word in _WORDS_LE(even // 2)(data[:even]):
+        crc = pairs[crc ^ word]
+    if even != len(data):
+        crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ data[-1]) & 0xFF]
     return crc
+
+
+def _crc_pairs() -> array.array[int]:
+    global _CRC_PAIRS  # noqa: PLW0603 - built on first use (65536 entries), not at import
+    if _CRC_PAIRS is None:
+        table = _CRC_TABLE
+        _CRC_PAIRS = array.array("H", [(table[w & 0xFF] >> 8) ^ table[((w >> 8) ^ table[w & 0xFF]) & 0xFF]
+                                       for w in range(0x10000)])  # fmt: skip
+    return _CRC_PAIRS
+
+
+def _WORDS_LE(count: int) -> Callable[[bytes | bytearray | memoryview], tuple[int, ...]]:  # noqa: N802
+    unpack = _LE_UNPACKERS.get(count)
+    if unpack is None:
+        unpack = _LE_UNPACKERS[count] = struct.Struct(f"<{count}H").unpack
+    return unpack
+
+
+_CRC_PAIRS: array.array[int] | None = None
+_LE_UNPACKERS: dict[int, Callable[[bytes | bytearray | memoryview], tuple[int, ...]]] = {}
 
 
 def _with_crc(body: bytes) -> bytes:
