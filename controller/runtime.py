@@ -43,7 +43,6 @@ from firmware_bridge.bus import Bus
 from firmware_bridge.device import DeviceDriver, Exchange, Readings
 from firmware_bridge.errors import BridgeError
 from firmware_bridge.maps import load_map
-from firmware_bridge.scheduler import Measurement
 from firmware_bridge.transport import Link
 from optimiser import Plan, Scenario, solve
 
@@ -321,9 +320,10 @@ class Runtime:
 
     def _charger_idle(self, device: str) -> bool:
         """No car connected at any charger on this device, and no current offered to it."""
-        return all(not self._ev_connected[name] for name in self._chargers_on.get(device, ())) and (
-            self._written.get((device, "current_limit_a"), 0.0) == 0.0
-        )
+        for name in self._chargers_on.get(device, ()):
+            if self._ev_connected[name]:
+                return False
+        return self._written.get((device, "current_limit_a"), 0.0) == 0.0
 
     def _value(self, device: str, quantity: str, max_age_s: float) -> float | None:
         """The quantity's last good value if it was read within max_age_s, else None (unknown)."""
@@ -346,10 +346,13 @@ class Runtime:
             total += value
         return total
 
-    def _on_measurement(self, measurement: Measurement) -> None:
-        latest = self.latest.setdefault(measurement.device, _Latest({}, {}))
+    def _on_measurement(self, device: str, values: Readings) -> None:
+        """A device's fresh readings, stamped with the controller's clock now."""
+        latest = self.latest.get(device)
+        if latest is None:
+            latest = self.latest[device] = _Latest({}, {})
         now = self.clock.now()
-        for quantity, value in measurement.values.items():
+        for quantity, value in values.items():
             if math.isfinite(value):
                 latest.values[quantity] = value
                 latest.at_s[quantity] = now
@@ -666,7 +669,7 @@ class Runtime:
                 self.stats.bus_errors += 1
                 _log.debug("read failed", extra={"device": name, "error": str(err)})
             if values:
-                self._on_measurement(Measurement(name, values, self.clock.now(), bus.health(name).state))
+                self._on_measurement(name, values)
         await self._read_one_slow(bus_name)
 
     async def _read_one_slow(self, bus_name: str) -> None:
@@ -689,7 +692,7 @@ class Runtime:
             _log.debug("read failed", extra={"device": name, "error": str(err)})
             return
         if values:
-            self._on_measurement(Measurement(name, values, now, bus.health(name).state))
+            self._on_measurement(name, values)
 
     async def tick(self, dt_s: float) -> Setpoints:
         """One control tick: fresh grid and battery readings, safety, setpoints out."""
