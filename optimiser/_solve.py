@@ -33,6 +33,9 @@ MAX_ROUNDS = 6
 # per car suffice; the school's 48 h case with four sessions needs about 20).
 MAX_PRICED_PLANS = 80
 PRICED_PLANS_PER_CAR = 16
+# Cars with a minimum power: a plan that gathers the relaxation's thin charging into whole steps and is
+# proven this close to the bound (half the issue's 0.1 %) is kept without trying the slower repairs.
+GATHERED_PROVEN_GAP = 5e-4
 # A plan within this fraction of column generation's lower bound is optimal (up to rounding).
 PROVEN_OPTIMAL = 1e-7
 # Demand-charge cap search: stop when the bracket is this narrow (kW). At 32 CNY/kW, 0.02 kW is 0.64 CNY.
@@ -363,11 +366,47 @@ def _solve_with_cap(s: Scenario, a: _Arrays, cap_kw: float, warm: _Candidate | N
         relaxed = best
     if _respects_minimum(s, relaxed.ev):
         return relaxed  # bounded above
+    consolidated = _consolidated(s, a, base, import_cap, relaxed.ev)
+    if consolidated is not None:
+        consolidated = _bounded(s, consolidated, cap_kw, relaxed.lower_bound)
+        if consolidated.gap_bound is not None and consolidated.gap_bound <= GATHERED_PROVEN_GAP:
+            return consolidated
     ev = relaxed.ev.copy()
     _fill_evs(s, a, base, ev, import_cap, battery=relaxed.battery)
-    repaired = _alternate(s, a, base, import_cap, None, ev=ev)
-    fresh = _alternate(s, a, base, import_cap, None)
-    return _bounded(s, repaired if repaired.objective <= fresh.objective else fresh, cap_kw, relaxed.lower_bound)
+    tried = [_alternate(s, a, base, import_cap, None, ev=ev), _alternate(s, a, base, import_cap, None)]
+    if consolidated is not None:
+        tried.append(consolidated)
+    return _bounded(s, min(tried, key=lambda c: c.objective), cap_kw, relaxed.lower_bound)
+
+
+def _consolidated(
+    s: Scenario, a: _Arrays, base: FloatArray, import_cap: FloatArray, relaxed_ev: FloatArray
+) -> _Candidate | None:
+    """The relaxation's cars with each car's power below its minimum gathered into as few steps as the
+    minimum allows, the middle ones of its steps below the minimum; the battery planned for them. None
+    where some car cannot be gathered so (less than one step at its minimum).
+
+    The relaxation spreads a car's last kWh thinly where every step is worth the same to it (PV the
+    battery cannot take, a flat price); taking them whole in the middle of those steps leaves the
+    battery the most room on both sides (the school's cars: 0.21 % -> 0.022 % above the exact
+    optimum; first, middle or last chosen by the DP planned no better on 200 random sites)."""
+    ev = relaxed_ev.copy()
+    tolerance_kw = 1e-9
+    for i, session in enumerate(s.ev_sessions):
+        kw = ev[i]
+        low = np.flatnonzero((kw > tolerance_kw) & (kw < session.min_kw - tolerance_kw))
+        if low.size == 0:
+            continue
+        total_kw = float(kw[low].sum())
+        steps = max(1, math.floor(total_kw / session.min_kw + 1e-9))
+        while steps < low.size and total_kw / steps > session.max_kw:
+            steps += 1
+        if total_kw / steps < session.min_kw - tolerance_kw or total_kw / steps > session.max_kw + tolerance_kw:
+            return None  # less than one step at the minimum (or more than those steps take): left to the repair
+        start = (low.size - steps) // 2
+        kw[low] = 0.0
+        kw[low[start : start + steps]] = total_kw / steps
+    return _Candidate.of(s, a, _battery(s, a, base + ev.sum(axis=0), import_cap), ev)
 
 
 def _bounded(s: Scenario, c: _Candidate, cap_kw: float, lower_bound: float) -> _Candidate:

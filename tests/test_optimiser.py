@@ -287,10 +287,12 @@ def _check_matrix_row(data: dict[str, Any]) -> None:
     plan = solve(s)
     exact = solve_exact(s)
     if any(x.min_kw > 0 for x in s.ev_sessions):
+        # Proven within 0.1 % too since the relaxation's thin charging is gathered into whole steps
+        # (it was 0.21 % above the exact optimum, proven 0.23 %).
         assert plan.gap_bound is not None
+        assert plan.gap_bound <= EXACT_GAP
         assert_within_exact(s, plan, exact.cost_cny, plan.gap_bound + 1e-9)
-    else:
-        assert_within_exact(s, plan, exact.cost_cny)
+    assert_within_exact(s, plan, exact.cost_cny)
     if s.battery is not None:
         assert_plan_within_limits(s, plan)
 
@@ -298,7 +300,7 @@ def _check_matrix_row(data: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("label", "data"), _matrix("24h"), ids=[label for label, _ in _matrix("24h")])
 def test_bench_matrix_24h_is_exact(label: str, data: dict[str, Any]) -> None:
     """Every family of the bench's matrix at 24 h / 15 min: within 0.1 % of the exact optimum (cars with
-    a minimum power: within the proven bound the plan states)."""
+    a minimum power: also within the proven bound the plan states, and that within 0.1 %)."""
     _check_matrix_row(data)
 
 
