@@ -161,6 +161,11 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write("observing: plans and setpoints are computed and published as 'would write';"
                          " nothing is written to any device\n")  # fmt: skip
         sys.stdout.flush()
+    if args.simulate and args.speed is None and args.link in (None, "memory"):
+        from controller.sim_loop import new_event_loop  # noqa: PLC0415
+
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:  # socket polls spaced: see sim_loop
+            return runner.run(_simulate(site, args, replay))
     return asyncio.run(_simulate(site, args, replay) if args.simulate else _hardware(site, args))
 
 
