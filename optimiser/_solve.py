@@ -677,7 +677,8 @@ def _tangent_slopes(
     nothing = (math.nan, math.nan)
     if not math.isfinite(cap_kw) or cap_kw - CAP_TANGENT_KW < floor_kw:
         return nothing
-    at = _lower_bound_at(s, a, pool, cap_kw)
+    # Column generation's own bound is the one at the pool's car values (one DP fewer).
+    at = c.lower_bound if s.ev_sessions and math.isfinite(c.lower_bound) else _lower_bound_at(s, a, pool, cap_kw)
     if not abs(_capped_cost(s, c, cap_kw) - at) <= CAP_SEARCH_REL_GAP * 1e-2 * max(1.0, abs(at)):
         return nothing  # the bound does not meet the plan (a car's minimum power, a cost that is not convex)
     below = _lower_bound_at(s, a, pool, cap_kw - CAP_TANGENT_KW)
