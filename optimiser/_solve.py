@@ -579,6 +579,7 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     results: dict[float, _Candidate] = {}
     # G's slopes left and right of each probe where they are known (nan: not known).
     slopes: dict[float, tuple[float, float]] = {}
+    prices: dict[float, FloatArray] = {}
     pool = _PlanPool.of(s, a)
     demand = s.grid.demand_charge_cny_per_kw
 
@@ -589,9 +590,15 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
             warm = results[cap] = candidate
             if best is None or candidate.objective < best.objective:
                 best = candidate
-            # Now, while the pool holds the car values column generation found for this cap.
-            slopes[cap] = _tangent_slopes(s, a, pool, candidate, cap, floor_kw=floor_kw)
+            # The car values column generation found for this cap, for its tangents if they are asked for.
+            prices[cap] = pool.price.copy()
         return results[cap]
+
+    def tangents(cap: float) -> tuple[float, float]:
+        """G's slopes left and right of an evaluated cap (nan: not known)."""
+        if cap not in slopes:
+            slopes[cap] = _tangent_slopes(s, a, pool, results[cap], cap, floor_kw=floor_kw, price=prices[cap])
+        return slopes[cap]
 
     def g(cap: float) -> float:
         """G(cap): the plan's cost with the penalty above the cap and the demand charge on the cap."""
@@ -601,12 +608,12 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     def right_slope(cap: float) -> float:
         """G's slope right of cap: the lower bound's tangent, else measured by a second solve."""
         evaluate(cap)
-        tangent = slopes[cap][1]
+        tangent = tangents(cap)[1]
         return tangent if math.isfinite(tangent) else (g(cap + CAP_TOLERANCE_KW) - g(cap)) / CAP_TOLERANCE_KW
 
     def left_slope(cap: float) -> float:
         evaluate(cap)
-        tangent = slopes[cap][0]
+        tangent = tangents(cap)[0]
         return tangent if math.isfinite(tangent) else (g(cap) - g(cap - CAP_LEFT_CHECK_KW)) / CAP_LEFT_CHECK_KW
 
     low, start_kw = _least_holdable_caps_kw(s, a, floor_kw)
@@ -642,11 +649,11 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
         lowest, probe, width = math.inf, math.nan, 0.0
         for i in range(len(caps) - 1):
             x0, x1 = caps[i], caps[i + 1]
-            s_left = slopes[x0][1]
+            s_left = tangents(x0)[1]
             if not math.isfinite(s_left):
                 s_left = end_slopes[0] if i == 0 else (values[i] - values[i - 1]) / (caps[i] - caps[i - 1])
             last = i + 2 == len(caps)
-            s_right = end_slopes[1] if last else slopes[x1][0]
+            s_right = end_slopes[1] if last else tangents(x1)[0]
             if not math.isfinite(s_right):
                 s_right = (values[i + 2] - values[i + 1]) / (caps[i + 2] - caps[i + 1])
             # Lines through (x0, values[i]) with s_left and (x1, values[i + 1]) with s_right.
@@ -668,7 +675,7 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
 
 
 def _tangent_slopes(
-    s: Scenario, a: _Arrays, pool: _PlanPool, c: _Candidate, cap_kw: float, *, floor_kw: float
+    s: Scenario, a: _Arrays, pool: _PlanPool, c: _Candidate, cap_kw: float, *, floor_kw: float, price: FloatArray
 ) -> tuple[float, float]:
     """G's slopes left and right of cap_kw from a lower bound on it that meets the plan there (nan
     where none does): column generation's Lagrangian bound at the car values it found for this cap
@@ -678,19 +685,19 @@ def _tangent_slopes(
     if not math.isfinite(cap_kw) or cap_kw - CAP_TANGENT_KW < floor_kw:
         return nothing
     # Column generation's own bound is the one at the pool's car values (one DP fewer).
-    at = c.lower_bound if s.ev_sessions and math.isfinite(c.lower_bound) else _lower_bound_at(s, a, pool, cap_kw)
+    at = c.lower_bound if s.ev_sessions and math.isfinite(c.lower_bound) else _lower_bound_at(s, a, pool, cap_kw, price)
     if not abs(_capped_cost(s, c, cap_kw) - at) <= CAP_SEARCH_REL_GAP * 1e-2 * max(1.0, abs(at)):
         return nothing  # the bound does not meet the plan (a car's minimum power, a cost that is not convex)
-    below = _lower_bound_at(s, a, pool, cap_kw - CAP_TANGENT_KW)
-    above = _lower_bound_at(s, a, pool, cap_kw + CAP_TANGENT_KW)
+    below = _lower_bound_at(s, a, pool, cap_kw - CAP_TANGENT_KW, price)
+    above = _lower_bound_at(s, a, pool, cap_kw + CAP_TANGENT_KW, price)
     demand = s.grid.demand_charge_cny_per_kw
     return (at - below) / CAP_TANGENT_KW + demand, (above - at) / CAP_TANGENT_KW + demand
 
 
-def _lower_bound_at(s: Scenario, a: _Arrays, pool: _PlanPool, cap_kw: float) -> float:
+def _lower_bound_at(s: Scenario, a: _Arrays, pool: _PlanPool, cap_kw: float, price: FloatArray) -> float:
     """A lower bound on the cost under an import cap as the DP counts it (penalty above the cap, no
-    demand charge): column generation's Lagrangian bound at the pool's car values, or without cars
-    the exact DP; nan without a battery or where the DP cannot price."""
+    demand charge): column generation's Lagrangian bound at these car values (CNY/kWh), or without
+    cars the exact DP; nan without a battery or where the DP cannot price."""
     b = s.battery
     if b is None or a.n_levels <= 1:
         return math.nan
@@ -703,7 +710,7 @@ def _lower_bound_at(s: Scenario, a: _Arrays, pool: _PlanPool, cap_kw: float) -> 
         bound = k.priced_lower_bound(
             a.base, a.price_import, a.price_export, import_cap, a.export_cap, a.curtail_max, a.dt_h,
             b.charge_efficiency, b.discharge_efficiency, b.wear_cost_cny_per_kwh, d_max, c_max, e_min, e_max, e_start,
-            a.final_min_kwh, pool.arrival, pool.departure, pool.max_kw, pool.need_kwh, pool.price,
+            a.final_min_kwh, pool.arrival, pool.departure, pool.max_kw, pool.need_kwh, price,
         )  # fmt: skip
         return float(bound)
     energy, marginal = np.empty(s.steps + 1), np.empty(s.steps)
