@@ -5,7 +5,6 @@ failed."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import tempfile
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from controller.logs import configure_logging
 from firmware_bridge.simulator import Line
-from hil_tests.harness import run_scenario
+from hil_tests.harness import run_sync
 from hil_tests.report import markdown, write_png
 from hil_tests.scenario import load_scenarios
 
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="greensite-hil-") as work:
         for scenario in scenarios:
-            result = asyncio.run(run_scenario(scenario, Path(work) / scenario.name, short=args.short, line=args.link))
+            result = run_sync(scenario, Path(work) / scenario.name, short=args.short, line=args.link)
             results.append(result)
             write_png(result, args.report / f"{scenario.name}.png")
             verdict = "PASS" if result.passed else "FAIL " + "; ".join(result.failures)

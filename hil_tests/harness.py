@@ -27,6 +27,7 @@ from controller.mqtt import MqttService, Topics, site_services
 from controller.plant import EvArrival, Plant, school_arrivals
 from controller.runtime import Runtime
 from controller.safety import HEADROOM_KW, Setpoints
+from controller.sim_loop import new_event_loop
 from controller.simulation import Recorder, simulated_site
 from controller.storage.timeseries import TimeSeriesStore
 from controller.tuning import TuningStore
@@ -565,6 +566,12 @@ def _judge(  # noqa: PLR0917 - one call site, every piece of the run it judges
 
 
 def run_sync(scenario: HilScenario, workdir: Path, *, short: bool = True, line: Line = Line.MEMORY) -> ScenarioResult:
+    """One scenario on an event loop of its own: over the in-process link, the simulated run's loop (socket
+    polls spaced, as `greensite run --simulate --speed max`: controller.sim_loop); over ptys the default one,
+    whose every turn asks the OS for the ports' bytes."""
+    if line is Line.MEMORY:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            return runner.run(run_scenario(scenario, workdir, short=short, line=line))
     return asyncio.run(run_scenario(scenario, workdir, short=short, line=line))
 
 
