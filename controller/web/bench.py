@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import statistics
 import sys
@@ -177,6 +178,23 @@ async def _load(url: str, clients: int, seconds: float) -> dict[str, float]:
 
 async def _loop_phase(folder: Path, seconds: float, clients: int) -> dict[str, float]:
     """A --speed 1 run for `seconds` with `clients` live-update clients (another process) reading all along."""
+    pauses: list[float] = []
+    began: list[float] = []
+
+    def timed(phase: str, _info: dict[str, int]) -> None:  # the collector's pauses, wherever they land
+        if phase == "start":
+            began.append(time.perf_counter())
+        elif began:
+            pauses.append(time.perf_counter() - began.pop())
+
+    gc.callbacks.append(timed)
+    try:
+        return await _timed_loop_phase(folder, seconds, clients, pauses)
+    finally:
+        gc.callbacks.remove(timed)
+
+
+async def _timed_loop_phase(folder: Path, seconds: float, clients: int, pauses: list[float]) -> dict[str, float]:
     async with web_run(folder, speed=1.0, password=PASSWORD) as run:
         load = None
         if clients:
@@ -194,6 +212,8 @@ async def _loop_phase(folder: Path, seconds: float, clients: int) -> dict[str, f
             "clients_connected": float(run.web.display_hub.clients + run.web.dashboard_hub.clients),
             "clients_dropped": float(run.web.display_hub.dropped + run.web.dashboard_hub.dropped),
             "reads_per_client_min": 0.0,
+            "gc_collections": float(len(pauses)),
+            "gc_pause_max_ms": max(pauses, default=0.0) * 1000,
         }
         if load is not None:
             out, _ = await load.communicate()
@@ -223,7 +243,8 @@ async def main(seconds: float, repeats: int, screenshots: Path | None) -> None:
         with_clients = await _loop_phase(Path(tmp) / "with", seconds, 100)
     print(f"control loop at --speed 1 for {seconds:.0f} s each:   without clients | with 100 stream clients")
     for key in ("ticks", "processing_p50_ms", "processing_p99_ms", "lateness_p50_ms", "lateness_p99_ms",
-                "clients_connected", "clients_dropped", "reads_per_client_min"):  # fmt: skip
+                "clients_connected", "clients_dropped", "reads_per_client_min", "gc_collections",
+                "gc_pause_max_ms"):  # fmt: skip
         print(f"  {key:<22} {without[key]:>14.3f} | {with_clients[key]:>14.3f}")
 
 
