@@ -11,13 +11,14 @@ from pathlib import Path
 
 from config import SiteConfig
 from controller.breaches import BreachCount
-from controller.plant import Plant, school_arrivals
+from controller.interval_csv import IntervalSeries
+from controller.plant import Plant, Sky, Weather, school_arrivals
 from controller.safety import LIMIT_MARGIN_KW, Setpoints
 from firmware_bridge.maps import load_map
 from firmware_bridge.simulator import Line, SimulatedBus, SimulatedDevice
 from firmware_bridge.transport import Link, SerialLink
 
-__all__ = ["Recorder", "simulated_site"]
+__all__ = ["Recorder", "simulated_plant", "simulated_site"]
 
 
 @dataclass
@@ -78,6 +79,26 @@ class Recorder:
             self.long_breaches[-1] = (first, self._avoidable_run, grid if abs(grid) > abs(worst) else worst)
 
 
+def simulated_plant(
+    site: SiteConfig,
+    start: datetime,
+    days: int,
+    *,
+    seed: int = 1,
+    weather: Weather = "passing_clouds",
+    variation: bool = False,
+    skies: tuple[Sky, ...] = (),
+    replay: IntervalSeries | None = None,
+) -> Plant:
+    """The plant of a simulated run: the school's staff cars for `days`, the battery half full (within
+    its SoC bounds), the sky, load variation and recording asked for (Plant's fields)."""
+    plant = Plant(site, start, seed=seed, arrivals=school_arrivals(site, start, days), weather=weather,
+                  variation=variation, skies=skies, replay=replay)  # fmt: skip
+    if site.battery is not None:
+        plant.soc = max(site.tuning.battery.soc_min, min(site.tuning.battery.soc_max, 0.5))
+    return plant
+
+
 @contextlib.asynccontextmanager
 async def simulated_site(
     site: SiteConfig,
@@ -96,9 +117,7 @@ async def simulated_site(
     `line`: ptys, or in-process links (the same bytes, codecs and timeouts, no pseudo-terminal; not for a
     controller in another process)."""
     if plant is None:
-        plant = Plant(site, start, seed=seed, arrivals=school_arrivals(site, start, days))
-        if site.battery is not None:
-            plant.soc = max(site.tuning.battery.soc_min, min(site.tuning.battery.soc_max, 0.5))
+        plant = simulated_plant(site, start, days, seed=seed)
     async with contextlib.AsyncExitStack() as stack:
         links: dict[str, Link] = {}
         sims: dict[str, SimulatedBus] = {}

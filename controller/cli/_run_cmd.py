@@ -345,9 +345,8 @@ async def _hardware(site: SiteConfig, args: argparse.Namespace) -> int:
 
 async def _simulate(site: SiteConfig, args: argparse.Namespace, replay: IntervalSeries | None) -> int:
     from controller.clock import SimClock  # noqa: PLC0415 - keeps `greensite validate` free of numba
-    from controller.plant import Plant, school_arrivals  # noqa: PLC0415
     from controller.runtime import Runtime  # noqa: PLC0415
-    from controller.simulation import Recorder, simulated_site  # noqa: PLC0415
+    from controller.simulation import Recorder, simulated_plant, simulated_site  # noqa: PLC0415
     from controller.summary import summary_text  # noqa: PLC0415
     from firmware_bridge.simulator import Line  # noqa: PLC0415
 
@@ -370,10 +369,8 @@ async def _simulate(site: SiteConfig, args: argparse.Namespace, replay: Interval
     # At --speed max the ptys' system calls were most of a tick; a paced run keeps the OS's serial path.
     line = Line(args.link) if args.link is not None else Line.MEMORY if args.speed is None else Line.PTY
     days = int(duration // 86400) + 1
-    plant = Plant(site, start, seed=args.seed, arrivals=school_arrivals(site, start, days), weather=args.weather,
-                  variation=args.variation, skies=args.skies or (), replay=replay)  # fmt: skip
-    if site.battery is not None:
-        plant.soc = max(site.tuning.battery.soc_min, min(site.tuning.battery.soc_max, 0.5))
+    plant = simulated_plant(site, start, days, seed=args.seed, weather=args.weather, variation=args.variation,
+                            skies=args.skies or (), replay=replay)  # fmt: skip
     async with simulated_site(site, start, days, seed=args.seed, line=line, plant=plant) as (plant, links, _sims):
         recorder = Recorder(site, plant)
         store = _store(site, args)
