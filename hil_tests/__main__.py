@@ -1,5 +1,6 @@
 """`python -m hil_tests --report DIR [--short] [--link memory|pty] [--only NAME ...]`: run the scenario
-matrix, write DIR/report.md (a table of every scenario) and DIR/<scenario>.png. Exit 1 if any scenario
+matrix, write DIR/report.md (a table of every scenario), DIR/<scenario>.png and DIR/<scenario>.csv
+(the run minute by minute; DIR/<scenario>.optimum.csv the perfect-foresight plan). Exit 1 if any scenario
 failed."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from controller.logs import configure_logging
 from firmware_bridge.simulator import Line
 from hil_tests.harness import run_sync
-from hil_tests.report import markdown, write_png
+from hil_tests.report import markdown, write_csv, write_png
 from hil_tests.scenario import load_scenarios
 
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_sync(scenario, Path(work) / scenario.name, short=args.short, line=args.link)
             results.append(result)
             write_png(result, args.report / f"{scenario.name}.png")
+            write_csv(result, args.report)
             verdict = "PASS" if result.passed else "FAIL " + "; ".join(result.failures)
             length_h = result.simulated_s / 3600
             sys.stdout.write(f"{scenario.name}: {verdict} ({length_h:.1f} h in {result.wall_s:.0f} s)\n")

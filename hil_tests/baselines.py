@@ -4,7 +4,7 @@ perfect-foresight optimum (an LP over the true profiles, solved by HiGHS)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -67,6 +67,9 @@ class Outcome:
     export_kwh: float
     carbon_kg: float
     ev_kwh: float
+    # The optimum's own plan, one value per 15-minute step (grid import, battery, load, PV available,
+    # price): the report writes it beside the run's so that the two can be compared step by step.
+    series: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _ev_flat_out(site: SiteConfig, p: Profiles) -> FloatArray:
@@ -187,5 +190,9 @@ def perfect_foresight(
     energy = float(np.sum(imports * price) * dt_h)
     peak = float(imports.max()) if len(imports) else 0.0
     import_kwh = float(imports.sum() * dt_h)
+    series = {"t_h": [i * dt_h for i in range(steps)], "grid_import_kw": imports.tolist(),
+              "battery_kw": np.asarray(lp.battery_kw, dtype=np.float64).tolist(), "load_kw": load.tolist(),
+              "pv_kw": pv.tolist(), "price_cny_per_kwh": price.tolist()}  # fmt: skip
     return Outcome("perfect foresight", energy, peak, bill_cny(site, energy, peak, p.days), import_kwh, 0.0,
-                   import_kwh * site.carbon_kg_per_kwh, sum(float(s["energy_kwh"]) for s in sessions))  # fmt: skip
+                   import_kwh * site.carbon_kg_per_kwh, sum(float(s["energy_kwh"]) for s in sessions),
+                   series)  # fmt: skip

@@ -85,6 +85,12 @@ class WeekRow:
     no_battery_cny: float
     self_consumption_cny: float
     optimum_cny: float | None
+    # The split of the run's bill and the optimum's: energy at TOU prices, and the week's 15-minute peak
+    # import (its demand charge pro rata for the week's days).
+    realised_energy_cny: float = 0.0
+    realised_peak_kw: float = 0.0
+    optimum_energy_cny: float | None = None
+    optimum_peak_kw: float | None = None
 
 
 @dataclass
@@ -247,6 +253,7 @@ class _Run:
             s = self.result.series
             for key, value in (("t_h", now_plant_s / 3600), ("grid_kw", self.plant.grid_kw),
                                ("pv_kw", self.plant.pv_kw), ("load_kw", self.plant.load_kw),
+                               ("pv_available_kw", self.plant.pv_available_at(now_plant_s)),
                                ("battery_kw", self.plant.battery_kw), ("soc", self.plant.soc),
                                ("ev_kw", sum(e.power_kw for e in self.plant.evs.values())),
                                ("safe", float(setpoints.safe_state))):  # fmt: skip
@@ -605,7 +612,8 @@ def _weeks(site: SiteConfig, plant: Plant, run: _Run, result: ScenarioResult, pr
         if days < 1.0:
             continue
         blocks = [kwh * 4 for block, kwh in run.block_import.items() if start_s <= block * 900 < end_s]
-        realised = bill_cny(site, cost_end - cost_start, max(blocks, default=0.0), days)
+        peak_kw = max(blocks, default=0.0)
+        realised = bill_cny(site, cost_end - cost_start, peak_kw, days)
         first, last = int(start_s // per), int(end_s // per)
         week_start = profiles.start + timedelta(seconds=start_s)
         week_end = profiles.start + timedelta(seconds=end_s)
@@ -615,12 +623,15 @@ def _weeks(site: SiteConfig, plant: Plant, run: _Run, result: ScenarioResult, pr
         sessions = [(a, kwh) for a, kwh in plant.finished if week_start <= a.arrive < week_end]
         sessions += [(ev.arrival, ev.delivered_kwh) for ev in plant.evs.values()
                      if ev.arrival is not None and week_start <= ev.arrival.arrive < week_end]  # fmt: skip
-        optimum: float | None = None
+        optimum: Outcome | None = None
         try:
-            optimum = perfect_foresight(site, sliced, soc_start, soc_end, sessions).bill_cny
+            optimum = perfect_foresight(site, sliced, soc_start, soc_end, sessions)
         except (ValueError, RuntimeError) as err:
             _log.warning("perfect-foresight reference failed", extra={"week": number, "error": str(err)})
         result.weeks.append(WeekRow(
             f"week {number}", days, realised, no_battery(site, sliced).bill_cny,
-            self_consumption(site, sliced, soc_start).bill_cny, optimum,
+            self_consumption(site, sliced, soc_start).bill_cny, None if optimum is None else optimum.bill_cny,
+            realised_energy_cny=cost_end - cost_start, realised_peak_kw=peak_kw,
+            optimum_energy_cny=None if optimum is None else optimum.energy_cost_cny,
+            optimum_peak_kw=None if optimum is None else optimum.peak_15min_kw,
         ))  # fmt: skip

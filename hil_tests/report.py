@@ -6,7 +6,7 @@ from pathlib import Path
 
 from hil_tests.harness import ScenarioResult
 
-__all__ = ["markdown", "write_png"]
+__all__ = ["markdown", "write_csv", "write_png"]
 
 
 def _money(result: ScenarioResult, name: str) -> str:
@@ -24,6 +24,29 @@ def _mae(result: ScenarioResult) -> str:
     if result.mae_load_kw is None or result.mae_pv_kw is None:
         return "n/a (no whole day)"
     return f"{result.mae_load_kw:.1f} / {result.mae_pv_kw:.1f}"
+
+
+def _split(results: list[ScenarioResult]) -> list[str]:
+    """Where a run's gap to the optimum is: energy at TOU prices against the demand charge on the
+    run's 15-minute peak import (pro rata for its length), the run's and the optimum's side by side."""
+    rows = []
+    for r in results:
+        optimum = r.outcome("perfect foresight")
+        if optimum is None or r.realised is None:
+            continue
+        run = r.realised
+        rows.append(
+            f"| {r.name} | {run.energy_cost_cny:.0f} / {optimum.energy_cost_cny:.0f}"
+            f" ({run.energy_cost_cny - optimum.energy_cost_cny:+.0f}) | {run.peak_15min_kw:.1f} /"
+            f" {optimum.peak_15min_kw:.1f} | {run.bill_cny - run.energy_cost_cny:.0f} /"
+            f" {optimum.bill_cny - optimum.energy_cost_cny:.0f}"
+            f" ({(run.bill_cny - run.energy_cost_cny) - (optimum.bill_cny - optimum.energy_cost_cny):+.0f}) |"
+        )
+    if not rows:
+        return []
+    return ["", "## The bill split: run against optimum", "",
+            "| scenario | energy CNY: run / optimum (difference) | 15-min peak kW: run / optimum"
+            " | demand CNY: run / optimum (difference) |", "|---|---|---|---|", *rows]  # fmt: skip
 
 
 def markdown(results: list[ScenarioResult]) -> str:
@@ -61,20 +84,49 @@ def markdown(results: list[ScenarioResult]) -> str:
             f" {_carbon(r, 'realised')} / {_carbon(r, 'no battery')} / {_carbon(r, 'self-consumption')} |"
             f" {_mae(r)} | {r.wall_s:.1f} |"
         )
+    lines += _split(results)
     weekly = [r for r in results if r.weeks]
     if weekly:
         lines += ["", "## Week by week", "",
-                  "| scenario | week | days | bill: run / no battery / self-cons. / optimum | gap to optimum |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+                  "| scenario | week | days | bill: run / no battery / self-cons. / optimum | gap to optimum"
+                  " | energy CNY: run / optimum | 15-min peak kW: run / optimum | demand CNY: run / optimum |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in weekly:
             for w in r.weeks:
                 week_gap = "n/a" if not w.optimum_cny else f"{100 * (w.realised_cny / w.optimum_cny - 1):+.1f} %"
                 best = "n/a" if w.optimum_cny is None else f"{w.optimum_cny:.0f}"
+                split = "n/a | n/a | n/a"
+                if w.optimum_cny is not None and w.optimum_energy_cny is not None and w.optimum_peak_kw is not None:
+                    split = (f"{w.realised_energy_cny:.0f} / {w.optimum_energy_cny:.0f} | {w.realised_peak_kw:.1f} /"
+                             f" {w.optimum_peak_kw:.1f} | {w.realised_cny - w.realised_energy_cny:.0f} /"
+                             f" {w.optimum_cny - w.optimum_energy_cny:.0f}")  # fmt: skip
                 lines.append(f"| {r.name} | {w.label} | {w.days:.1f} | {w.realised_cny:.0f} / {w.no_battery_cny:.0f}"
-                             f" / {w.self_consumption_cny:.0f} / {best} | {week_gap} |")  # fmt: skip
+                             f" / {w.self_consumption_cny:.0f} / {best} | {week_gap} | {split} |")  # fmt: skip
     lines += ["", "## Scenarios", ""]
     lines += [f"- **{r.name}**: {r.description}" for r in results]
     return "\n".join(lines) + "\n"
+
+
+def write_csv(result: ScenarioResult, directory: Path) -> list[Path]:
+    """The run's series (one row per simulated minute) as DIR/<scenario>.csv and, where there is one,
+    the perfect-foresight optimum's plan (one row per 15 minutes) as DIR/<scenario>.optimum.csv; each
+    written whole under a temporary name and then renamed, so a report never holds half a file."""
+    written = []
+    optimum = result.outcome("perfect foresight")
+    tables = [(f"{result.name}.csv", result.series)]
+    if optimum is not None and optimum.series:
+        tables.append((f"{result.name}.optimum.csv", optimum.series))
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, series in tables:
+        columns = list(series)
+        rows = zip(*(series[c] for c in columns), strict=True)
+        text = ",".join(columns) + "\n" + "".join(",".join(f"{v:.6g}" for v in row) + "\n" for row in rows)
+        path = directory / name
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text)
+        partial.replace(path)
+        written.append(path)
+    return written
 
 
 def write_png(result: ScenarioResult, path: Path) -> Path:
