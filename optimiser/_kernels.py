@@ -1670,7 +1670,7 @@ def _priced_cost(
 
 @njit(
     "i8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, i8[:], i8[:], f8[:],"
-    " f8[:], f8[:, :], f8[:, :, :], i8, f8[:], f8[:], f8[:])",
+    " f8[:], f8[:, :], f8[:, :, :], i8, f8[:, :], f8[:], f8[:], f8[:])",
     cache=True,
     nogil=True,
 )
@@ -1679,15 +1679,16 @@ def column_generation(
     export_cap_kw: np.ndarray, curtail_max_kw: np.ndarray, dt_h: float, eta_c: float, eta_d: float, wear: float,
     d_max: float, c_max: float, e_min: float, e_max: float, e_start: float, final_min_kwh: float,
     arrival: np.ndarray, departure: np.ndarray, car_max_kw: np.ndarray, need_kwh: np.ndarray,
-    plan_energy: np.ndarray, plan_ev: np.ndarray, initial: int, start_price: np.ndarray, out_weight: np.ndarray,
-    out_bound: np.ndarray,
+    plan_energy: np.ndarray, plan_ev: np.ndarray, initial: int, start_prices: np.ndarray, out_price: np.ndarray,
+    out_weight: np.ndarray, out_bound: np.ndarray,
 ) -> int:  # fmt: skip
     """Optimal battery and car plan by column generation over plans (battery path, car kW).
 
     Plans [0, initial) are given, except plan 0's battery path: the optimal one for plan 0's cars
     (which must not deliver more than any need). New plans are priced
     into plan_energy/plan_ev until no plan improves the master problem or the arrays are full.
-    `start_price`: a first guess of each car's CNY/kWh; the prices of the best bound are written back.
+    `start_prices`: guesses of each car's CNY/kWh (a row each), priced first; the prices of the best
+    bound are written into out_price.
     Returns the number of plans, with the optimal combination's weights in out_weight, and in
     out_bound[0] the best Lagrangian lower bound on the cost (valid for any plan, also one where a car
     has a minimum power or the step cost is not convex); -1 when the DP cannot price.
@@ -1726,8 +1727,11 @@ def column_generation(
     run_edge = np.empty((run_steps, _CAR_RUNS, cars))
     duals = np.empty(cars + 1)
     # The first master's duals are degenerate (shortfall prices): the first plan is priced at
-    # `start_price` instead, later ones at the master's duals.
-    price = start_price.copy()
+    # the guesses instead (the car values found for the caps next to this one, in a cap search: often
+    # the ones that prove this cap's combination optimal at once), later ones at the master's duals.
+    price = start_prices[0].copy()
+    out_price[:] = price
+    guesses = 0
     best_bound = -np.inf
     out_bound[0] = -np.inf
     n = initial
@@ -1737,12 +1741,15 @@ def column_generation(
         tolerance = 1e-9 * max(1.0, abs(objective))
         if objective - best_bound <= tolerance:
             break  # the combination is proven optimal
-        if tables_ready:
+        guess = guesses < start_prices.shape[0]
+        if guess:
+            price[:] = start_prices[guesses]
+            guesses += 1
+        else:
             price[:] = duals[:cars]
         step_tables_cars(base_kw, price_import, price_export, import_cap_kw, export_cap_kw, curtail_max_kw, dt_h,
                          eta_c, eta_d, wear, d_max, c_max, arrival, departure, car_max_kw, price, delta, value,
                          count, edge, tables_ready, run_x, run_v, run_n, run_edge)  # fmt: skip
-        guess = not tables_ready
         tables_ready = True
         if concave:  # straight to the general DP: the convex one would only give up part way
             lagrangian = _battery_pwl_general(delta, value, count, e_min, e_max, e_start, d_max, c_max,
@@ -1759,7 +1766,7 @@ def column_generation(
         if bound > best_bound:
             best_bound = bound
             out_bound[0] = bound
-            start_price[:] = price
+            out_price[:] = price
         car_allocation(base_kw, plan_energy[n], dt_h, eta_c, eta_d, arrival, departure, car_max_kw, edge, run_x,
                        run_v, run_n, run_edge, plan_ev[n])  # fmt: skip
         cost[n] = _priced_cost(base_kw, plan_energy[n], plan_ev[n], price_import, price_export, import_cap_kw,
@@ -1770,7 +1777,7 @@ def column_generation(
             reduced -= duals[i] * kwh[n, i]
         if reduced >= -tolerance:
             if guess:
-                continue  # the guess added nothing; price at the master's duals
+                continue  # the guess added nothing; the next guess, or the master's duals
             break  # no plan improves the combination: it is optimal
         n += 1
     return n

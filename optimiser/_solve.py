@@ -500,7 +500,7 @@ def _exact_cars(
         b.discharge_efficiency, b.wear_cost_cny_per_kwh, b.max_discharge_kw * a.dt_h / b.discharge_efficiency,
         b.max_charge_kw * a.dt_h * b.charge_efficiency, b.soc_min * b.capacity_kwh, b.soc_max * b.capacity_kwh,
         a.e_low_kwh + a.start_level * a.level_kwh, a.final_min_kwh, pool.arrival, pool.departure, pool.max_kw,
-        pool.need_kwh, energy, ev, 1 + seeds, pool.price, weights, bound,
+        pool.need_kwh, energy, ev, 1 + seeds, pool.guesses(), pool.price, weights, bound,
     )  # fmt: skip
     if count < 0:
         return None
@@ -529,6 +529,16 @@ class _PlanPool:
     ev: FloatArray = field(default_factory=lambda: np.empty((0, 0, 0)))
     count: int = 0
     price: FloatArray = field(default_factory=lambda: np.empty(0))  # each car's CNY/kWh, best known
+    # Other car values worth pricing first (a cap search's values at the caps next to the one solved).
+    nearby: list[FloatArray] = field(default_factory=list)
+
+    def guesses(self) -> FloatArray:
+        """The car values column generation prices first (a row each): the best known, then the others."""
+        rows = [self.price]
+        for price in self.nearby:
+            if not any(np.array_equal(price, row) for row in rows):
+                rows.append(price)
+        return np.array(rows)
 
     @classmethod
     def of(cls, s: Scenario, a: _Arrays) -> _PlanPool:
@@ -586,6 +596,10 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     def evaluate(cap: float) -> _Candidate:
         nonlocal best, warm
         if cap not in results:
+            # The car values found at the nearest caps each side are often this cap's too.
+            below = max((x for x in prices if x < cap), default=None)
+            above = min((x for x in prices if x > cap), default=None)
+            pool.nearby = [prices[x] for x in (below, above) if x is not None]
             candidate = _solve_with_cap(s, a, cap, warm, pool)
             warm = results[cap] = candidate
             if best is None or candidate.objective < best.objective:
@@ -631,19 +645,30 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     if right_slope(low) >= 0.0:
         assert best is not None
         return best
-    high = evaluate(math.inf).peak_kw
-    results.setdefault(high, results[math.inf])  # the uncapped plan is the plan for its own peak
-    if high <= low + CAP_TOLERANCE_KW:
-        assert best is not None
-        return best
-    if high not in slopes or high == math.inf:
-        slopes[high] = (math.nan, math.nan)
+    # The right end of the search: where no probe has been, G lies above the bound at the first probe's
+    # car values without a cap, plus the charge (the bound falls as the cap rises, and no further than
+    # that). A line from one DP instead of a probe at the uncapped optimum (a column generation as long
+    # as any, and that far right only its end slope counted); without a battery there is no bound.
+    top = float(a.import_limit.max())
+    line = _lower_bound_at(s, a, pool, math.inf, prices[low]) if math.isfinite(top) and top > low else math.nan
+    virtual = math.isfinite(line)
+    if virtual:
+        caps, values = [low, top], [g(low), line + demand * (top - floor_kw)]
+    else:
+        high = evaluate(math.inf).peak_kw
+        results.setdefault(high, results[math.inf])  # the uncapped plan is the plan for its own peak
+        if high <= low + CAP_TOLERANCE_KW:
+            assert best is not None
+            return best
+        if high not in slopes or high == math.inf:
+            slopes[high] = (math.nan, math.nan)
+        caps, values = [low, high], [g(low), g(high)]
     # Cutting planes from one solve per probe: G lies above its tangents at each probe where column
     # generation's bound meets the plan there (the bound's slopes at the car values found for it),
-    # elsewhere above the chords of the probe's neighbours extended (convexity); at the month's peak
-    # and above the uncapped peak (where only the charge grows) above its end slopes. Each next probe
-    # is where the lower model is least; the search ends when the best probe meets it.
-    caps, values = [low, high], [g(low), g(high)]
+    # elsewhere above the chords of the probe's neighbours extended (convexity), or at least above a
+    # line at the charge (G's slope is never more); at the month's peak and at the right end (the
+    # bound's line, or above the uncapped peak where only the charge grows) above its end slopes. Each
+    # next probe is where the lower model is least; the search ends when the best probe meets it.
     end_slopes = (right_slope(low), demand)
     for _ in range(MAX_CAP_PROBES):
         lowest, probe, width = math.inf, math.nan, 0.0
@@ -655,7 +680,9 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
             last = i + 2 == len(caps)
             s_right = end_slopes[1] if last else tangents(x1)[0]
             if not math.isfinite(s_right):
-                s_right = (values[i + 2] - values[i + 1]) / (caps[i + 2] - caps[i + 1])
+                # The chord to the right neighbour, unless that is the bound's line (not a value of G).
+                beyond = virtual and i + 3 == len(caps)
+                s_right = demand if beyond else (values[i + 2] - values[i + 1]) / (caps[i + 2] - caps[i + 1])
             # Lines through (x0, values[i]) with s_left and (x1, values[i + 1]) with s_right.
             x = x0
             if s_left < s_right:
@@ -665,11 +692,16 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
             if floor < lowest:
                 lowest, probe, width = floor, x, x1 - x0
                 probe = min(max(probe, x0 + CAP_RESOLUTION_KW), x1 - CAP_RESOLUTION_KW)
-        if min(values) - lowest <= CAP_SEARCH_REL_GAP * max(1.0, abs(lowest)) or width <= 2 * CAP_RESOLUTION_KW:
+        upper = min(values[:-1]) if virtual else min(values)
+        if upper - lowest <= CAP_SEARCH_REL_GAP * max(1.0, abs(lowest)) or width <= 2 * CAP_RESOLUTION_KW:
             break  # the best probe is proven optimal (or the bracket is as narrow as the search goes)
         at = bisect.bisect(caps, probe)
         caps.insert(at, probe)
         values.insert(at, g(probe))
+        if virtual and at + 2 == len(caps):
+            # A probe next to the right end: the bound's line at its car values too (one DP), the higher.
+            line = max(line, _lower_bound_at(s, a, pool, math.inf, prices[probe]))
+            values[-1] = line + demand * (top - floor_kw)
     assert best is not None
     return best
 
