@@ -587,8 +587,10 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     best: _Candidate | None = None
     warm: _Candidate | None = None
     results: dict[float, _Candidate] = {}
-    # G's slopes left and right of each probe where they are known (nan: not known).
-    slopes: dict[float, tuple[float, float]] = {}
+    # G's slopes left (-1) and right (+1) of each probe where they are known (nan: not known), and the
+    # lower bound that meets the plan there (nan: none does).
+    slopes: dict[tuple[float, int], float] = {}
+    meeting: dict[float, float] = {}
     prices: dict[float, FloatArray] = {}
     pool = _PlanPool.of(s, a)
     demand = s.grid.demand_charge_cny_per_kw
@@ -608,11 +610,17 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
             prices[cap] = pool.price.copy()
         return results[cap]
 
-    def tangents(cap: float) -> tuple[float, float]:
-        """G's slopes left and right of an evaluated cap (nan: not known)."""
-        if cap not in slopes:
-            slopes[cap] = _tangent_slopes(s, a, pool, results[cap], cap, floor_kw=floor_kw, price=prices[cap])
-        return slopes[cap]
+    def tangent(cap: float, side: int) -> float:
+        """G's slope left (side -1) or right (+1) of an evaluated cap (nan: not known); one DP a side,
+        each only when asked for (the no-peak search needs only the right one of its one probe)."""
+        if (cap, side) not in slopes:
+            if cap not in meeting:
+                meeting[cap] = _meeting_bound(s, a, pool, results[cap], cap, floor_kw=floor_kw, price=prices[cap])
+            at = meeting[cap]
+            slopes[cap, side] = (
+                _tangent_slope(s, a, pool, cap, at=at, side=side, price=prices[cap]) if math.isfinite(at) else math.nan
+            )
+        return slopes[cap, side]
 
     def g(cap: float) -> float:
         """G(cap): the plan's cost with the penalty above the cap and the demand charge on the cap."""
@@ -622,13 +630,13 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     def right_slope(cap: float) -> float:
         """G's slope right of cap: the lower bound's tangent, else measured by a second solve."""
         evaluate(cap)
-        tangent = tangents(cap)[1]
-        return tangent if math.isfinite(tangent) else (g(cap + CAP_TOLERANCE_KW) - g(cap)) / CAP_TOLERANCE_KW
+        slope = tangent(cap, 1)
+        return slope if math.isfinite(slope) else (g(cap + CAP_TOLERANCE_KW) - g(cap)) / CAP_TOLERANCE_KW
 
     def left_slope(cap: float) -> float:
         evaluate(cap)
-        tangent = tangents(cap)[0]
-        return tangent if math.isfinite(tangent) else (g(cap) - g(cap - CAP_LEFT_CHECK_KW)) / CAP_LEFT_CHECK_KW
+        slope = tangent(cap, -1)
+        return slope if math.isfinite(slope) else (g(cap) - g(cap - CAP_LEFT_CHECK_KW)) / CAP_LEFT_CHECK_KW
 
     low, start_kw = _least_holdable_caps_kw(s, a, floor_kw)
     if math.isfinite(start_kw) and start_kw > low + CAP_LEFT_CHECK_KW and left_slope(start_kw) <= 0.0:
@@ -660,8 +668,8 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
         if high <= low + CAP_TOLERANCE_KW:
             assert best is not None
             return best
-        if high not in slopes or high == math.inf:
-            slopes[high] = (math.nan, math.nan)
+        if high not in meeting or high == math.inf:
+            meeting[high] = math.nan
         caps, values = [low, high], [g(low), g(high)]
     # Cutting planes from one solve per probe: G lies above its tangents at each probe where column
     # generation's bound meets the plan there (the bound's slopes at the car values found for it),
@@ -674,11 +682,11 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
         lowest, probe, width = math.inf, math.nan, 0.0
         for i in range(len(caps) - 1):
             x0, x1 = caps[i], caps[i + 1]
-            s_left = tangents(x0)[1]
+            s_left = tangent(x0, 1)
             if not math.isfinite(s_left):
                 s_left = end_slopes[0] if i == 0 else (values[i] - values[i - 1]) / (caps[i] - caps[i - 1])
             last = i + 2 == len(caps)
-            s_right = end_slopes[1] if last else tangents(x1)[0]
+            s_right = end_slopes[1] if last else tangent(x1, -1)
             if not math.isfinite(s_right):
                 # The chord to the right neighbour, unless that is the bound's line (not a value of G).
                 beyond = virtual and i + 3 == len(caps)
@@ -706,24 +714,28 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     return best
 
 
-def _tangent_slopes(
+def _meeting_bound(
     s: Scenario, a: _Arrays, pool: _PlanPool, c: _Candidate, cap_kw: float, *, floor_kw: float, price: FloatArray
-) -> tuple[float, float]:
-    """G's slopes left and right of cap_kw from a lower bound on it that meets the plan there (nan
-    where none does): column generation's Lagrangian bound at the car values it found for this cap
-    (the exact DP without cars), a convex function of the cap that lies below G, measured over
-    CAP_TANGENT_KW each side. Its chords there are G's tangents up to that width."""
-    nothing = (math.nan, math.nan)
+) -> float:
+    """A lower bound on G at cap_kw that meets the plan there (nan where none does, or where the cap is
+    too close to the month's peak for tangents): column generation's Lagrangian bound at the car values
+    it found for this cap (the exact DP without cars), a convex function of the cap that lies below G.
+    Its chords over CAP_TANGENT_KW each side (_tangent_slope) are G's tangents up to that width."""
     if not math.isfinite(cap_kw) or cap_kw - CAP_TANGENT_KW < floor_kw:
-        return nothing
+        return math.nan
     # Column generation's own bound is the one at the pool's car values (one DP fewer).
     at = c.lower_bound if s.ev_sessions and math.isfinite(c.lower_bound) else _lower_bound_at(s, a, pool, cap_kw, price)
     if not abs(_capped_cost(s, c, cap_kw) - at) <= CAP_SEARCH_REL_GAP * 1e-2 * max(1.0, abs(at)):
-        return nothing  # the bound does not meet the plan (a car's minimum power, a cost that is not convex)
-    below = _lower_bound_at(s, a, pool, cap_kw - CAP_TANGENT_KW, price)
-    above = _lower_bound_at(s, a, pool, cap_kw + CAP_TANGENT_KW, price)
-    demand = s.grid.demand_charge_cny_per_kw
-    return (at - below) / CAP_TANGENT_KW + demand, (above - at) / CAP_TANGENT_KW + demand
+        return math.nan  # the bound does not meet the plan (a car's minimum power, a cost that is not convex)
+    return at
+
+
+def _tangent_slope(
+    s: Scenario, a: _Arrays, pool: _PlanPool, cap_kw: float, *, at: float, side: int, price: FloatArray
+) -> float:
+    """G's slope left (side -1) or right (+1) of cap_kw, from the bound `at` that meets the plan there."""
+    other = _lower_bound_at(s, a, pool, cap_kw + side * CAP_TANGENT_KW, price)
+    return side * (other - at) / CAP_TANGENT_KW + s.grid.demand_charge_cny_per_kw
 
 
 def _lower_bound_at(s: Scenario, a: _Arrays, pool: _PlanPool, cap_kw: float, price: FloatArray) -> float:
