@@ -678,15 +678,18 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     # bound's line, or above the uncapped peak where only the charge grows) above its end slopes. Each
     # next probe is where the lower model is least; the search ends when the best probe meets it.
     end_slopes = (right_slope(low), demand)
-    for _ in range(MAX_CAP_PROBES):
-        lowest, probe, width = math.inf, math.nan, 0.0
+
+    def lowest_segment() -> tuple[float, float, float, int]:
+        """The lower model's least value, where, the width of its segment and the segment; tangents
+        not computed yet count as unknown (the chords are weaker, still below G)."""
+        lowest, probe, width, segment = math.inf, math.nan, 0.0, 0
         for i in range(len(caps) - 1):
             x0, x1 = caps[i], caps[i + 1]
-            s_left = tangent(x0, 1)
+            s_left = slopes.get((x0, 1), math.nan)
             if not math.isfinite(s_left):
                 s_left = end_slopes[0] if i == 0 else (values[i] - values[i - 1]) / (caps[i] - caps[i - 1])
             last = i + 2 == len(caps)
-            s_right = end_slopes[1] if last else tangent(x1, -1)
+            s_right = end_slopes[1] if last else slopes.get((x1, -1), math.nan)
             if not math.isfinite(s_right):
                 # The chord to the right neighbour, unless that is the bound's line (not a value of G).
                 beyond = virtual and i + 3 == len(caps)
@@ -698,8 +701,21 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
             x = min(max(x, x0), x1)
             floor = max(values[i] + s_left * (x - x0), values[i + 1] + s_right * (x - x1))
             if floor < lowest:
-                lowest, probe, width = floor, x, x1 - x0
+                lowest, probe, width, segment = floor, x, x1 - x0, i
                 probe = min(max(probe, x0 + CAP_RESOLUTION_KW), x1 - CAP_RESOLUTION_KW)
+        return lowest, probe, width, segment
+
+    for _ in range(MAX_CAP_PROBES):
+        # Tangents (a DP each) only for the segment where the model is least, until that one has its
+        # own: a segment whose chords already keep it above the least needs none.
+        while True:
+            lowest, probe, width, i = lowest_segment()
+            wanted = [(caps[i], 1)] + ([] if i + 2 == len(caps) else [(caps[i + 1], -1)])
+            missing = [(cap, side) for cap, side in wanted if (cap, side) not in slopes]
+            if not missing:
+                break
+            for cap, side in missing:
+                tangent(cap, side)
         upper = min(values[:-1]) if virtual else min(values)
         if upper - lowest <= CAP_SEARCH_REL_GAP * max(1.0, abs(lowest)) or width <= 2 * CAP_RESOLUTION_KW:
             break  # the best probe is proven optimal (or the bracket is as narrow as the search goes)
