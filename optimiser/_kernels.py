@@ -1668,6 +1668,10 @@ def _priced_cost(
     return float(total)
 
 
+# Column generation prices a stalled master's duals this far towards the car values of the best bound.
+_SMOOTHING = 0.5
+
+
 @njit(
     "i8(f8[:], f8[:], f8[:], f8[:], f8[:], f8[:], f8, f8, f8, f8, f8, f8, f8, f8, f8, f8, i8[:], i8[:], f8[:],"
     " f8[:], f8[:, :], f8[:, :, :], i8, f8[:, :], f8[:], f8[:], f8[:])",
@@ -1736,15 +1740,26 @@ def column_generation(
     out_bound[0] = -np.inf
     n = initial
     tables_ready = False
+    previous = np.inf
+    smoothing = _SMOOTHING
     while n < capacity:
         objective = master_lp(kwh[:n], cost[:n], need_kwh, PENALTY_CNY_PER_KWH, out_weight[:n], duals)
         tolerance = 1e-9 * max(1.0, abs(objective))
         if objective - best_bound <= tolerance:
             break  # the combination is proven optimal
+        stalled = objective >= previous - tolerance
+        previous = objective
         guess = guesses < start_prices.shape[0]
+        smoothed = False
         if guess:
             price[:] = start_prices[guesses]
             guesses += 1
+        elif stalled and smoothing > 0.0 and best_bound > -np.inf:
+            # The last plan left the combination's cost where it was (a degenerate master: its duals
+            # jump between equally good ones, and the bound waits for the right ones): price between
+            # them and the values of the best bound (Wentges' smoothing).
+            price[:] = smoothing * out_price + (1.0 - smoothing) * duals[:cars]
+            smoothed = True
         else:
             price[:] = duals[:cars]
         step_tables_cars(base_kw, price_import, price_export, import_cap_kw, export_cap_kw, curtail_max_kw, dt_h,
@@ -1778,8 +1793,12 @@ def column_generation(
         if reduced >= -tolerance:
             if guess:
                 continue  # the guess added nothing; the next guess, or the master's duals
+            if smoothed:
+                smoothing = 0.0  # nothing at the smoothed values: the master's own say whether any plan helps
+                continue
             break  # no plan improves the combination: it is optimal
         n += 1
+        smoothing = _SMOOTHING
     return n
 
 
