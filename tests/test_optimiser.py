@@ -215,6 +215,29 @@ def test_demand_charge_from_no_peak_within_a_tenth_of_a_percent_of_the_exact_opt
     assert_plan_within_limits(s, plan)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(max_steps=24), st.floats(0.05, 3.0))
+def test_demand_charge_of_the_first_day_within_a_tenth_of_a_percent_of_the_exact_optimum(
+    data: dict[str, Any], charge: float
+) -> None:
+    # The first day of the month: no peak yet and a new kW weighed at a small share of the charge, so
+    # that the best cap lies well above the least the battery holds and the cap search probes several
+    # caps (its right end the bound's line rather than a probe at the uncapped optimum, each probe's
+    # column generation started at the car values found next to it, smoothed where it stalls).
+    data["grid"]["peak_import_so_far_kw"] = 0.0
+    data["grid"]["demand_charge_cny_per_kw"] = charge
+    s = load_scenario(data)
+    plan = solve(s)
+    exact = solve_exact(s)
+    if plan.ev_shortfalls or exact.ev_unmet_kwh.sum() > 1e-6 or plan.final_soc_shortfall_kwh > 1e-6:
+        unmet_kwh = sum(x.requested_kwh - x.delivered_kwh for x in plan.ev_shortfalls)
+        penalised = plan.cost_cny + k.PENALTY_CNY_PER_KWH * (plan.final_soc_shortfall_kwh + unmet_kwh)
+        assert penalised <= exact.objective + EXACT_GAP * abs(exact.objective) + 1e-6, (penalised, exact.objective)
+        return
+    assert_within_exact(s, plan, exact.cost_cny)
+    assert_plan_within_limits(s, plan)
+
+
 @pytest.mark.parametrize(
     "name",
     [
