@@ -256,9 +256,27 @@ class _Run:
                                ("pv_available_kw", self.plant.pv_available_at(now_plant_s)),
                                ("battery_kw", self.plant.battery_kw), ("soc", self.plant.soc),
                                ("ev_kw", sum(e.power_kw for e in self.plant.evs.values())),
-                               ("safe", float(setpoints.safe_state))):  # fmt: skip
+                               ("safe", float(setpoints.safe_state)),
+                               *self._planned()):  # fmt: skip
                 s.setdefault(key, []).append(value)
         self._faults(now_plant_s)
+
+    def _planned(self) -> tuple[tuple[str, float], ...]:
+        """The plan in force at this minute: its battery power, grid import and the PV and load it was
+        made for, for the step (NaN: no plan)."""
+        runtime, nan = self.runtime, float("nan")
+        plan = None if runtime is None else runtime.plan
+        start = None if runtime is None else runtime.plan_start
+        made_for = None if runtime is None else runtime.plan_scenario
+        step = -1
+        if runtime is not None and plan is not None and start is not None:
+            step = int((runtime.clock.local() - start).total_seconds() // (plan.step_minutes * 60))
+        if plan is None or made_for is None or not 0 <= step < plan.steps:
+            return ("plan_battery_kw", nan), ("plan_import_kw", nan), ("plan_pv_kw", nan), ("plan_load_kw", nan)
+        return (("plan_battery_kw", float(plan.battery_kw[step])),
+                ("plan_import_kw", float(plan.grid_import_kw[step])),
+                ("plan_pv_kw", float(made_for.pv_kw[step])),
+                ("plan_load_kw", float(made_for.load_kw[step])))  # fmt: skip
 
     def _account(self, now_s: float) -> None:
         """Per-week accounting: the energy cost and SoC at each week's start, import per 15-minute block."""
