@@ -598,10 +598,10 @@ def _search_cap(s: Scenario, a: _Arrays, floor_kw: float) -> _Candidate:
     def evaluate(cap: float) -> _Candidate:
         nonlocal best, warm
         if cap not in results:
-            # The car values found at the nearest caps each side are often this cap's too.
-            below = max((x for x in prices if x < cap), default=None)
-            above = min((x for x in prices if x > cap), default=None)
-            pool.nearby = [prices[x] for x in (below, above) if x is not None]
+            if prices:  # the car values found at the nearest caps each side are often this cap's too
+                below = max((x for x in prices if x < cap), default=None)
+                above = min((x for x in prices if x > cap), default=None)
+                pool.nearby = [prices[x] for x in (below, above) if x is not None]
             candidate = _solve_with_cap(s, a, cap, warm, pool)
             warm = results[cap] = candidate
             if best is None or candidate.objective < best.objective:
