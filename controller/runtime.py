@@ -26,6 +26,7 @@ from controller.clock import Clock, clock_plausible
 from controller.external_forecast import MAX_FORECAST_BYTES, ForecastRefused, parse_forecast
 from controller.forecast import Forecaster
 from controller.safety import (
+    PV_AT_LIMIT_KW,
     BatteryResponse,
     LoadSwing,
     Measured,
@@ -799,7 +800,12 @@ class Runtime:
         self._breach_unavoidable = setpoints.breach if setpoints.unavoidable else None
         last_load = self._load_swing.last_load_kw
         if load_known and pv is not None and last_load is not None:
-            self.forecaster.observe(self.clock.local(), last_load, pv, self._pv_limit_kw is not None)
+            # Only PV at its limit is held back by it. The export guard keeps a limit in force whenever
+            # PV could outgive the site (at the school's zero export, all day): PV well below that limit
+            # is the sun's, and a rainy morning that were not counted kept the forecast at the week's
+            # sunny yield (87-130 kW planned, 12 kW given) while the battery covered the difference.
+            held_back = self._pv_limit_kw is not None and pv >= self._pv_limit_kw - PV_AT_LIMIT_KW
+            self.forecaster.observe(self.clock.local(), last_load, pv, held_back)
         if grid is not None:
             self._demand(max(grid, 0.0), dt_s)
             self._count(grid, pv, battery, ev_total if cars_known else None, dt_s)

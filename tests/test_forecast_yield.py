@@ -9,7 +9,11 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from config import load_site
+from controller.clock import SimClock
 from controller.forecast import Forecaster
+from controller.plant import Plant
+from controller.runtime import Runtime
+from controller.simulation import simulated_site
 
 SITE = load_site(Path(__file__).parents[1] / "config" / "sites" / "zhongshan_school.toml", environment=False)
 ZONE = ZoneInfo("Asia/Shanghai")
@@ -48,3 +52,36 @@ def test_the_days_yield_survives_a_restart() -> None:
     assert again.to_json() == forecaster.to_json()
     later = START + timedelta(days=4)
     assert again.days_yield_ratio(later.date()) == forecaster.days_yield_ratio(later.date())
+
+
+async def test_a_rainy_morning_is_learned_under_the_export_guards_limit(tmp_path: Path) -> None:
+    """At zero export the export guard keeps a PV limit in force all day (PV could outgive the school), but
+    on a rainy morning PV gives far less than that limit: it is the sun's, and the forecast learns from it.
+    Before, every reading under any limit was ignored, so the plans kept the sunny days' yield (87-130 kW
+    planned, 12 kW given) and the battery covered the difference at the flat price."""
+    site = SITE.model_copy(update={"storage": SITE.storage.model_copy(update={"path": tmp_path / "s.sqlite3",
+                                                                              "state_path": tmp_path / "state.json"})})
+    start = datetime(2026, 7, 7, 8, 0, tzinfo=ZONE)  # a Tuesday in term
+    plant = Plant(site, start, weather="mixed", skies=("rain",))
+    plant.soc = 0.5
+    limited_well_above_pv: list[bool] = []
+    async with simulated_site(site, start, 1, plant=plant) as (_, links, _sims):
+        def on_tick(_now_s: float, _setpoints: object) -> None:
+            limit_kw = runtime._pv_limit_kw
+            limited_well_above_pv.append(limit_kw is not None and plant.pv_kw < limit_kw - 20.0)
+
+        runtime = Runtime(site, clock=SimClock(start, None), links=links, line_timing=False,
+                          before_tick=plant.advance, on_tick=on_tick)  # fmt: skip
+        for second in range(-3 * 86400, -16 * 3600, 10):  # three sunny days before: 80 % of clear sky
+            local = start + timedelta(seconds=second)
+            runtime.forecaster.observe(local, 150.0, 0.8 * runtime.forecaster.sky_kw(local), pv_limited=False)
+        assert runtime.forecaster.yield_ratio() == pytest.approx(0.8)
+        await runtime.run(45 * 60)
+    assert sum(limited_well_above_pv) > 0.9 * len(limited_well_above_pv)  # the guard's limit was in force
+    now = start + timedelta(minutes=45)
+    sky_kw = runtime.forecaster.sky_kw(now)
+    actual_ratio = plant.pv_available_at(45 * 60) / sky_kw
+    assert actual_ratio < 0.4  # rain
+    assert runtime.forecaster.yield_ratio() == pytest.approx(actual_ratio, abs=0.1)
+    next_step_kw = runtime.forecaster.pv_kw(now, 1, 15, now=now)[0]
+    assert next_step_kw < 1.5 * plant.pv_available_at(45 * 60 + 450) + 5.0
