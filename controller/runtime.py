@@ -802,8 +802,8 @@ class Runtime:
         if load_known and pv is not None and last_load is not None:
             # Only PV at its limit is held back by it. The export guard keeps a limit in force whenever
             # PV could outgive the site (at the school's zero export, all day): PV well below that limit
-            # is the sun's, and a rainy morning that were not counted kept the forecast at the week's
-            # sunny yield (87-130 kW planned, 12 kW given) while the battery covered the difference.
+            # is the sun's. Left out, a rainy morning's readings kept the forecast at the week's sunny
+            # yield (87-130 kW planned, 12 kW given) while the battery covered the difference.
             held_back = self._pv_limit_kw is not None and pv >= self._pv_limit_kw - PV_AT_LIMIT_KW
             self.forecaster.observe(self.clock.local(), last_load, pv, held_back)
         if grid is not None:
