@@ -51,6 +51,9 @@ class Forecaster:
         self._slot_sum: dict[tuple[DayKind, int], tuple[float, int]] = {}
         self._recent_load: deque[float] = deque(maxlen=3600)
         self._yield: deque[tuple[float, float]] = deque(maxlen=YIELD_WINDOW)
+        # The window's sums, kept as it moves (asked every tick), summed afresh at each full turn.
+        self._yield_pv_kw = self._yield_sky_kw = 0.0
+        self._yield_added = 0
         self._day_yield: dict[date, tuple[float, float]] = {}  # day -> (measured, clear sky) sums of its yield
         # The latest external forecast taken (file or MQTT), and how old it may be to be used.
         self.external: ExternalForecast | None = None
@@ -63,7 +66,8 @@ class Forecaster:
         return self.calendar.kind(local.date()), (local.hour * 60 + local.minute) // self._slot_minutes
 
     def observe(self, local: datetime, load_kw: float, pv_kw: float, pv_limited: bool) -> None:
-        """One reading: `load_kw` is the building's own (EV charging already taken out by the caller)."""
+        """One reading: `load_kw` is the building's own (EV charging already taken out by the caller).
+        `pv_limited`: PV was held back by its limit, so the sun gave at least `pv_kw`."""
         key = self._key(local)
         total, count = self._slot_sum.get(key, (0.0, 0))
         self._slot_sum[key] = (total + max(load_kw, 0.0), count + 1)
@@ -77,13 +81,36 @@ class Forecaster:
             self._profile[other] = mean if old is None else (1 - PROFILE_WEIGHT) * old + PROFILE_WEIGHT * mean
         self._recent_load.append(max(load_kw, 0.0))
         sky = self.sky_kw(local)
-        if sky > 0.1 * self._peak_kw and not pv_limited:  # a curtailed inverter says nothing of the sun
-            self._yield.append((pv_kw, sky))
+        if sky > 0.1 * self._peak_kw:
+            if pv_limited:
+                # Held back, PV says only that the sun gave at least this much: it counts at the yield
+                # believed now unless it shows more. Left out, only the moments a cloud brought PV under
+                # the limit were counted, and a sunny day at zero export was learned as a cloudy one.
+                pv_kw = max(pv_kw, self.yield_ratio() * sky)
+            self._add_yield(pv_kw, sky)
             day = local.date()
             measured, clear = self._day_yield.get(day, (0.0, 0.0))
             self._day_yield[day] = (measured + pv_kw, clear + sky)
             if len(self._day_yield) > DAILY_YIELD_DAYS + 1:
                 del self._day_yield[min(self._day_yield)]
+
+    def _add_yield(self, pv_kw: float, sky_kw: float) -> None:
+        window = self._yield
+        if len(window) == window.maxlen:
+            old_pv_kw, old_sky_kw = window[0]
+            self._yield_pv_kw -= old_pv_kw
+            self._yield_sky_kw -= old_sky_kw
+        window.append((pv_kw, sky_kw))
+        self._yield_pv_kw += pv_kw
+        self._yield_sky_kw += sky_kw
+        self._yield_added += 1
+        if self._yield_added >= YIELD_WINDOW:  # no rounding carried beyond one turn of the window
+            self._resum_yield()
+
+    def _resum_yield(self) -> None:
+        self._yield_pv_kw = sum(p for p, _ in self._yield)
+        self._yield_sky_kw = sum(s for _, s in self._yield)
+        self._yield_added = 0
 
     def to_json(self) -> dict[str, Any]:
         """What was learned, for the state file: a restart must not begin from a cold forecast."""
@@ -115,6 +142,7 @@ class Forecaster:
             raise ValueError("day_yield: negative or not finite")
         self._yield.clear()
         self._yield.extend(pairs[-YIELD_WINDOW:])
+        self._resum_yield()
         self._day_yield = dict(sorted(days.items())[-(DAILY_YIELD_DAYS + 1):])
 
     def _learned_kind(self, kind: DayKind, share: float) -> DayKind | None:
@@ -131,8 +159,7 @@ class Forecaster:
         return self._learned_kind(self.calendar.kind(local.date()), share) is not None
 
     def yield_ratio(self) -> float:
-        measured = sum(p for p, _ in self._yield)
-        sky = sum(s for _, s in self._yield)
+        measured, sky = self._yield_pv_kw, self._yield_sky_kw
         return min(1.2, measured / sky) if sky > 0 else 0.8
 
     def _external(self, quantity: str, local: datetime, now: datetime | None) -> float | None:

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -83,6 +84,11 @@ PV_DEADBAND_KW = 0.5
 # car stops drawing by itself): this much energy before this long. A later issue lets the driver say.
 DEFAULT_EV_NEED_KWH = 60.0
 DEFAULT_EV_STAY_H = 8.0
+# PV is held back by its limit when it is within PV_AT_LIMIT_KW of the lowest limit in force over this
+# long: a limit raised just now may still be what PV ramps towards (inverters follow a new limit in
+# 1-10 s; one ramping at 10 % of its rating a minute takes 10 s for the 5 kW probe on 300 kWp, 30 s
+# for 15 kW). Read while ramping and taken for the sun's, the forecast learned a third too little.
+PV_LIMIT_SETTLE_S = 30.0
 # A car offered at least its minimum current that draws less than EV_DRAWING_KW for EV_FULL_AFTER_S is
 # full. IEC 61851-1 gives a car 5 s to follow a new current; a sleeping car can take longer to wake.
 EV_DRAWING_KW = 0.1
@@ -306,6 +312,7 @@ class Runtime:
         self._alive_at: dict[str, float] = {}
         self._write_failed: dict[tuple[str, str], int] = {}
         self._pv_limit_kw: float | None = None
+        self._pv_limits: deque[tuple[float, float]] = deque()  # (when, limit kW; inf: none) over PV_LIMIT_SETTLE_S
         self._load_swing = LoadSwing()
         self.month_peak_kw = 0.0  # largest completed 15-minute average import this month
         self._demand_block: tuple[int, int] | None = None
@@ -804,8 +811,7 @@ class Runtime:
             # PV could outgive the site (at the school's zero export, all day): PV well below that limit
             # is the sun's. Left out, a rainy morning's readings kept the forecast at the week's sunny
             # yield (87-130 kW planned, 12 kW given) while the battery covered the difference.
-            held_back = self._pv_limit_kw is not None and pv >= self._pv_limit_kw - PV_AT_LIMIT_KW
-            self.forecaster.observe(self.clock.local(), last_load, pv, held_back)
+            self.forecaster.observe(self.clock.local(), last_load, pv, self._pv_held_back(pv))
         if grid is not None:
             self._demand(max(grid, 0.0), dt_s)
             self._count(grid, pv, battery, ev_total if cars_known else None, dt_s)
@@ -877,6 +883,14 @@ class Runtime:
             cached = self._valley_cache = (self.site, minute,
                                            self.site.tariff.cheapest_with_dearer_ahead(self.clock.local()))  # fmt: skip
         return cached[2]
+
+    def _pv_held_back(self, pv_kw: float) -> bool:
+        """PV is at (or ramping towards) a limit: the lowest in force over the last PV_LIMIT_SETTLE_S."""
+        now, limits = self.clock.now(), self._pv_limits
+        limits.append((now, math.inf if self._pv_limit_kw is None else self._pv_limit_kw))
+        while limits[0][0] < now - PV_LIMIT_SETTLE_S:
+            limits.popleft()
+        return pv_kw >= min(limit for _, limit in limits) - PV_AT_LIMIT_KW
 
     def _count_breaches(self, grid_kw: float | None, dt_s: float) -> None:
         """The grid measured now shows the last tick's correction: count it against the limits."""
