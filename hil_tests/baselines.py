@@ -67,8 +67,8 @@ class Outcome:
     export_kwh: float
     carbon_kg: float
     ev_kwh: float
-    # The optimum's own plan, one value per 15-minute step (grid import, battery, load, PV available,
-    # price): the report writes it beside the run's so that the two can be compared step by step.
+    # The optimum's own plan, one value per 15-minute step (grid import and export, battery, load, PV
+    # available, price): the report writes it beside the run's so that the two can be compared.
     series: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -184,15 +184,21 @@ def perfect_foresight(
             "pv_curtailable": bool(site.pv and site.pv.curtailable),
         }
     )
-    lp = solve_lp(scenario)
+    # Where export is paid the LP may import and export in the same step (a kWh bought at the valley price
+    # and sold at once): not a plan a site can run, so the MIP that keeps the direction (see reference_lp).
+    lp = solve_lp(scenario, exact=site.tariff.export_price_cny_per_kwh > 0)
     dt_h = DEMAND_BLOCK_S / 3600
     imports = np.asarray(lp.grid_import_kw, dtype=np.float64)
-    energy = float(np.sum(imports * price) * dt_h)
+    exports = np.asarray(lp.grid_export_kw, dtype=np.float64)
+    export_kwh = float(exports.sum() * dt_h)
+    # Energy as the run counts it: import at its price less export at the export price.
+    energy = float(np.sum(imports * price) * dt_h) - export_kwh * site.tariff.export_price_cny_per_kwh
     peak = float(imports.max()) if len(imports) else 0.0
     import_kwh = float(imports.sum() * dt_h)
     series = {"t_h": [i * dt_h for i in range(steps)], "grid_import_kw": imports.tolist(),
-              "battery_kw": np.asarray(lp.battery_kw, dtype=np.float64).tolist(), "load_kw": load.tolist(),
-              "pv_kw": pv.tolist(), "price_cny_per_kwh": price.tolist()}  # fmt: skip
-    return Outcome("perfect foresight", energy, peak, bill_cny(site, energy, peak, p.days), import_kwh, 0.0,
+              "grid_export_kw": exports.tolist(), "battery_kw": np.asarray(lp.battery_kw, dtype=np.float64).tolist(),
+              "load_kw": load.tolist(), "pv_available_kw": pv.tolist(),
+              "price_cny_per_kwh": price.tolist()}  # fmt: skip
+    return Outcome("perfect foresight", energy, peak, bill_cny(site, energy, peak, p.days), import_kwh, export_kwh,
                    import_kwh * site.carbon_kg_per_kwh, sum(float(s["energy_kwh"]) for s in sessions),
                    series)  # fmt: skip

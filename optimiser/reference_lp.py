@@ -41,6 +41,7 @@ class LpResult:
     solve_s: float
     battery_kw: FloatArray
     grid_import_kw: FloatArray
+    grid_export_kw: FloatArray
     ev_unmet_kwh: FloatArray
     binaries: int = 0  # 0: the LP (exact where nothing it relaxes matters), else a MIP with this many
 
@@ -206,6 +207,7 @@ def solve_lp(s: Scenario, *, exact: bool = False) -> LpResult:
         solve_s=solved - built,
         battery_kw=x[ch] - x[dis],
         grid_import_kw=x[imp],
+        grid_export_kw=x[exp],
         ev_unmet_kwh=np.asarray([x[c] for c in ev_slack]),
         binaries=binaries,
     )
