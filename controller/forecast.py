@@ -29,6 +29,9 @@ YIELD_WINDOW = 900
 # before). At a lead of LEAD_DECAY_H the recent ratio still has 1/e of the weight.
 DAILY_YIELD_DAYS = 3
 LEAD_DECAY_H = 3.0
+# The low PV forecast (`pv_low_kw`) expects the worst whole day of the last LOW_YIELD_DAYS: a week holds a
+# rainy day in the wet season, and a sunny dry season lets the low forecast rise with it.
+LOW_YIELD_DAYS = 7
 # A kind of day is known once the profile holds this share of its slots; before that, plans built
 # on the fallback (the recent mean load) are not trusted with the battery.
 KNOWN_DAY_SHARE = 0.9
@@ -91,7 +94,7 @@ class Forecaster:
             day = local.date()
             measured, clear = self._day_yield.get(day, (0.0, 0.0))
             self._day_yield[day] = (measured + pv_kw, clear + sky)
-            if len(self._day_yield) > DAILY_YIELD_DAYS + 1:
+            if len(self._day_yield) > LOW_YIELD_DAYS + 1:
                 del self._day_yield[min(self._day_yield)]
 
     def _add_yield(self, pv_kw: float, sky_kw: float) -> None:
@@ -143,7 +146,7 @@ class Forecaster:
         self._yield.clear()
         self._yield.extend(pairs[-YIELD_WINDOW:])
         self._resum_yield()
-        self._day_yield = dict(sorted(days.items())[-(DAILY_YIELD_DAYS + 1):])
+        self._day_yield = dict(sorted(days.items())[-(LOW_YIELD_DAYS + 1):])
 
     def _learned_kind(self, kind: DayKind, share: float) -> DayKind | None:
         """This kind if its profile is known, else its fallback's if that is."""
@@ -188,10 +191,17 @@ class Forecaster:
         clear = sum(c for _, c in days)
         return min(1.2, sum(m for m, _ in days) / clear) if clear > 0 else None
 
-    def own_pv_kw(self, start: datetime, steps: int, step_minutes: int, now: datetime | None = None) -> list[float]:
+    def low_days_yield_ratio(self, before: date) -> float | None:
+        """The lowest day's measured over clear sky among the last LOW_YIELD_DAYS whole days before `before`."""
+        days = [sums for day, sums in self._day_yield.items() if day < before][-LOW_YIELD_DAYS:]
+        ratios = [measured / clear for measured, clear in days if clear > 0]
+        return min(1.2, *ratios) if ratios else None
+
+    def own_pv_kw(self, start: datetime, steps: int, step_minutes: int, now: datetime | None = None,
+                  *, low: bool = False) -> list[float]:  # fmt: skip
         recent = self.yield_ratio()
         at = now or start
-        days = self.days_yield_ratio(at.date())
+        days = self.low_days_yield_ratio(at.date()) if low else self.days_yield_ratio(at.date())
         out = []
         for step in range(steps):
             middle = start + timedelta(minutes=(step + 0.5) * step_minutes)
@@ -209,6 +219,13 @@ class Forecaster:
 
     def pv_kw(self, start: datetime, steps: int, step_minutes: int, now: datetime | None = None) -> list[float]:
         own = self.own_pv_kw(start, steps, step_minutes, now)
+        return self._merge("pv_kw", own, start, step_minutes, now)
+
+    def pv_low_kw(self, start: datetime, steps: int, step_minutes: int, now: datetime | None = None) -> list[float]:
+        """PV on a day as poor as the worst of the last week (the near term still from the recent yield):
+        what a plan may count on where too little sun would cost more than too much. A fresh external
+        forecast is taken as it is: it has seen the weather coming, the days before have not."""
+        own = self.own_pv_kw(start, steps, step_minutes, now, low=True)
         return self._merge("pv_kw", own, start, step_minutes, now)
 
     def _merge(self, quantity: str, own: list[float], start: datetime, step_minutes: int,

@@ -1131,13 +1131,15 @@ class Runtime:
                 "soc_final_min": min(tb.reserve_soc, max(start_soc, tb.soc_min)),
                 "wear_cost_cny_per_kwh": tb.wear_cost_cny_per_kwh,
             }
+        load_kw = self.forecaster.load_kw(start, steps, step_minutes, now=self.clock.local())
+        pv_kw = self._planned_pv_kw(start, steps, load_kw)
         return Scenario.model_validate(
             {
                 "step_minutes": step_minutes,
                 "price_import_cny_per_kwh": prices,
                 "price_export_cny_per_kwh": site.tariff.export_price_cny_per_kwh,
-                "pv_kw": self.forecaster.pv_kw(start, steps, step_minutes, now=self.clock.local()),
-                "load_kw": self.forecaster.load_kw(start, steps, step_minutes, now=self.clock.local()),
+                "pv_kw": pv_kw,
+                "load_kw": load_kw,
                 "grid": {
                     "import_limit_kw": site.import_limit_kw,
                     "export_limit_kw": site.export_limit_kw,
@@ -1150,6 +1152,24 @@ class Runtime:
                 "pv_curtailable": bool(site.pv and site.pv.curtailable),
             }
         )
+
+    def _planned_pv_kw(self, start: datetime, steps: int, load_kw: list[float]) -> list[float]:
+        """The PV a plan is made on: the forecast, except where a demand charge makes too little sun dearer
+        than too much. There, in each step where the load over a day as poor as the last week's worst
+        would import above the month's peak, the plan counts only on that poor day's PV (a battery
+        holding the peak is charged for the rainy day it may be). Planned on the expected sun alone, the
+        plans of a rainy 4 September left the valley half charged and drained the battery in the
+        morning for an afternoon sun that never came: a new peak of 36 kW, the month's demand charge
+        up by 1,100 CNY; too much charge on a sunny day costs a few kWh of PV curtailed."""
+        step_minutes = self.site.control.step_minutes
+        now = self.clock.local()
+        pv_kw = self.forecaster.pv_kw(start, steps, step_minutes, now=now)
+        if self.site.tariff.demand_charge_cny_per_kw_month <= 0 or self.site.battery is None:
+            return pv_kw
+        low_kw = self.forecaster.pv_low_kw(start, steps, step_minutes, now=now)
+        peak_kw = self.month_peak_kw
+        return [min(pv, low) if load - low > peak_kw else pv
+                for pv, low, load in zip(pv_kw, low_kw, load_kw, strict=True)]  # fmt: skip
 
     def accept_forecast(self, raw: bytes, *, origin: str) -> list[str]:
         """An external forecast (file or MQTT): taken, and a plan made on it soon; or the reasons it is not
