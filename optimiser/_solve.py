@@ -172,12 +172,13 @@ def _arrays(s: Scenario, notes: list[str]) -> _Arrays:
     steps = s.steps
     pv = np.array(s.pv_kw, dtype=np.float64)
     load = np.array(s.load_kw, dtype=np.float64)
+    export = s.price_export_cny_per_kwh
     a = _Arrays(
         dt_h=s.dt_h,
         load=load,
         pv=pv,
         price_import=np.array(s.price_import_cny_per_kwh, dtype=np.float64),
-        price_export=np.array(s.export_prices(), dtype=np.float64),
+        price_export=np.array(export, dtype=np.float64) if isinstance(export, list) else np.full(steps, export),
         import_limit=np.full(steps, s.grid.import_limit_kw),
         export_cap=np.full(steps, s.grid.export_limit_kw),
         curtail_max=pv if s.pv_curtailable else np.zeros(steps),
@@ -246,7 +247,7 @@ def _battery(s: Scenario, a: _Arrays, net: FloatArray, import_cap: FloatArray) -
         net, a.price_import, a.price_export, import_cap, a.export_cap, a.curtail_max, a.dt_h, e_min, e_max,
         a.e_low_kwh + a.start_level * a.level_kwh, b.max_discharge_kw * a.dt_h / b.discharge_efficiency,
         b.max_charge_kw * a.dt_h * b.charge_efficiency, b.charge_efficiency, b.discharge_efficiency,
-        b.wear_cost_cny_per_kwh, a.final_min_kwh, energy, marginal,
+        b.wear_cost_cny_per_kwh, a.final_min_kwh, energy, marginal, k.PATH_AND_MARGINALS,
     )  # fmt: skip
     if math.isnan(cost):
         levels = np.empty(s.steps + 1, dtype=np.int64)
@@ -543,16 +544,20 @@ class _PlanPool:
     @classmethod
     def of(cls, s: Scenario, a: _Arrays) -> _PlanPool:
         sessions = s.ev_sessions
-        arrival = np.array([x.arrival_step for x in sessions], dtype=np.int64)
-        departure = np.array([x.departure_step for x in sessions], dtype=np.int64)
-        running = np.concatenate(([0.0], np.cumsum(a.price_import)))
+        arrival = [x.arrival_step for x in sessions]
+        departure = [x.departure_step for x in sessions]
+        running = np.cumsum(a.price_import).tolist()
+        # First guess of each car's CNY/kWh: its window's mean import price (column generation refines it).
+        price = [
+            (running[end - 1] - (running[begin - 1] if begin > 0 else 0.0)) / max(end - begin, 1)
+            for begin, end in zip(arrival, departure, strict=True)
+        ]
         return cls(
-            arrival,
-            departure,
+            np.array(arrival, dtype=np.int64),
+            np.array(departure, dtype=np.int64),
             np.array([x.max_kw for x in sessions], dtype=np.float64),
             a.need_kwh,
-            # First guess of each car's CNY/kWh: its window's mean import price (column generation refines it).
-            price=(running[departure] - running[arrival]) / np.maximum(departure - arrival, 1),
+            price=np.array(price, dtype=np.float64),
         )
 
 
@@ -777,7 +782,7 @@ def _lower_bound_at(s: Scenario, a: _Arrays, pool: _PlanPool, cap_kw: float, pri
     cost = k.battery_pwl(
         a.base, a.price_import, a.price_export, import_cap, a.export_cap, a.curtail_max, a.dt_h, e_min, e_max,
         e_start, d_max, c_max, b.charge_efficiency, b.discharge_efficiency, b.wear_cost_cny_per_kwh,
-        a.final_min_kwh, energy, marginal,
+        a.final_min_kwh, energy, marginal, k.COST_ONLY,
     )  # fmt: skip
     return float(cost)
 
