@@ -61,7 +61,8 @@ def _runtime(site: SiteConfig, tmp_path: Path, *, history: bool = True) -> Runti
 
 def test_a_rainy_day_in_the_last_week_is_planned_for_where_the_peak_is_at_stake(tmp_path: Path) -> None:
     site = load_site(SCHOOL, environment=False)
-    assert site.tariff.demand_charge_cny_per_kw_month > 0 and site.battery is not None
+    assert site.tariff.demand_charge_cny_per_kw_month > 0
+    assert site.battery is not None
     runtime = _runtime(site, tmp_path)
     sky = runtime.forecaster.sky_kw
     step = timedelta(minutes=site.control.step_minutes)
