@@ -509,59 +509,6 @@ def step_tables(
                                          out_delta[t], out_value[t], kinks)  # fmt: skip
 
 
-@njit(cache=True, nogil=True)
-def _best_move(
-    fd: np.ndarray, fv: np.ndarray, m: int, xs: np.ndarray, ys: np.ndarray, a0: int, a1: int, energy: float,
-    lo: float, hi: float,
-) -> float:  # fmt: skip
-    """The stored energy after the step: energy + d for the d in [lo, hi] minimising f(d) + V(energy + d)
-    (f: breakpoints fd/fv[:m]; V: xs/ys[a0:a1]); on ties the smaller move (no cycling for nothing).
-
-    Both are convex and piecewise linear, so the minimum lies at a kink of either or an end: one walk
-    over the merged kinks from lo, stopping once the sum rises.
-    """
-    i = 0  # f's segment [fd[i], fd[i + 1]] holds d
-    j = a0  # V's segment [xs[j], xs[j + 1]] holds energy + d
-    best = np.inf
-    best_d = 0.0
-    d = lo
-    while True:
-        while i + 2 < m and fd[i + 1] <= d:
-            i += 1
-        while j + 2 < a1 and xs[j + 1] <= energy + d:
-            j += 1
-        if m == 1:
-            f_val = fv[0]
-        else:
-            u = min(max(d, fd[i]), fd[i + 1])
-            f_val = fv[i] + (u - fd[i]) * (fv[i + 1] - fv[i]) / (fd[i + 1] - fd[i])
-        if a1 - a0 == 1:
-            v_val = ys[a0]
-        else:
-            x = min(max(energy + d, xs[j]), xs[j + 1])
-            v_val = ys[j] + (x - xs[j]) * (ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j])
-        value = f_val + v_val
-        if value < best - 1e-9 or (value <= best + 1e-9 and abs(d) < abs(best_d)):
-            best = min(best, value)
-            best_d = d
-        elif value > best + 1e-9:
-            break  # convex: past the minimum
-        if d >= hi:
-            break
-        # The next kink right of d, or hi.
-        following = hi
-        if i + 1 < m and fd[i + 1] > d + 1e-12:
-            following = min(following, fd[i + 1])
-        elif i + 2 < m:
-            following = min(following, fd[i + 2])
-        if j + 1 < a1 and xs[j + 1] - energy > d + 1e-12:
-            following = min(following, xs[j + 1] - energy)
-        elif j + 2 < a1:
-            following = min(following, xs[j + 2] - energy)
-        d = max(following, d + 1e-12) if following < hi else hi
-    return energy + best_d
-
-
 # --- non-convex step costs -------------------------------------------------------------------------
 #
 # Where export pays more than import (a paid export above the valley price), the grid cost has a
@@ -792,7 +739,9 @@ def _best_move_any(
     fd: np.ndarray, fv: np.ndarray, m: int, xs: np.ndarray, ys: np.ndarray, a0: int, a1: int, energy: float,
     lo: float, hi: float,
 ) -> float:  # fmt: skip
-    """_best_move for non-convex f or V: the minimum lies at an end or a kink of either; try them all."""
+    """The stored energy after the step: energy + d for the d in [lo, hi] minimising f(d) + V(energy + d)
+    (f: breakpoints fd/fv[:m]; V: xs/ys[a0:a1]), for f or V not convex; on ties the smaller move. The
+    minimum lies at an end or a kink of either: try them all."""
     best = np.inf
     best_d = 0.0
     for c in range(m + (a1 - a0) + 2):
@@ -1015,6 +964,23 @@ def battery_pwl_tables(
 
 
 @njit(cache=True, nogil=True)
+def _recorded_move(xs: np.ndarray, after: np.ndarray, start: int, stop: int, energy: float) -> float:
+    """The energy after the step from `energy` as the merge that made V_t (xs[start:stop]) recorded it
+    (see _battery_pwl_convex, which has this inline)."""
+    j = start
+    while j + 2 < stop and xs[j + 1] <= energy:
+        j += 1
+    if stop - start == 1:
+        return float(after[start])
+    za, zc, ya, yc = xs[j], xs[j + 1], after[j], after[j + 1]
+    low = max(ya, energy - (zc - yc))
+    high = min(yc, energy - (za - ya))
+    if low <= high:
+        return float(min(max(energy, low), high))
+    return float(ya + (min(max(energy, za), zc) - za) * (yc - ya) / (zc - za))
+
+
+@njit(cache=True, nogil=True)
 def _battery_pwl_general(
     step_delta: np.ndarray,
     step_value: np.ndarray,
@@ -1036,6 +1002,7 @@ def _battery_pwl_general(
     capacity = 64 * (steps + 1)
     xs = np.empty(capacity)
     ys = np.empty(capacity)
+    after = np.empty(capacity)  # as in the convex DP, at the breakpoints of plain steps' V_t
     # V_T on [e_min, e_max]: the penalty for ending below final_min_kwh.
     target = min(max(final_min_kwh, e_min), e_max)
     n = 0
@@ -1054,7 +1021,7 @@ def _battery_pwl_general(
     starts = np.zeros(steps + 1, dtype=np.int64)
     stops = np.zeros(steps + 1, dtype=np.int64)
     starts[steps], stops[steps] = 0, n
-    plain = np.ones(steps, dtype=np.bool_)  # f_t and V_{t+1} convex: the plain merge and forward walk
+    plain = np.ones(steps, dtype=np.bool_)  # f_t and V_{t+1} convex: the plain merge, the recorded move
     v_convex = True  # V_{t+1} is known to be convex
     f_cuts = np.empty(_KINKS + 64, dtype=np.int64)
     v_cuts = np.empty(64, dtype=np.int64)  # grown when a value function has more breakpoints
@@ -1078,11 +1045,9 @@ def _battery_pwl_general(
                                                   v_runs)  # fmt: skip
             if n + count > capacity:
                 capacity = 2 * (n + count)
-                grown_x = np.empty(capacity)
-                grown_y = np.empty(capacity)
-                grown_x[:n] = xs[:n]
-                grown_y[:n] = ys[:n]
-                xs, ys = grown_x, grown_y
+                xs = _grown(xs, n, capacity)
+                ys = _grown(ys, n, capacity)
+                after = _grown(after, n, capacity)
             xs[n : n + count] = env_x[:count]
             ys[n : n + count] = env_y[:count]
             starts[t], stops[t] = n, n + count
@@ -1091,15 +1056,14 @@ def _battery_pwl_general(
         need = stops[t + 1] + (a1 - a0) + m + 4
         if need > capacity:
             capacity = 2 * need
-            grown_x = np.empty(capacity)
-            grown_y = np.empty(capacity)
-            grown_x[:n] = xs[:n]
-            grown_y[:n] = ys[:n]
-            xs, ys = grown_x, grown_y
-        # Merge: h starts at u_min + e_min = -c_max + e_min with value f(c_max) + V(e_min).
+            xs = _grown(xs, n, capacity)
+            ys = _grown(ys, n, capacity)
+            after = _grown(after, n, capacity)
+        # Merge as in the convex DP (recording the energy after the step at each breakpoint).
         out = n
         x = e_min - c_max
         y = fv[m - 1] + ys[a0]
+        e_after = xs[a0]
         i_v = a0  # next segment of V: (xs[i_v], xs[i_v + 1])
         i_f = m - 1  # next segment of f~: from fd[i_f] down to fd[i_f - 1]
         wrote = False
@@ -1112,7 +1076,8 @@ def _battery_pwl_general(
             if has_v and has_f:
                 sv = (ys[i_v + 1] - ys[i_v]) / (xs[i_v + 1] - xs[i_v])
                 sf = -(fv[i_f - 1] - fv[i_f]) / (fd[i_f - 1] - fd[i_f])
-                take_v = sv <= sf
+                tie = abs(sv - sf) <= _TIE_SLOPE * max(1.0, abs(sv))
+                take_v = fd[i_f - 1] < -1e-12 if tie else sv < sf
             else:
                 take_v = has_v
             if take_v:
@@ -1134,6 +1099,7 @@ def _battery_pwl_general(
                 if not wrote:
                     xs[out] = lo
                     ys[out] = y_lo
+                    after[out] = e_after + (lo - x) if take_v else e_after
                     out += 1
                     wrote = True
                 if hi - xs[out - 1] > 1e-12:
@@ -1145,13 +1111,17 @@ def _battery_pwl_general(
                             out -= 1
                     xs[out] = hi
                     ys[out] = y_hi
+                    after[out] = e_after + (hi - x) if take_v else e_after
                     out += 1
             x, y = x_next, y_next
+            if take_v:
+                e_after = xs[i_v]
             if x >= e_max:
                 break
         if not wrote:  # e_min == e_max: a single point
             xs[out] = e_min
             ys[out] = y
+            after[out] = e_after
             out += 1
         starts[t], stops[t] = n, out
         n = out
@@ -1164,8 +1134,7 @@ def _battery_pwl_general(
     for t in range(steps):
         lo, hi = max(-d_max, e_min - energy), min(c_max, e_max - energy)
         if plain[t]:
-            energy = _best_move(step_delta[t], step_value[t], step_count[t], xs, ys, starts[t + 1], stops[t + 1],
-                                energy, lo, hi)  # fmt: skip
+            energy = _recorded_move(xs, after, starts[t], stops[t], energy)
         else:
             energy = _best_move_any(step_delta[t], step_value[t], step_count[t], xs, ys, starts[t + 1],
                                     stops[t + 1], energy, lo, hi)  # fmt: skip
